@@ -1,0 +1,199 @@
+//! Types shared by the redirector's kernel programs (`redirect-ebpf`) and its daemon
+//! (`redirect-user`).
+//!
+//! Every type here is `#[repr(C)]`, holds only fixed-width integers with explicit padding
+//! fields, and has its size const-asserted, so the two sides cannot drift apart. Byte order is
+//! part of each field's name: `_be` is network byte order, anything else is host order.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Maximum number of mesh pods one node can hold (size of `MESH_PODS` and `POD_COUNTERS`).
+pub const MAX_PODS: u32 = 4096;
+/// Maximum number of port rules (all pods together) in `PORT_RULES`.
+pub const MAX_PORT_RULES: u32 = 65_536;
+/// Maximum number of address rules (all pods together) in `ADDR_RULES`.
+pub const MAX_ADDR_RULES: u32 = 16_384;
+/// Capacity of each original-destination map (`ORIG_BY_COOKIE`, `ORIG_BY_TUPLE`). LRU maps,
+/// so a connection whose close we never saw cannot fill them.
+pub const MAX_ORIG_DST: u32 = 65_536;
+
+/// `AF_INET`, as stored in the `family` fields below.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in the `family` fields below.
+pub const AF_INET6: u16 = 10;
+
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`: both are 80.
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// `SOL_IP`.
+pub const SOL_IP: i32 = 0;
+/// `SOL_IPV6`.
+pub const SOL_IPV6: i32 = 41;
+
+/// [`PodConfig::flags`]: refuse (`EPERM`) a captured connection when the pod's proxy is not
+/// listening, instead of letting it go direct.
+pub const POD_FLAG_FAIL_CLOSED: u32 = 1 << 0;
+/// [`PodConfig::flags`]: `includeOutboundIPRanges` is `*` (capture every destination not
+/// excluded before).
+pub const POD_FLAG_INCLUDE_ALL_OUTBOUND: u32 = 1 << 1;
+
+/// Configuration of one mesh pod; value of `MESH_PODS`, whose key is the pod's network
+/// namespace cookie (`u64`, host order, as `bpf_get_netns_cookie` returns it).
+///
+/// Written only by the daemon's map layer; read by every program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Slot of this pod: index into `POD_COUNTERS` and first field of every rule key.
+    pub pod_id: u32,
+    /// The proxy's uid (Istio: 1337); its own connections are never captured outbound.
+    pub proxy_uid: u32,
+    /// The proxy's gid (Istio: 1337); Istio matches uid *or* gid.
+    pub proxy_gid: u32,
+    /// Proxy outbound listener port (15001), host order.
+    pub outbound_port: u16,
+    /// Proxy inbound listener port (15006), host order.
+    pub inbound_port: u16,
+    /// `POD_FLAG_*` bits.
+    pub flags: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PodConfig>() == 24);
+
+/// [`PortRuleKey::kind`]: `excludeOutboundPorts`.
+pub const PORT_EXCLUDE_OUTBOUND: u8 = 1;
+/// [`PortRuleKey::kind`]: `includeOutboundPorts`.
+pub const PORT_INCLUDE_OUTBOUND: u8 = 2;
+/// [`PortRuleKey::kind`]: `excludeInboundPorts` (and the proxy's own ports).
+pub const PORT_EXCLUDE_INBOUND: u8 = 3;
+/// [`PortRuleKey::kind`]: `includeInboundPorts` when it is a list.
+pub const PORT_INCLUDE_INBOUND: u8 = 4;
+
+/// Key of `PORT_RULES`: "pod `pod_id` has port `port` in list `kind`". The value is unused
+/// (a `u32` 1); presence is the rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRuleKey {
+    /// [`PodConfig::pod_id`].
+    pub pod_id: u32,
+    /// The port, host order.
+    pub port: u16,
+    /// One of `PORT_*`.
+    pub kind: u8,
+    /// Explicit padding; always 0.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PortRuleKey>() == 8);
+
+/// [`AddrRuleData::kind`]: `excludeOutboundIPRanges`.
+pub const ADDR_EXCLUDE_OUTBOUND: u32 = 1;
+/// [`AddrRuleData::kind`]: `includeOutboundIPRanges` when it is a list.
+pub const ADDR_INCLUDE_OUTBOUND: u32 = 2;
+/// [`AddrRuleData::kind`]: one of the pod's own addresses (a /32 or /128), for Istio's
+/// "over lo" rules.
+pub const ADDR_POD_IP: u32 = 3;
+
+/// Number of leading bits of [`AddrRuleData`] that every rule matches exactly
+/// (`pod_id` and `kind`); the address prefix length is added to it.
+pub const ADDR_RULE_FIXED_BITS: u32 = 64;
+
+/// Data part of an `ADDR_RULES` LPM-trie key; the trie's prefix length is
+/// `ADDR_RULE_FIXED_BITS + 96 + len` for an IPv4 /len (stored IPv4-mapped) and
+/// `ADDR_RULE_FIXED_BITS + len` for an IPv6 /len.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddrRuleData {
+    /// [`PodConfig::pod_id`], host order (matched exactly, so its order is irrelevant).
+    pub pod_id: u32,
+    /// One of `ADDR_*`.
+    pub kind: u32,
+    /// The address in network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<AddrRuleData>() == 24);
+
+/// An original destination: where a captured connection was going before we rewrote it.
+/// Value of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address in network byte order: IPv4 in `addr_be[0]`, the rest 0.
+    pub addr_be: [u32; 4],
+    /// Port, network byte order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// [`PodConfig::pod_id`] of the pod that made the connection.
+    pub pod_id: u32,
+    /// Network namespace cookie of the connecting socket.
+    pub netns_cookie: u64,
+}
+const _: () = assert!(size_of::<OrigDst>() == 32);
+
+/// Key of `ORIG_BY_TUPLE`: one TCP connection seen from its client (the application), in the
+/// client's network namespace. The proxy's accepted socket builds the same key with its peer
+/// as `client` and its local address as `server`. The netns cookie keeps pods apart: each pod
+/// has its own 127.0.0.1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    /// Network namespace cookie.
+    pub netns_cookie: u64,
+    /// Client address, network byte order; IPv4 in `[0]`, the rest 0.
+    pub client_addr_be: [u32; 4],
+    /// Server (proxy listener) address, network byte order; IPv4 in `[0]`.
+    pub server_addr_be: [u32; 4],
+    /// Client port, network byte order.
+    pub client_port_be: u16,
+    /// Server port, network byte order.
+    pub server_port_be: u16,
+    /// `AF_INET` or `AF_INET6`, widened; upper half is padding and always 0.
+    pub family: u32,
+}
+const _: () = assert!(size_of::<TupleKey>() == 48);
+
+/// Per-pod counters; value of the per-CPU array `POD_COUNTERS`, indexed by
+/// [`PodConfig::pod_id`]. Written by the kernel programs, summed over CPUs by the daemon.
+/// The daemon zeroes a slot when it gives it to a new pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// Outbound connections sent to the proxy.
+    pub outbound_captured: u64,
+    /// Outbound connections that a rule sent direct (excluded port or range, loopback, proxy).
+    pub outbound_direct: u64,
+    /// Outbound connections that should have been captured but went direct because the proxy
+    /// was not listening (fail open).
+    pub outbound_fail_open: u64,
+    /// Outbound connections refused because the proxy was not listening (fail closed).
+    pub outbound_fail_closed: u64,
+    /// `SO_ORIGINAL_DST` answered from our maps.
+    pub orig_dst_answered: u64,
+    /// Inbound connections steered to the proxy's inbound listener.
+    pub inbound_captured: u64,
+    /// Inbound connections that a rule let through to the application.
+    pub inbound_direct: u64,
+    /// Inbound connections let through because no inbound listener was registered.
+    pub inbound_fail_open: u64,
+    /// Inbound connections refused because no inbound listener was registered.
+    pub inbound_fail_closed: u64,
+    /// Messages moved socket to socket by the acceleration path.
+    pub accel_msgs: u64,
+    /// Bytes moved socket to socket by the acceleration path.
+    pub accel_bytes: u64,
+    /// Reserved for later counters; keeps the value size stable.
+    pub _reserved: [u64; 5],
+}
+const _: () = assert!(size_of::<PodCounters>() == 128);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for PortRuleKey {}
+    unsafe impl aya::Pod for AddrRuleData {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for PodCounters {}
+}

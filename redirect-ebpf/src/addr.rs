@@ -1,0 +1,115 @@
+//! Addresses as the programs handle them: network byte order words, IPv4 in word 0.
+
+use redirect_common::{AF_INET, AF_INET6};
+
+/// `127.0.0.1` in network byte order, as a `u32` read from memory.
+pub const LOCALHOST4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// `::ffff:0:0/96` marker word (word 2 of a v4-mapped IPv6 address), network byte order.
+pub const V4_MAPPED_WORD_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// Last word of `::1`, network byte order.
+pub const LOOPBACK6_LAST_BE: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+/// A TCP endpoint: address words in network byte order and port in network byte order.
+#[derive(Clone, Copy)]
+pub struct Endpoint {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub family: u16,
+}
+
+impl Endpoint {
+    #[inline(always)]
+    pub fn v4(addr_be: u32, port_be: u16) -> Self {
+        Self { addr_be: [addr_be, 0, 0, 0], port_be, family: AF_INET }
+    }
+
+    #[inline(always)]
+    pub fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
+        Self { addr_be, port_be, family: AF_INET6 }
+    }
+
+    /// Port in host order.
+    #[inline(always)]
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+
+    /// 127.0.0.0/8 or ::1.
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        if self.family == AF_INET {
+            self.addr_be[0].to_ne_bytes()[0] == 127
+        } else {
+            is_loopback6(&self.addr_be)
+        }
+    }
+
+    /// The address as 16 bytes in network order, IPv4 as `::ffff:a.b.c.d` (the key form of
+    /// `ADDR_RULES`).
+    #[inline(always)]
+    pub fn addr16(&self) -> [u8; 16] {
+        let w = if self.family == AF_INET {
+            [0, 0, V4_MAPPED_WORD_BE, self.addr_be[0]]
+        } else {
+            self.addr_be
+        };
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            out[i * 4] = b[0];
+            out[i * 4 + 1] = b[1];
+            out[i * 4 + 2] = b[2];
+            out[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        out
+    }
+}
+
+#[inline(always)]
+pub fn is_loopback6(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK6_LAST_BE
+}
+
+/// `::ffff:a.b.c.d`: an IPv4 peer on an IPv6 socket.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD_BE
+}
+
+/// Reads one 32-bit word of a context array. Volatile, so the compiler cannot merge two
+/// adjacent words into one 64-bit load, which the verifier rejects for context fields.
+///
+/// # Safety
+/// `p` must point at a readable context field.
+#[inline(always)]
+pub unsafe fn ctx_word(p: *const u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// Reads a 4-word context array (an IPv6 address) one word at a time.
+///
+/// # Safety
+/// `p` must point at a readable `[u32; 4]` context field.
+#[inline(always)]
+pub unsafe fn ctx_addr6(p: *const [u32; 4]) -> [u32; 4] {
+    let w = p as *const u32;
+    unsafe { [ctx_word(w), ctx_word(w.add(1)), ctx_word(w.add(2)), ctx_word(w.add(3))] }
+}
+
+/// Writes a 4-word context array (an IPv6 address) one word at a time (volatile, so the
+/// stores are not merged into 64-bit ones the verifier rejects).
+///
+/// # Safety
+/// `p` must point at a writable `[u32; 4]` context field.
+#[inline(always)]
+pub unsafe fn ctx_write_addr6(p: *mut [u32; 4], a: [u32; 4]) {
+    let w = p as *mut u32;
+    unsafe {
+        core::ptr::write_volatile(w, a[0]);
+        core::ptr::write_volatile(w.add(1), a[1]);
+        core::ptr::write_volatile(w.add(2), a[2]);
+        core::ptr::write_volatile(w.add(3), a[3]);
+    }
+}

@@ -1,0 +1,193 @@
+//! `cgroup/connect4` and `cgroup/connect6`: outbound capture.
+//!
+//! For a TCP `connect()` from a mesh pod that Istio's rules would capture, rewrite the
+//! destination to the proxy's outbound listener on loopback and remember the original
+//! destination by socket cookie (`ORIG_BY_COOKIE`). Sockets outside mesh pods are untouched.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, BPF_F_CURRENT_NETNS},
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use redirect_common::{OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
+
+use crate::{
+    addr::{ctx_addr6, ctx_write_addr6, is_v4_mapped, Endpoint, LOCALHOST4_BE, LOOPBACK6_LAST_BE, V4_MAPPED_WORD_BE},
+    counters::count,
+    maps::{MESH_PODS, ORIG_BY_COOKIE},
+    policy::{outbound, Outbound},
+};
+
+/// Verdict of a `cgroup/connect*` program: let the call proceed.
+const ALLOW: i32 = 1;
+/// Verdict of a `cgroup/connect*` program: fail the call with `EPERM`.
+const REFUSE: i32 = 0;
+const IPPROTO_TCP: u32 = 6;
+
+/// Outbound capture for IPv4 sockets. Minimum kernel: 5.15 (netns cookie in sock_addr 5.7,
+/// `bpf_sk_lookup_tcp` in sock_addr 5.2, multi-attach links 5.7).
+#[cgroup_sock_addr(connect4)]
+pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // Safety: ctx fields the verifier allows a connect4 program to read.
+    let (protocol, ip_be, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    if protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let dst = Endpoint::v4(ip_be, port as u16);
+    match decide(&ctx, &dst) {
+        Decision::Direct => ALLOW,
+        Decision::Refuse => REFUSE,
+        Decision::Redirect(port_be) => {
+            // Safety: connect4 may write the destination.
+            unsafe {
+                (*sa).user_ip4 = LOCALHOST4_BE;
+                (*sa).user_port = port_be as u32;
+            }
+            ALLOW
+        }
+    }
+}
+
+/// Outbound capture for IPv6 sockets, including IPv4-mapped destinations on dual-stack
+/// sockets. Minimum kernel: 5.15.
+#[cgroup_sock_addr(connect6)]
+pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // Safety: ctx fields the verifier allows a connect6 program to read, one word at a time.
+    let (protocol, port, addr) =
+        unsafe { ((*sa).protocol, (*sa).user_port, ctx_addr6(&raw const (*sa).user_ip6)) };
+    if protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let mapped = is_v4_mapped(&addr);
+    let dst = if mapped {
+        Endpoint::v4(addr[3], port as u16)
+    } else {
+        Endpoint::v6(addr, port as u16)
+    };
+    match decide(&ctx, &dst) {
+        Decision::Direct => ALLOW,
+        Decision::Refuse => REFUSE,
+        Decision::Redirect(port_be) => {
+            // Safety: connect6 may write the destination, one word at a time.
+            unsafe {
+                let loopback = if mapped {
+                    [0, 0, V4_MAPPED_WORD_BE, LOCALHOST4_BE]
+                } else {
+                    [0, 0, 0, LOOPBACK6_LAST_BE]
+                };
+                ctx_write_addr6(&raw mut (*sa).user_ip6, loopback);
+                (*sa).user_port = port_be as u32;
+            }
+            ALLOW
+        }
+    }
+}
+
+enum Decision {
+    Direct,
+    Refuse,
+    /// Rewrite the destination to loopback, this port (network byte order).
+    Redirect(u16),
+}
+
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
+    // Safety: helper valid for sock_addr programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Safety: plain-data value, copied out at once.
+    let pod: PodConfig = match unsafe { MESH_PODS.get(&netns_cookie) } {
+        Some(pod) => *pod,
+        None => return Decision::Direct,
+    };
+    let uid_gid = bpf_get_current_uid_gid();
+    let is_proxy = uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid;
+    if outbound(&pod, dst, is_proxy) == Outbound::Direct {
+        count(pod.pod_id, |c| c.outbound_direct += 1);
+        return Decision::Direct;
+    }
+    if !proxy_listening(ctx, dst.family, pod.outbound_port) {
+        return fail(ctx, &pod);
+    }
+    // Safety: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr_be: dst.addr_be,
+        port_be: dst.port_be,
+        family: dst.family,
+        pod_id: pod.pod_id,
+        netns_cookie,
+    };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        // The proxy could not learn where to go: do not capture.
+        return fail(ctx, &pod);
+    }
+    count(pod.pod_id, |c| c.outbound_captured += 1);
+    debug!(ctx, "pod {} outbound captured to port {}", pod.pod_id, dst.port());
+    Decision::Redirect(pod.outbound_port.to_be())
+}
+
+/// The pod's proxy is not listening (or we could not record the destination): fail open or
+/// closed as the pod is configured, and count it.
+#[inline(always)]
+fn fail(ctx: &SockAddrContext, pod: &PodConfig) -> Decision {
+    if pod.flags & POD_FLAG_FAIL_CLOSED != 0 {
+        count(pod.pod_id, |c| c.outbound_fail_closed += 1);
+        debug!(ctx, "pod {} proxy not listening: refused (fail closed)", pod.pod_id);
+        Decision::Refuse
+    } else {
+        count(pod.pod_id, |c| c.outbound_fail_open += 1);
+        debug!(ctx, "pod {} proxy not listening: direct (fail open)", pod.pod_id);
+        Decision::Direct
+    }
+}
+
+/// Is something listening on loopback:`port` (host order) in the caller's netns? Checked per
+/// connection, never cached: the proxy may start after the application.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, family: u16, port: u16) -> bool {
+    // Safety: an all-zero tuple is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if family == AF_INET {
+        tuple.__bindgen_anon_1.ipv4 = Tuple4 {
+            saddr: LOCALHOST4_BE,
+            daddr: LOCALHOST4_BE,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        size_of::<Tuple4>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = Tuple6 {
+            saddr: [0, 0, 0, LOOPBACK6_LAST_BE],
+            daddr: [0, 0, 0, LOOPBACK6_LAST_BE],
+            sport: 0,
+            dport: port.to_be(),
+        };
+        size_of::<Tuple6>()
+    };
+    // Safety: helper valid for sock_addr programs; the returned reference is released below.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}

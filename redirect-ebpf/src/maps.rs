@@ -1,0 +1,48 @@
+//! Every map of the data path, defined once. Each is pinned by name under the daemon's pin
+//! directory (`<pin-dir>/maps/<NAME>`) so a daemon restart keeps connections and state.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use redirect_common::{
+    AddrRuleData, OrigDst, PodConfig, PodCounters, PortRuleKey, TupleKey, MAX_ADDR_RULES,
+    MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+};
+
+/// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
+/// [`PodConfig`]. Written by the daemon (reconciler) only, after the pod's rules are in place;
+/// read by every program to decide whether a socket belongs to a mesh pod at all. A hash map
+/// sized for the most pods one node can run.
+#[map]
+pub static MESH_PODS: HashMap<u64, PodConfig> = HashMap::pinned(MAX_PODS, 0);
+
+/// Per-pod port lists (`excludeOutboundPorts`, `includeOutboundPorts`, inbound lists). Key:
+/// [`PortRuleKey`]; value unused (1). Written by the daemon; read by `connect4/6`.
+#[map]
+pub static PORT_RULES: HashMap<PortRuleKey, u32> = HashMap::pinned(MAX_PORT_RULES, 0);
+
+/// Per-pod address rules (`excludeOutboundIPRanges`, `includeOutboundIPRanges`, the pod's own
+/// IPs). Key: LPM key over [`AddrRuleData`] (pod id and kind matched exactly, then the
+/// address prefix). Value unused (1). Written by the daemon; read by `connect4/6`.
+#[map]
+pub static ADDR_RULES: LpmTrie<AddrRuleData, u32> = LpmTrie::pinned(MAX_ADDR_RULES, 0);
+
+/// Original destination of each captured connection, by the client socket's cookie. Written
+/// by `connect4/6` when they capture; read by `sockops` (to re-key by 4-tuple) and
+/// `getpeername4/6`; deleted by `sockops` when the socket closes. LRU so a close we never see
+/// cannot fill it.
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
+
+/// Original destination of each captured connection, by its 4-tuple in its netns
+/// ([`TupleKey`]). Written by `sockops` when the client's connection is established; read by
+/// `getsockopt` on the proxy's accepted socket; deleted by `sockops` when the client socket
+/// closes. LRU for the same reason as `ORIG_BY_COOKIE`.
+#[map]
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
+
+/// Per-pod counters ([`PodCounters`]), per CPU, indexed by pod id. Written by the programs;
+/// summed and zeroed (on slot reuse) by the daemon.
+#[map]
+pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::pinned(MAX_PODS, 0);

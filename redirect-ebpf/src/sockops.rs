@@ -1,0 +1,102 @@
+//! `sockops`: follows captured client sockets through their life.
+//!
+//! - at `connect()` time (`TCP_CONNECT_CB`), a captured socket asks for state callbacks, so
+//!   that its entries are removed however it ends (even if the handshake fails);
+//! - when established (`ACTIVE_ESTABLISHED_CB`), the original destination recorded by cookie
+//!   is re-keyed by the connection's 4-tuple (`ORIG_BY_TUPLE`), where `getsockopt` on the
+//!   proxy's accepted socket finds it;
+//! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext,
+};
+use redirect_common::{OrigDst, TupleKey, AF_INET, AF_INET6};
+
+use crate::{
+    addr::{ctx_addr6, is_v4_mapped},
+    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE},
+};
+
+/// Socket lifecycle hook, attached at the cgroup. Minimum kernel: 5.15.
+#[sock_ops]
+pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        _ => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
+    // Safety: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Safety: plain-data value, copied out at once.
+    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
+    Some((cookie, *orig))
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    if captured(ctx).is_some() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    if let Some((_, orig)) = captured(ctx) {
+        let key = client_key(ctx, orig.netns_cookie);
+        let _ = ORIG_BY_TUPLE.insert(&key, &orig, 0);
+    }
+}
+
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    if let Some((cookie, orig)) = captured(ctx) {
+        let key = client_key(ctx, orig.netns_cookie);
+        let _ = ORIG_BY_TUPLE.remove(&key);
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+}
+
+/// The [`TupleKey`] of a client socket: local end is the client, remote end the server.
+#[inline(always)]
+fn client_key(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
+    let ops = ctx.ops;
+    // Safety: sock_ops context fields, read one word at a time.
+    unsafe {
+        let client_port_be = ((*ops).local_port as u16).to_be();
+        // remote_port holds the network-order port in its upper 16 bits on little endian.
+        let server_port_be = ((*ops).remote_port >> 16) as u16;
+        let mut key = TupleKey {
+            netns_cookie,
+            client_addr_be: [(*ops).local_ip4, 0, 0, 0],
+            server_addr_be: [(*ops).remote_ip4, 0, 0, 0],
+            client_port_be,
+            server_port_be,
+            family: AF_INET as u32,
+        };
+        if (*ops).family == AF_INET6 as u32 {
+            let remote = ctx_addr6(&raw const (*ops).remote_ip6);
+            if !is_v4_mapped(&remote) {
+                key.server_addr_be = remote;
+                key.client_addr_be = ctx_addr6(&raw const (*ops).local_ip6);
+                key.family = AF_INET6 as u32;
+            }
+        }
+        key
+    }
+}

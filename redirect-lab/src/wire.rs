@@ -1,0 +1,42 @@
+//! What the lab's programs print (one JSON object per line), shared with the tests.
+
+use serde::{Deserialize, Serialize};
+
+/// A line the sidecar logs per accepted connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProxyRecord {
+    /// `outbound` or `inbound`, or `error`.
+    pub event: String,
+    /// The accepted socket's peer (the application, for outbound).
+    pub peer: String,
+    /// The accepted socket's local address.
+    pub local: String,
+    /// The original destination the proxy learned (SO_ORIGINAL_DST / getsockname).
+    pub orig_dst: Option<String>,
+    /// The local address of the proxy's upstream connection.
+    pub upstream_local: Option<String>,
+    pub error: Option<String>,
+}
+
+/// What the server answers: the addresses it saw.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerReply {
+    /// The server socket's local address (where the connection arrived).
+    pub local: String,
+    /// The connection's peer as the server saw it.
+    pub peer: String,
+    /// The request line it received.
+    pub echo: String,
+}
+
+/// One client connection's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientResult {
+    pub target: String,
+    /// The client socket's local address.
+    pub local: Option<String>,
+    /// What getpeername() returned on the client socket.
+    pub peername: Option<String>,
+    pub reply: Option<ServerReply>,
+    pub error: Option<String>,
+}

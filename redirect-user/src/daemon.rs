@@ -1,0 +1,262 @@
+//! `redirectd run`: load and attach, then keep the maps in step with the pods file.
+//!
+//! Flow (one way): the pods file source produces the desired set; netns resolution turns each
+//! pod into a netns cookie; the reconciler applies the difference through the datapath layer.
+//! This task owns the loaded object and the maps; the log pump runs beside it.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya_log::EbpfLogger;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    datapath::Datapath,
+    loader::{self, LoadOptions},
+    mounts, netns,
+    pods::{self, Desired},
+    reconcile::{NodeSettings, Reconciler, Resolved},
+    status::{PodStatus, StatusFile},
+};
+
+/// Everything `run` needs.
+pub struct RunOptions {
+    pub pods_file: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub status_file: PathBuf,
+    pub node: NodeSettings,
+    /// How often the pods file is checked for changes.
+    pub poll: Duration,
+    /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
+    pub resync: Duration,
+}
+
+fn kernel_log_level() -> u8 {
+    // aya-log levels: 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}
+
+/// Forwards kernel aya-log records into the daemon's log for as long as the daemon runs.
+async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
+    // Safety: the logger owns its ring buffer fd for as long as the AsyncFd lives.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("kernel log records will not be shown: {e}");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                log::error!("kernel log pump stopped: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn check_cgroup(path: &Path) -> Result<()> {
+    if !path.join("cgroup.procs").exists() {
+        anyhow::bail!(
+            "{} is not a cgroup v2 directory (no cgroup.procs); pass --cgroup a directory of the cgroup v2 mount",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Resolves every desired pod's netns; pods whose netns is missing are returned as errors.
+fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
+    let mut resolved = Vec::new();
+    let mut pending = Vec::new();
+    for spec in &desired.pods {
+        let cookie = netns::open(&spec.netns).and_then(|f| netns::cookie(&f));
+        match cookie {
+            Ok(netns_cookie) => resolved.push(Resolved {
+                spec: spec.clone(),
+                netns_cookie,
+            }),
+            Err(e) => pending.push(format!(
+                "pod {}: netns {}: {e:#} (retrying)",
+                spec.key, spec.netns
+            )),
+        }
+    }
+    (resolved, pending)
+}
+
+/// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
+/// flowing; the next `run` takes over, `uninstall` removes them.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let cgroup = match &opts.cgroup {
+        Some(c) => c.clone(),
+        None => mounts::cgroup2_root()?,
+    };
+    check_cgroup(&cgroup)?;
+    let mut loaded = loader::load_and_attach(&LoadOptions {
+        pin_dir: &opts.pin_dir,
+        cgroup: &cgroup,
+        kernel_log_level: kernel_log_level(),
+    })?;
+    match EbpfLogger::init(&mut loaded.ebpf) {
+        Ok(logger) => {
+            tokio::spawn(pump_logs(logger));
+        }
+        Err(e) => log::warn!("kernel log records will not be shown: {e}"),
+    }
+    let mut datapath = Datapath::from_ebpf(&mut loaded.ebpf)?;
+    let mut reconciler = Reconciler::new(opts.node);
+    let previous = datapath.mesh_pods()?;
+    reconciler.reserve(previous.iter().map(|(_, c)| c.pod_id));
+    if !previous.is_empty() {
+        log::info!("found {} pods of a previous run in the maps; taking over", previous.len());
+    }
+
+    let mut status = StatusFile {
+        pid: std::process::id(),
+        pods_file: opts.pods_file.display().to_string(),
+        cgroup: cgroup.display().to_string(),
+        pin_dir: opts.pin_dir.display().to_string(),
+        programs: loaded.programs.clone(),
+        ..Default::default()
+    };
+    let mut last_bytes: Option<Vec<u8>> = None;
+    let mut desired = Desired::default();
+    let mut last_resync = Instant::now();
+    let mut first_pass = true;
+    let mut last_problems: BTreeSet<String> = BTreeSet::new();
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(opts.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    log::info!(
+        "serving pods from {} (cgroup {}, pins {})",
+        opts.pods_file.display(),
+        cgroup.display(),
+        opts.pin_dir.display()
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        let mut changed = first_pass;
+        match std::fs::read(&opts.pods_file) {
+            Ok(bytes) if last_bytes.as_deref() != Some(bytes.as_slice()) => {
+                match pods::parse_file(&bytes) {
+                    Ok(d) => {
+                        desired = d;
+                        status.file_error = None;
+                    }
+                    Err(e) => {
+                        let msg = format!("pods file {}: {e}", opts.pods_file.display());
+                        if status.file_error.as_deref() != Some(msg.as_str()) {
+                            log::error!("{msg}; still serving its last good version");
+                        }
+                        status.file_error = Some(msg);
+                    }
+                }
+                last_bytes = Some(bytes);
+                changed = true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let msg = format!("pods file {}: {e}", opts.pods_file.display());
+                if status.file_error.as_deref() != Some(msg.as_str()) {
+                    log::error!("{msg}; still serving its last good version");
+                    status.file_error = Some(msg);
+                }
+                last_bytes = None;
+            }
+        }
+        if !changed && last_resync.elapsed() < opts.resync {
+            continue;
+        }
+        last_resync = Instant::now();
+
+        let (resolved, pending) = resolve(&desired);
+        let report = reconciler.reconcile(&resolved, &mut datapath);
+        if first_pass {
+            let cookies = reconciler.applied().values().map(|a| a.netns_cookie).collect();
+            let ids = reconciler.applied().values().map(|a| a.pod_id).collect();
+            match datapath.sweep(&cookies, &ids) {
+                Ok(0) => {}
+                Ok(n) => log::info!("removed {n} map entries a previous run left"),
+                Err(e) => log::error!("sweeping entries of a previous run: {e:#}"),
+            }
+            reconciler.release_reserved();
+            first_pass = false;
+        }
+        for k in &report.added {
+            log::info!("pod {k}: in the mesh (outbound capture on)");
+        }
+        for k in &report.updated {
+            log::info!("pod {k}: configuration updated");
+        }
+        for k in &report.removed {
+            log::info!("pod {k}: removed from the mesh");
+        }
+        let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
+        problems.extend(pending);
+        problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));
+        let problem_set: BTreeSet<String> = problems.iter().cloned().collect();
+        for p in problem_set.difference(&last_problems) {
+            log::warn!("{p}");
+        }
+        for w in &desired.warnings {
+            if !status.warnings.contains(w) {
+                log::warn!("{w}");
+            }
+        }
+        last_problems = problem_set;
+        status.rejected = problems;
+        status.warnings = desired.warnings.clone();
+        status.pods = reconciler
+            .applied()
+            .iter()
+            .map(|(k, a)| PodStatus {
+                namespace: k.namespace.clone(),
+                name: k.name.clone(),
+                netns: desired
+                    .pods
+                    .iter()
+                    .find(|p| &p.key == k)
+                    .map(|p| p.netns.to_string())
+                    .unwrap_or_default(),
+                pod_id: a.pod_id,
+                netns_cookie: a.netns_cookie,
+            })
+            .collect();
+        if let Err(e) = status.write(&opts.status_file) {
+            log::error!("{e:#}");
+        }
+    }
+    log::info!(
+        "exiting; programs stay attached and pinned under {} (the next `redirectd run` takes over; `redirectd uninstall` removes them)",
+        opts.pin_dir.display()
+    );
+    Ok(())
+}

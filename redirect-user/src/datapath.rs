@@ -1,0 +1,248 @@
+//! The daemon's side of the kernel maps: the only code that writes `MESH_PODS`,
+//! `PORT_RULES`, `ADDR_RULES` and zeroes `POD_COUNTERS`. The reconciler decides; this layer
+//! writes.
+
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+    Ebpf,
+};
+use redirect_common::{
+    AddrRuleData, PodConfig, PodCounters, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, PORT_EXCLUDE_INBOUND,
+    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND, POD_FLAG_FAIL_CLOSED,
+    POD_FLAG_INCLUDE_ALL_OUTBOUND,
+};
+
+use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
+
+/// A pod's rules in the form the maps hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRules {
+    /// `(PORT_* kind, port)`.
+    pub ports: BTreeSet<(u8, u16)>,
+    /// `(ADDR_* kind, network)`.
+    pub addrs: BTreeSet<(u32, Cidr)>,
+    /// `POD_FLAG_*`.
+    pub flags: u32,
+}
+
+impl PodRules {
+    /// Compiles a pod's policy and addresses.
+    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr]) -> Self {
+        let mut r = PodRules::default();
+        let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
+            r.ports.extend(set.iter().map(|p| (kind, *p)));
+        };
+        ports(&mut r, PORT_EXCLUDE_OUTBOUND, &policy.exclude_outbound_ports);
+        ports(&mut r, PORT_INCLUDE_OUTBOUND, &policy.include_outbound_ports);
+        ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
+        if let PortSelection::Ports(set) = &policy.include_inbound_ports {
+            ports(&mut r, PORT_INCLUDE_INBOUND, set);
+        }
+        r.addrs
+            .extend(policy.exclude_outbound_ranges.iter().map(|c| (ADDR_EXCLUDE_OUTBOUND, *c)));
+        match &policy.include_outbound_ranges {
+            RangeSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            RangeSelection::Ranges(v) => {
+                r.addrs.extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c)))
+            }
+        }
+        r.addrs.extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
+        if policy.fail_closed {
+            r.flags |= POD_FLAG_FAIL_CLOSED;
+        }
+        r
+    }
+}
+
+/// The LPM key of an address rule.
+pub fn addr_key(pod_id: u32, kind: u32, cidr: &Cidr) -> Key<AddrRuleData> {
+    let (addr_be, bits) = match cidr.addr {
+        IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + u32::from(cidr.prefix_len)),
+        IpAddr::V6(a) => (a.octets(), u32::from(cidr.prefix_len)),
+    };
+    Key::new(
+        ADDR_RULE_FIXED_BITS + bits,
+        AddrRuleData {
+            pod_id,
+            kind,
+            addr_be,
+        },
+    )
+}
+
+/// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.
+pub trait PodMaps {
+    fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()>;
+    fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()>;
+    fn set_pod(&mut self, netns_cookie: u64, config: &PodConfig) -> Result<()>;
+    fn remove_pod(&mut self, netns_cookie: u64) -> Result<()>;
+    fn reset_counters(&mut self, pod_id: u32) -> Result<()>;
+}
+
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
+    let path = pin_dir.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is redirectd installed with this --pin-dir?)", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("reading map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// The daemon's handles on the pod maps.
+pub struct Datapath {
+    mesh_pods: HashMap<MapData, u64, PodConfig>,
+    port_rules: HashMap<MapData, PortRuleKey, u32>,
+    addr_rules: LpmTrie<MapData, AddrRuleData, u32>,
+    counters: PerCpuArray<MapData, PodCounters>,
+}
+
+impl Datapath {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            mesh_pods: take(ebpf, "MESH_PODS")?,
+            port_rules: take(ebpf, "PORT_RULES")?,
+            addr_rules: take(ebpf, "ADDR_RULES")?,
+            counters: take(ebpf, "POD_COUNTERS")?,
+        })
+    }
+
+    /// Opens the pinned maps (for `status` and tests).
+    pub fn from_pins(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            mesh_pods: pinned(pin_dir, "MESH_PODS")?,
+            port_rules: pinned(pin_dir, "PORT_RULES")?,
+            addr_rules: pinned(pin_dir, "ADDR_RULES")?,
+            counters: pinned(pin_dir, "POD_COUNTERS")?,
+        })
+    }
+
+    /// A pod's counters summed over CPUs.
+    pub fn counters(&self, pod_id: u32) -> Result<PodCounters> {
+        let per_cpu = self
+            .counters
+            .get(&pod_id, 0)
+            .with_context(|| format!("reading counters of pod slot {pod_id}"))?;
+        let mut sum = PodCounters::default();
+        for c in per_cpu.iter() {
+            sum.outbound_captured += c.outbound_captured;
+            sum.outbound_direct += c.outbound_direct;
+            sum.outbound_fail_open += c.outbound_fail_open;
+            sum.outbound_fail_closed += c.outbound_fail_closed;
+            sum.orig_dst_answered += c.orig_dst_answered;
+            sum.inbound_captured += c.inbound_captured;
+            sum.inbound_direct += c.inbound_direct;
+            sum.inbound_fail_open += c.inbound_fail_open;
+            sum.inbound_fail_closed += c.inbound_fail_closed;
+            sum.accel_msgs += c.accel_msgs;
+            sum.accel_bytes += c.accel_bytes;
+        }
+        Ok(sum)
+    }
+
+    /// Cookies of the pods in `MESH_PODS` and the pod ids they use.
+    pub fn mesh_pods(&self) -> Result<Vec<(u64, PodConfig)>> {
+        self.mesh_pods
+            .iter()
+            .map(|r| r.context("iterating MESH_PODS"))
+            .collect()
+    }
+
+    /// Removes every entry that no current pod owns: what a previous run left behind. Returns
+    /// how many entries went.
+    pub fn sweep(&mut self, cookies: &BTreeSet<u64>, pod_ids: &BTreeSet<u32>) -> Result<usize> {
+        let mut n = 0;
+        let stale: Vec<u64> = self
+            .mesh_pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !cookies.contains(c))
+            .collect();
+        for c in stale {
+            self.mesh_pods.remove(&c).context("sweeping MESH_PODS")?;
+            n += 1;
+        }
+        let stale: Vec<PortRuleKey> = self
+            .port_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !pod_ids.contains(&k.pod_id))
+            .collect();
+        for k in stale {
+            self.port_rules.remove(&k).context("sweeping PORT_RULES")?;
+            n += 1;
+        }
+        let stale: Vec<Key<AddrRuleData>> = self
+            .addr_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !pod_ids.contains(&k.data().pod_id))
+            .collect();
+        for k in stale {
+            self.addr_rules.remove(&k).context("sweeping ADDR_RULES")?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl PodMaps for Datapath {
+    fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
+        for (kind, port) in &rules.ports {
+            let key = PortRuleKey { pod_id, port: *port, kind: *kind, _pad: 0 };
+            self.port_rules
+                .insert(key, 1, 0)
+                .with_context(|| format!("writing port rule {port} (kind {kind}) of pod slot {pod_id}; PORT_RULES full?"))?;
+        }
+        for (kind, cidr) in &rules.addrs {
+            self.addr_rules
+                .insert(&addr_key(pod_id, *kind, cidr), 1, 0)
+                .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
+        }
+        Ok(())
+    }
+
+    fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
+        for (kind, port) in &rules.ports {
+            let key = PortRuleKey { pod_id, port: *port, kind: *kind, _pad: 0 };
+            let _ = self.port_rules.remove(&key);
+        }
+        for (kind, cidr) in &rules.addrs {
+            let _ = self.addr_rules.remove(&addr_key(pod_id, *kind, cidr));
+        }
+        Ok(())
+    }
+
+    fn set_pod(&mut self, netns_cookie: u64, config: &PodConfig) -> Result<()> {
+        self.mesh_pods
+            .insert(netns_cookie, *config, 0)
+            .with_context(|| format!("writing MESH_PODS entry for netns cookie {netns_cookie}"))
+    }
+
+    fn remove_pod(&mut self, netns_cookie: u64) -> Result<()> {
+        match self.mesh_pods.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing MESH_PODS entry {netns_cookie}")),
+        }
+    }
+
+    fn reset_counters(&mut self, pod_id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting possible CPUs")?;
+        let zero = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
+            .context("building zeroed counters")?;
+        self.counters
+            .set(pod_id, zero, 0)
+            .with_context(|| format!("zeroing counters of pod slot {pod_id}"))
+    }
+}

@@ -1,0 +1,14 @@
+//! redirectd: the user-space half of the eBPF sidecar traffic redirector.
+//!
+//! Flow: [`pods`] (sources) → [`reconcile`] → [`datapath`] / [`loader`] (the kernel).
+
+pub mod annotations;
+pub mod bpf_sys;
+pub mod daemon;
+pub mod datapath;
+pub mod loader;
+pub mod mounts;
+pub mod netns;
+pub mod pods;
+pub mod reconcile;
+pub mod status;

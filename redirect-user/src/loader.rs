@@ -1,0 +1,233 @@
+//! Loads the embedded eBPF object, attaches its programs to the cgroup and pins everything
+//! under the pin directory:
+//!
+//! ```text
+//! <pin-dir>/maps/<MAP>              every map (reused by name on restart: state survives)
+//! <pin-dir>/links/<generation>/<p>  one link per program (a new generation per start)
+//! ```
+//!
+//! A start attaches a new generation of links before removing older ones, so capture never
+//! stops; `uninstall` detaches and removes everything.
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    Ebpf, EbpfLoader,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{bpf_sys, bpf_sys::attach_type, mounts};
+
+/// The kernel object built by build.rs from `redirect-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// A program of the object and the hook it attaches to.
+struct ProgramDef {
+    name: &'static str,
+    hook: &'static str,
+    attach: u32,
+    /// The kernel that brings everything this program needs.
+    min_kernel: &'static str,
+}
+
+/// Programs attached at the cgroup, in attach order: the getsockopt and sockops halves first,
+/// connect last, so no connection is captured before its destination can be answered.
+const CGROUP_PROGRAMS: &[ProgramDef] = &[
+    ProgramDef { name: "rd_getsockopt", hook: "cgroup/getsockopt", attach: attach_type::CGROUP_GETSOCKOPT, min_kernel: "5.15" },
+    ProgramDef { name: "rd_sockops", hook: "sockops", attach: attach_type::CGROUP_SOCK_OPS, min_kernel: "5.15" },
+    ProgramDef { name: "rd_peername4", hook: "cgroup/getpeername4", attach: attach_type::CGROUP_INET4_GETPEERNAME, min_kernel: "5.8" },
+    ProgramDef { name: "rd_peername6", hook: "cgroup/getpeername6", attach: attach_type::CGROUP_INET6_GETPEERNAME, min_kernel: "5.8" },
+    ProgramDef { name: "rd_connect4", hook: "cgroup/connect4", attach: attach_type::CGROUP_INET4_CONNECT, min_kernel: "5.7" },
+    ProgramDef { name: "rd_connect6", hook: "cgroup/connect6", attach: attach_type::CGROUP_INET6_CONNECT, min_kernel: "5.7" },
+];
+
+/// What was loaded, for logs and `redirectd status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramReport {
+    pub name: String,
+    pub hook: String,
+    /// Instructions the verifier processed (kernel 5.16+), a measure of program cost.
+    pub verified_insns: Option<u32>,
+    pub id: u32,
+}
+
+/// Where and how to load.
+pub struct LoadOptions<'a> {
+    pub pin_dir: &'a Path,
+    pub cgroup: &'a Path,
+    /// aya-log level for kernel records (1 error .. 5 trace).
+    pub kernel_log_level: u8,
+}
+
+/// The loaded object and what the daemon keeps of it.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub programs: Vec<ProgramReport>,
+    pub generation: PathBuf,
+}
+
+/// Loads and attaches everything, pins it, and retires older link generations.
+pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
+    mounts::ensure_pin_dir(opts.pin_dir)?;
+    let cgroup = File::open(opts.cgroup)
+        .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(opts.pin_dir.join("maps"))
+        .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
+        .load(OBJECT)
+        .context("loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?")?;
+
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let generation = opts.pin_dir.join("links").join(format!("{stamp}-{}", std::process::id()));
+    std::fs::create_dir_all(&generation)
+        .with_context(|| format!("creating {}", generation.display()))?;
+
+    let mut programs = Vec::new();
+    let result = (|| -> Result<()> {
+        for def in CGROUP_PROGRAMS {
+            let report = load_one(&mut ebpf, def)?;
+            let prog = ebpf
+                .program(def.name)
+                .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
+            let link = bpf_sys::link_create(prog.fd()?.as_fd(), cgroup.as_fd(), def.attach)
+                .with_context(|| {
+                    format!(
+                        "attaching {} ({}) to cgroup {} (needs Linux {} and CAP_BPF/CAP_NET_ADMIN)",
+                        def.name, def.hook, opts.cgroup.display(), def.min_kernel
+                    )
+                })?;
+            bpf_sys::obj_pin(link.as_fd(), &generation.join(def.name))?;
+            log::info!(
+                "attached {} ({}) to {}; verifier processed {} instructions",
+                def.name,
+                def.hook,
+                opts.cgroup.display(),
+                report.verified_insns.map_or("?".into(), |n| n.to_string())
+            );
+            programs.push(report);
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Never leave half a data path: detach what this attempt attached.
+        if let Err(cleanup) = remove_generation(&generation) {
+            log::error!("cleaning up after a failed attach: {cleanup:#}");
+        }
+        return Err(e);
+    }
+    retire_older_generations(opts.pin_dir, &generation)?;
+    Ok(Loaded {
+        ebpf,
+        programs,
+        generation,
+    })
+}
+
+fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
+    let prog = ebpf
+        .program_mut(def.name)
+        .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
+    let ctx = || format!("loading {} ({}; needs Linux {})", def.name, def.hook, def.min_kernel);
+    match def.attach {
+        attach_type::CGROUP_SOCK_OPS => {
+            let p: &mut SockOps = prog.try_into().with_context(ctx)?;
+            p.load().with_context(ctx)?;
+        }
+        attach_type::CGROUP_GETSOCKOPT => {
+            let p: &mut CgroupSockopt = prog.try_into().with_context(ctx)?;
+            p.load().with_context(ctx)?;
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = prog.try_into().with_context(ctx)?;
+            p.load().with_context(ctx)?;
+        }
+    }
+    let info = ebpf
+        .program(def.name)
+        .ok_or_else(|| anyhow!("program {} vanished", def.name))?
+        .info()
+        .with_context(|| format!("reading info of {}", def.name))?;
+    Ok(ProgramReport {
+        name: def.name.into(),
+        hook: def.hook.into(),
+        verified_insns: info.verified_instruction_count(),
+        id: info.id(),
+    })
+}
+
+/// Detaches and unpins every link in one generation directory, then removes it.
+fn remove_generation(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        match bpf_sys::obj_get(&path) {
+            Ok(fd) => {
+                if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
+                    log::warn!("detaching link {}: {e}", path.display());
+                }
+            }
+            Err(e) => log::warn!("{e:#}"),
+        }
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        n += 1;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(n)
+}
+
+fn retire_older_generations(pin_dir: &Path, keep: &Path) -> Result<()> {
+    let links = pin_dir.join("links");
+    for entry in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+        let path = entry?.path();
+        if path != keep {
+            let n = remove_generation(&path)?;
+            log::info!("replaced {n} links of a previous run ({})", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every link and removes every pin under `pin_dir`, and the directory itself.
+pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
+    let mut removed = Removed::default();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    let links = pin_dir.join("links");
+    if links.exists() {
+        for entry in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+            removed.links += remove_generation(&entry?.path())?;
+        }
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    let maps = pin_dir.join("maps");
+    if maps.exists() {
+        for entry in std::fs::read_dir(&maps).with_context(|| format!("listing {}", maps.display()))? {
+            let path = entry?.path();
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            removed.maps += 1;
+        }
+        std::fs::remove_dir(&maps).with_context(|| format!("removing {}", maps.display()))?;
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| {
+        format!("removing {} (something else is pinned there?)", pin_dir.display())
+    })?;
+    Ok(removed)
+}

@@ -1,0 +1,150 @@
+//! `redirectd`: run the redirector, show its status, or uninstall it.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use redirect_user::{
+    daemon::{self, RunOptions},
+    loader, reconcile::NodeSettings, status,
+};
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
+const DEFAULT_STATUS_FILE: &str = "/run/redirectd/status.json";
+
+#[derive(Parser)]
+#[command(name = "redirectd", version, about = "eBPF transparent traffic redirector for service-mesh sidecars (no iptables)")]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the programs, then keep the maps in step with the pods file.
+    Run {
+        /// YAML file of mesh pods (see README); followed while running.
+        #[arg(long)]
+        pods: PathBuf,
+        /// Cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Directory on a bpffs where maps and links are pinned.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Where the daemon writes its status (read by `redirectd status`).
+        #[arg(long, default_value = DEFAULT_STATUS_FILE)]
+        status_file: PathBuf,
+        /// uid of the sidecar proxy; its own connections are never captured.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// gid of the sidecar proxy (Istio matches uid or gid).
+        #[arg(long, default_value_t = 1337)]
+        proxy_gid: u32,
+        /// The proxy's outbound listener port (on loopback).
+        #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
+        outbound_port: u16,
+        /// The proxy's inbound listener port.
+        #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
+        inbound_port: u16,
+        /// How often to check the pods file, in milliseconds.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        poll_ms: u64,
+    },
+    /// Show the applied pods, their capture counters and the loaded programs.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATUS_FILE)]
+        status_file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach every program and remove every link, map and pin redirectd made.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&format!("{},aya::bpf=error", cli.log_level))
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run {
+            pods,
+            cgroup,
+            pin_dir,
+            status_file,
+            proxy_uid,
+            proxy_gid,
+            outbound_port,
+            inbound_port,
+            poll_ms,
+        } => {
+            if outbound_port == inbound_port {
+                bail!("--outbound-port and --inbound-port are both {outbound_port}; they must differ");
+            }
+            let opts = RunOptions {
+                pods_file: pods,
+                cgroup,
+                pin_dir,
+                status_file,
+                node: NodeSettings {
+                    proxy_uid,
+                    proxy_gid,
+                    outbound_port,
+                    inbound_port,
+                },
+                poll: Duration::from_millis(poll_ms),
+                resync: Duration::from_secs(1),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(daemon::run(opts))
+        }
+        Command::Status {
+            pin_dir,
+            status_file,
+            json,
+        } => {
+            let r = status::report(&status_file, &pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                status::print(&r);
+            }
+            Ok(())
+        }
+        Command::Uninstall { pin_dir } => {
+            let removed = loader::uninstall(&pin_dir)?;
+            println!(
+                "uninstalled: detached {} links, removed {} map pins and {}",
+                removed.links,
+                removed.maps,
+                pin_dir.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The filesystems the daemon needs: cgroup v2 (where the socket hooks attach) and bpffs
+//! (where programs, links and maps are pinned). Found from `/proc/self/mountinfo`, never
+//! assumed.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mount points of filesystem type `fstype`, from `/proc/self/mountinfo`.
+pub fn mount_points(fstype: &str) -> Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("reading /proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            // "... mount_point options [optional fields] - fstype source super_options"
+            let (left, right) = line.split_once(" - ")?;
+            let ty = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (ty == fstype).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// The cgroup v2 mount point (the unified hierarchy's root).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    mount_points("cgroup2")?
+        .into_iter()
+        .next()
+        .context("no cgroup v2 filesystem is mounted (see /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("path contains NUL")?;
+    // Safety: statfs into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on a bpffs. If its parent is `/sys/fs/bpf` and nothing is
+/// mounted there, mounts bpffs there (as systemd would at boot).
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir
+        .parent()
+        .with_context(|| format!("pin dir {} has no parent", pin_dir.display()))?;
+    if !parent.exists() {
+        bail!("{} does not exist; the pin dir must be inside a bpffs mount", parent.display());
+    }
+    if !is_bpffs(parent)? {
+        if parent == Path::new("/sys/fs/bpf") {
+            let src = CString::new("bpf").expect("static");
+            let dst = CString::new("/sys/fs/bpf").expect("static");
+            // Safety: mount(2) with static, NUL-terminated strings.
+            let rc = unsafe {
+                libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("mounting bpffs on /sys/fs/bpf (needs CAP_SYS_ADMIN)");
+            }
+            log::info!("mounted bpffs on /sys/fs/bpf");
+        } else {
+            bail!(
+                "{} is not on a bpffs; choose a --pin-dir under a bpffs mount such as /sys/fs/bpf",
+                parent.display()
+            );
+        }
+    }
+    for sub in ["", "maps", "links"] {
+        let d = pin_dir.join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(super::unescape(r"/a\040b"), "/a b");
+        assert_eq!(super::unescape("/plain"), "/plain");
+    }
+}

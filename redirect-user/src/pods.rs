@@ -1,0 +1,319 @@
+//! Desired mesh pods, and the pods file source (YAML, for dev boxes and tests).
+//!
+//! Each entry is validated on its own: an invalid one is rejected with the pod and field
+//! named, and the others are served.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use serde::Deserialize;
+
+use crate::annotations::{self, CapturePolicy};
+
+/// `namespace/name` of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where a pod's network namespace is.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NetnsRef {
+    /// A netns file (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    Path(PathBuf),
+    /// A process in the pod.
+    Pid(u32),
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Pid(pid) => write!(f, "pid {pid}"),
+        }
+    }
+}
+
+/// A valid mesh pod, as every source produces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub key: PodKey,
+    pub netns: NetnsRef,
+    pub ips: Vec<IpAddr>,
+    pub policy: CapturePolicy,
+}
+
+/// A rejected pod entry: which pod, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodError {
+    /// `namespace/name`, or `pods[i]` when the entry has no usable name.
+    pub pod: String,
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for PodError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pod {}: {}: {}", self.pod, self.field, self.reason)
+    }
+}
+
+/// The desired set from one read of a source.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub pods: Vec<PodSpec>,
+    pub rejected: Vec<PodError>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPod {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    netns: Option<PathBuf>,
+    pid: Option<u32>,
+    #[serde(default)]
+    ips: Vec<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// Longest pod name or namespace accepted (Kubernetes: 253 for names, 63 for namespaces).
+const MAX_NAME_LEN: usize = 253;
+
+/// Parses a whole pods file. `Err` only when the file as a whole is unusable (not UTF-8,
+/// not YAML, no `pods` list): the caller then keeps serving the previous desired set.
+pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("not UTF-8 (byte {}): {e}", e.valid_up_to()))?;
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    let entries = match &doc {
+        serde_yaml::Value::Null => return Ok(Desired::default()),
+        serde_yaml::Value::Mapping(m) => match m.get("pods") {
+            None | Some(serde_yaml::Value::Null) => return Ok(Desired::default()),
+            Some(serde_yaml::Value::Sequence(s)) => s,
+            Some(_) => return Err("`pods` must be a list".into()),
+        },
+        _ => return Err("top level must be a mapping with a `pods` list".into()),
+    };
+    let mut desired = Desired::default();
+    let mut seen_keys = BTreeSet::new();
+    let mut seen_netns = BTreeMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        match parse_entry(i, entry) {
+            Ok((spec, warnings)) => {
+                let reject = |field: &str, reason: String| PodError {
+                    pod: spec.key.to_string(),
+                    field: field.into(),
+                    reason,
+                };
+                if !seen_keys.insert(spec.key.clone()) {
+                    desired
+                        .rejected
+                        .push(reject("name", "duplicate pod (same namespace and name)".into()));
+                    continue;
+                }
+                if let Some(other) = seen_netns.insert(spec.netns.clone(), spec.key.clone()) {
+                    desired.rejected.push(reject(
+                        "netns",
+                        format!("{} is already pod {other}'s", spec.netns),
+                    ));
+                    continue;
+                }
+                desired
+                    .warnings
+                    .extend(warnings.into_iter().map(|w| format!("pod {}: {w}", spec.key)));
+                desired.pods.push(spec);
+            }
+            Err(e) => desired.rejected.push(e),
+        }
+    }
+    Ok(desired)
+}
+
+fn parse_entry(i: usize, entry: &serde_yaml::Value) -> Result<(PodSpec, Vec<String>), PodError> {
+    // Name the pod in errors as soon as we can read its name.
+    let label = match (entry.get("namespace"), entry.get("name")) {
+        (Some(serde_yaml::Value::String(ns)), Some(serde_yaml::Value::String(n))) => {
+            format!("{ns}/{n}")
+        }
+        (_, Some(serde_yaml::Value::String(n))) => format!("default/{n}"),
+        _ => format!("pods[{i}]"),
+    };
+    let err = |field: &str, reason: String| PodError {
+        pod: label.clone(),
+        field: field.into(),
+        reason,
+    };
+    let raw: RawPod = serde_yaml::from_value(entry.clone()).map_err(|e| {
+        let msg = e.to_string();
+        // serde names the field in its message ("unknown field `x`", "invalid type ... for `y`").
+        let field = msg
+            .split('`')
+            .nth(1)
+            .filter(|f| !f.is_empty())
+            .unwrap_or("entry");
+        err(field, msg.clone())
+    })?;
+    for (field, value) in [("name", &raw.name), ("namespace", &raw.namespace)] {
+        if value.is_empty() || value.len() > MAX_NAME_LEN {
+            return Err(err(field, format!("must be 1-{MAX_NAME_LEN} characters")));
+        }
+        if value.chars().any(|c| c.is_control() || c == '/' || c.is_whitespace()) {
+            return Err(err(field, format!("{value:?} has a character not allowed in a name")));
+        }
+    }
+    let netns = match (raw.netns, raw.pid) {
+        (Some(p), None) => {
+            if !p.is_absolute() {
+                return Err(err("netns", format!("{} is not an absolute path", p.display())));
+            }
+            NetnsRef::Path(p)
+        }
+        (None, Some(0)) => return Err(err("pid", "0 is not a process".into())),
+        (None, Some(pid)) => NetnsRef::Pid(pid),
+        (Some(_), Some(_)) => return Err(err("netns", "give either netns or pid, not both".into())),
+        (None, None) => return Err(err("netns", "missing: give netns (a path) or pid".into())),
+    };
+    let mut ips = Vec::new();
+    for (j, ip) in raw.ips.iter().enumerate() {
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| err(&format!("ips[{j}]"), format!("{ip:?} is not an IP address")))?;
+        if ips.contains(&addr) {
+            return Err(err(&format!("ips[{j}]"), format!("{addr} is listed twice")));
+        }
+        ips.push(addr);
+    }
+    let parsed = annotations::parse(&raw.annotations)
+        .map_err(|e| err(&format!("annotations[{:?}]", e.annotation), e.to_string()))?;
+    let spec = PodSpec {
+        key: PodKey {
+            namespace: raw.namespace,
+            name: raw.name,
+        },
+        netns,
+        ips,
+        policy: parsed.policy,
+    };
+    Ok((spec, parsed.warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_file() {
+        let d = parse_file(
+            br#"
+pods:
+  - name: client
+    namespace: default
+    netns: /var/run/netns/client
+    ips: ["10.201.0.2", "fd00:201::2"]
+    annotations:
+      traffic.sidecar.istio.io/excludeOutboundPorts: "5432,6379"
+      traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.96.0.0/12"
+      traffic.sidecar.istio.io/includeOutboundIPRanges: "*"
+  - name: other
+    pid: 1234
+"#,
+        )
+        .unwrap();
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        assert_eq!(d.pods.len(), 2);
+        assert_eq!(d.pods[1].key.to_string(), "default/other");
+        assert_eq!(d.pods[1].netns, NetnsRef::Pid(1234));
+        assert_eq!(d.pods[0].policy.exclude_outbound_ports, [5432, 6379].into());
+    }
+
+    #[test]
+    fn bad_entries_are_rejected_one_by_one() {
+        let d = parse_file(
+            br#"
+pods:
+  - name: ok
+    netns: /var/run/netns/ok
+  - name: badport
+    netns: /var/run/netns/a
+    annotations:
+      traffic.sidecar.istio.io/excludeOutboundPorts: "99999"
+  - name: badip
+    netns: /var/run/netns/b
+    ips: ["10.0.0.300"]
+  - name: typo
+    netsn: /var/run/netns/c
+  - name: nonetns
+  - name: wrongtype
+    pid: "abc"
+  - name: both
+    netns: /x
+    pid: 3
+  - netns: /var/run/netns/noname
+  - name: ok
+    netns: /var/run/netns/dup
+  - name: samens
+    netns: /var/run/netns/ok
+  - name: rel
+    netns: relative/path
+  - name: "bad/name"
+    netns: /var/run/netns/e
+"#,
+        )
+        .unwrap();
+        assert_eq!(d.pods.len(), 1);
+        let got: Vec<(String, String)> = d
+            .rejected
+            .iter()
+            .map(|e| (e.pod.clone(), e.field.clone()))
+            .collect();
+        let want = [
+            ("default/badport", "annotations[\"traffic.sidecar.istio.io/excludeOutboundPorts\"]"),
+            ("default/badip", "ips[0]"),
+            ("default/typo", "netsn"),
+            ("default/nonetns", "netns"),
+            ("default/wrongtype", "entry"),
+            ("default/both", "netns"),
+            ("pods[7]", "name"),
+            ("default/ok", "name"),
+            ("default/samens", "netns"),
+            ("default/rel", "netns"),
+            ("default/bad/name", "name"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(got, want, "{:#?}", d.rejected);
+    }
+
+    #[test]
+    fn unusable_files() {
+        assert!(parse_file(b"\xff\xfe").unwrap_err().contains("UTF-8"));
+        assert!(parse_file(b"pods: [").unwrap_err().contains("YAML"));
+        assert!(parse_file(b"pods: 3").is_err());
+        assert!(parse_file(b"- a").is_err());
+        assert!(parse_file(b"").unwrap().pods.is_empty());
+        assert!(parse_file(b"pods:").unwrap().pods.is_empty());
+    }
+}

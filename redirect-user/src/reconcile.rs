@@ -1,0 +1,328 @@
+//! The reconciler: diffs the desired mesh pods against what is in the kernel maps and applies
+//! the difference through [`PodMaps`]. Plain code, no I/O of its own.
+//!
+//! Ordering keeps the data path consistent at every instant: a pod's rules are written before
+//! its `MESH_PODS` entry makes it visible, a changed pod gets a new slot whose entry replaces
+//! the old one in a single map update, and only then are the old rules removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redirect_common::{PodConfig, MAX_PODS};
+use serde::Serialize;
+
+use crate::{
+    datapath::{PodMaps, PodRules},
+    pods::{PodKey, PodSpec},
+};
+
+/// Settings common to every pod on the node (the daemon's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+/// A desired pod whose network namespace was found.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub spec: PodSpec,
+    pub netns_cookie: u64,
+}
+
+/// A pod as it is in the maps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub pod_id: u32,
+    pub netns_cookie: u64,
+    #[serde(skip)]
+    config: PodConfig,
+    #[serde(skip)]
+    rules: PodRules,
+}
+
+/// What one pass changed or could not do.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub added: Vec<PodKey>,
+    pub updated: Vec<PodKey>,
+    pub removed: Vec<PodKey>,
+    /// Pods that could not be applied, with the reason.
+    pub failed: Vec<(PodKey, String)>,
+}
+
+impl Report {
+    pub fn changed(&self) -> bool {
+        !(self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty())
+    }
+}
+
+/// Owns the record of what is applied.
+pub struct Reconciler {
+    node: NodeSettings,
+    applied: BTreeMap<PodKey, Applied>,
+    /// Slots that must not be handed out (used by a previous run's entries until swept).
+    reserved: BTreeSet<u32>,
+}
+
+impl Reconciler {
+    pub fn new(node: NodeSettings) -> Self {
+        Self {
+            node,
+            applied: BTreeMap::new(),
+            reserved: BTreeSet::new(),
+        }
+    }
+
+    /// Keeps slots a previous run is still using out of allocation until [`Self::release_reserved`].
+    pub fn reserve(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.reserved.extend(ids);
+    }
+
+    pub fn release_reserved(&mut self) {
+        self.reserved.clear();
+    }
+
+    pub fn applied(&self) -> &BTreeMap<PodKey, Applied> {
+        &self.applied
+    }
+
+    fn allocate(&self, also_taken: &BTreeSet<u32>) -> Option<u32> {
+        let used: BTreeSet<u32> = self.applied.values().map(|a| a.pod_id).collect();
+        (0..MAX_PODS).find(|id| !used.contains(id) && !self.reserved.contains(id) && !also_taken.contains(id))
+    }
+
+    /// Brings the maps to `desired`. A pod that cannot be applied keeps its previous state
+    /// (if any) and is reported; the others proceed.
+    pub fn reconcile(&mut self, desired: &[Resolved], maps: &mut impl PodMaps) -> Report {
+        let mut report = Report::default();
+        let mut wanted_cookies = BTreeSet::new();
+        let mut wanted: BTreeMap<PodKey, (&Resolved, PodConfig, PodRules)> = BTreeMap::new();
+        let mut cookie_owner: BTreeMap<u64, PodKey> = BTreeMap::new();
+        for r in desired {
+            if let Some(other) = cookie_owner.get(&r.netns_cookie) {
+                report.failed.push((
+                    r.spec.key.clone(),
+                    format!("its network namespace is already pod {other}'s"),
+                ));
+                continue;
+            }
+            cookie_owner.insert(r.netns_cookie, r.spec.key.clone());
+            wanted_cookies.insert(r.netns_cookie);
+            let rules = PodRules::compile(&r.spec.policy, &r.spec.ips);
+            let config = PodConfig {
+                pod_id: 0,
+                proxy_uid: self.node.proxy_uid,
+                proxy_gid: self.node.proxy_gid,
+                outbound_port: self.node.outbound_port,
+                inbound_port: self.node.inbound_port,
+                flags: rules.flags,
+                _pad: 0,
+            };
+            wanted.insert(r.spec.key.clone(), (r, config, rules));
+        }
+
+        // Installs and updates first.
+        let mut retired: Vec<Applied> = Vec::new();
+        let mut fresh = BTreeSet::new();
+        for (key, (r, config, rules)) in &wanted {
+            if let Some(a) = self.applied.get(key) {
+                let same_config = PodConfig { pod_id: a.pod_id, ..*config } == a.config;
+                if a.netns_cookie == r.netns_cookie && same_config && a.rules == *rules {
+                    continue;
+                }
+            }
+            let Some(pod_id) = self.allocate(&fresh) else {
+                report.failed.push((key.clone(), format!("no free pod slot (limit {MAX_PODS} pods)")));
+                continue;
+            };
+            let config = PodConfig { pod_id, ..*config };
+            let step = (|| -> anyhow::Result<()> {
+                maps.reset_counters(pod_id)?;
+                maps.install_rules(pod_id, rules)?;
+                maps.set_pod(r.netns_cookie, &config)
+            })();
+            if let Err(e) = step {
+                let _ = maps.remove_rules(pod_id, rules);
+                report.failed.push((key.clone(), format!("{e:#}")));
+                continue;
+            }
+            fresh.insert(pod_id);
+            let new = Applied {
+                pod_id,
+                netns_cookie: r.netns_cookie,
+                config,
+                rules: rules.clone(),
+            };
+            match self.applied.insert(key.clone(), new) {
+                Some(old) => {
+                    report.updated.push(key.clone());
+                    retired.push(old);
+                }
+                None => report.added.push(key.clone()),
+            }
+        }
+
+        // Then removals: pods no longer desired, and the old slots of updated pods.
+        let gone: Vec<PodKey> = self
+            .applied
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(old) = self.applied.remove(&key) {
+                retired.push(old);
+                report.removed.push(key);
+            }
+        }
+        for old in retired {
+            if !wanted_cookies.contains(&old.netns_cookie)
+                || !self.applied.values().any(|a| a.netns_cookie == old.netns_cookie)
+            {
+                if let Err(e) = maps.remove_pod(old.netns_cookie) {
+                    log::error!("{e:#}");
+                }
+            }
+            if let Err(e) = maps.remove_rules(old.pod_id, &old.rules) {
+                log::error!("{e:#}");
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::PathBuf};
+
+    use super::*;
+    use crate::{annotations::CapturePolicy, pods::NetnsRef};
+
+    #[derive(Default)]
+    struct FakeMaps {
+        pods: BTreeMap<u64, PodConfig>,
+        ports: BTreeSet<(u32, u8, u16)>,
+        fail_set_pod: bool,
+        log: Vec<String>,
+    }
+
+    impl PodMaps for FakeMaps {
+        fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> anyhow::Result<()> {
+            self.log.push(format!("rules+ {pod_id}"));
+            self.ports.extend(rules.ports.iter().map(|(k, p)| (pod_id, *k, *p)));
+            Ok(())
+        }
+        fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> anyhow::Result<()> {
+            self.log.push(format!("rules- {pod_id}"));
+            for (k, p) in &rules.ports {
+                self.ports.remove(&(pod_id, *k, *p));
+            }
+            Ok(())
+        }
+        fn set_pod(&mut self, c: u64, cfg: &PodConfig) -> anyhow::Result<()> {
+            if self.fail_set_pod {
+                anyhow::bail!("map full");
+            }
+            self.log.push(format!("pod+ {c}->{}", cfg.pod_id));
+            self.pods.insert(c, *cfg);
+            Ok(())
+        }
+        fn remove_pod(&mut self, c: u64) -> anyhow::Result<()> {
+            self.log.push(format!("pod- {c}"));
+            self.pods.remove(&c);
+            Ok(())
+        }
+        fn reset_counters(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn node() -> NodeSettings {
+        NodeSettings { proxy_uid: 1337, proxy_gid: 1337, outbound_port: 15001, inbound_port: 15006 }
+    }
+
+    fn pod(name: &str, cookie: u64, excluded: &[u16]) -> Resolved {
+        Resolved {
+            spec: PodSpec {
+                key: PodKey { namespace: "default".into(), name: name.into() },
+                netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
+                ips: vec![],
+                policy: CapturePolicy {
+                    exclude_outbound_ports: excluded.iter().copied().collect(),
+                    ..Default::default()
+                },
+            },
+            netns_cookie: cookie,
+        }
+    }
+
+    #[test]
+    fn add_update_remove() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &mut m);
+        assert_eq!(rep.added.len(), 2);
+        assert_eq!(m.pods.len(), 2);
+        assert!(m.ports.contains(&(m.pods[&10].pod_id, 1, 5432)));
+
+        // Unchanged: nothing written.
+        m.log.clear();
+        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &mut m);
+        assert!(!rep.changed());
+        assert!(m.log.is_empty(), "{:?}", m.log);
+
+        // Update: new slot, entry replaced, old rules removed, cookie kept.
+        let old_id = m.pods[&10].pod_id;
+        let rep = r.reconcile(&[pod("a", 10, &[6379]), pod("b", 20, &[])], &mut m);
+        assert_eq!(rep.updated.len(), 1);
+        let new_id = m.pods[&10].pod_id;
+        assert_ne!(old_id, new_id);
+        assert!(m.ports.contains(&(new_id, 1, 6379)));
+        assert!(!m.ports.contains(&(old_id, 1, 5432)));
+        assert!(!m.log.contains(&"pod- 10".to_string()), "{:?}", m.log);
+        let plus = m.log.iter().position(|l| l.starts_with("pod+ 10")).unwrap();
+        let minus = m.log.iter().position(|l| l == &format!("rules- {old_id}")).unwrap();
+        assert!(plus < minus, "old rules removed before the new entry: {:?}", m.log);
+
+        // Remove b.
+        let rep = r.reconcile(&[pod("a", 10, &[6379])], &mut m);
+        assert_eq!(rep.removed.len(), 1);
+        assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![10]);
+    }
+
+    #[test]
+    fn same_netns_twice_is_rejected_and_failures_are_isolated() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        let rep = r.reconcile(&[pod("a", 10, &[]), pod("b", 10, &[])], &mut m);
+        assert_eq!(rep.added.len(), 1);
+        assert_eq!(rep.failed.len(), 1);
+        assert!(rep.failed[0].1.contains("default/a"));
+
+        m.fail_set_pod = true;
+        let rep = r.reconcile(&[pod("a", 10, &[]), pod("c", 30, &[1])], &mut m);
+        assert_eq!(rep.failed.len(), 1);
+        assert!(m.ports.is_empty(), "rules of a failed pod are rolled back");
+        assert!(m.pods.contains_key(&10));
+    }
+
+    #[test]
+    fn pod_moving_to_a_new_netns() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[])], &mut m);
+        r.reconcile(&[pod("a", 11, &[])], &mut m);
+        assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![11]);
+    }
+
+    #[test]
+    fn reserved_slots_are_not_reused() {
+        let mut r = Reconciler::new(node());
+        r.reserve([0, 1]);
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[])], &mut m);
+        assert_eq!(m.pods[&10].pod_id, 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! The daemon's status file (what it applied, rejected and loaded) and `redirectd status`,
+//! which joins it with the live counters in the pinned maps.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use redirect_common::PodCounters;
+use serde::{Deserialize, Serialize};
+
+use crate::{datapath::Datapath, loader::ProgramReport};
+
+/// One applied pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub pod_id: u32,
+    pub netns_cookie: u64,
+}
+
+/// Written by `redirectd run` after every reconcile pass (atomically: temp file + rename).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusFile {
+    pub pid: u32,
+    pub pods_file: String,
+    pub cgroup: String,
+    pub pin_dir: String,
+    pub programs: Vec<ProgramReport>,
+    pub pods: Vec<PodStatus>,
+    /// Entries rejected by validation, or whose netns cannot be found yet (retried).
+    pub rejected: Vec<String>,
+    pub warnings: Vec<String>,
+    /// Set while the pods file as a whole is unusable (the last good version is served).
+    pub file_error: Option<String>,
+}
+
+impl StatusFile {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec_pretty(self).context("encoding status")?;
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!("reading {} (is `redirectd run` running with this --status-file?)", path.display())
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// A pod's line in `redirectd status`.
+#[derive(Debug, Serialize)]
+pub struct PodReport {
+    #[serde(flatten)]
+    pub pod: PodStatus,
+    pub outbound_captured: u64,
+    pub outbound_direct: u64,
+    pub outbound_fail_open: u64,
+    pub outbound_fail_closed: u64,
+    pub orig_dst_answered: u64,
+}
+
+impl PodReport {
+    fn new(pod: PodStatus, c: PodCounters) -> Self {
+        Self {
+            pod,
+            outbound_captured: c.outbound_captured,
+            outbound_direct: c.outbound_direct,
+            outbound_fail_open: c.outbound_fail_open,
+            outbound_fail_closed: c.outbound_fail_closed,
+            orig_dst_answered: c.orig_dst_answered,
+        }
+    }
+}
+
+/// The whole `redirectd status` answer.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub pods: Vec<PodReport>,
+    pub rejected: Vec<String>,
+    pub warnings: Vec<String>,
+    pub file_error: Option<String>,
+    pub programs: Vec<ProgramReport>,
+}
+
+pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
+    let status = StatusFile::read(status_file)?;
+    let dp = Datapath::from_pins(pin_dir)?;
+    let mut pods = Vec::new();
+    for p in status.pods {
+        let c = dp.counters(p.pod_id)?;
+        pods.push(PodReport::new(p, c));
+    }
+    Ok(Report {
+        pods,
+        rejected: status.rejected,
+        warnings: status.warnings,
+        file_error: status.file_error,
+        programs: status.programs,
+    })
+}
+
+pub fn print(r: &Report) {
+    println!(
+        "{:<32} {:>6} {:>10} {:>8} {:>10} {:>12} {:>10}",
+        "POD", "SLOT", "CAPTURED", "DIRECT", "FAIL-OPEN", "FAIL-CLOSED", "ORIG-DST"
+    );
+    for p in &r.pods {
+        println!(
+            "{:<32} {:>6} {:>10} {:>8} {:>10} {:>12} {:>10}",
+            format!("{}/{}", p.pod.namespace, p.pod.name),
+            p.pod.pod_id,
+            p.outbound_captured,
+            p.outbound_direct,
+            p.outbound_fail_open,
+            p.outbound_fail_closed,
+            p.orig_dst_answered
+        );
+    }
+    if let Some(e) = &r.file_error {
+        println!("\npods file unusable (serving its last good version): {e}");
+    }
+    for e in &r.rejected {
+        println!("rejected: {e}");
+    }
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+    if !r.programs.is_empty() {
+        println!("\n{:<16} {:<22} {:>8} {:>16}", "PROGRAM", "HOOK", "ID", "VERIFIED INSNS");
+        for p in &r.programs {
+            println!(
+                "{:<16} {:<22} {:>8} {:>16}",
+                p.name,
+                p.hook,
+                p.id,
+                p.verified_insns.map_or("?".into(), |n| n.to_string())
+            );
+        }
+    }
+}
