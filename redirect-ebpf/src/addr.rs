@@ -20,12 +20,20 @@ pub struct Endpoint {
 impl Endpoint {
     #[inline(always)]
     pub fn v4(addr_be: u32, port_be: u16) -> Self {
-        Self { addr_be: [addr_be, 0, 0, 0], port_be, family: AF_INET }
+        Self {
+            addr_be: [addr_be, 0, 0, 0],
+            port_be,
+            family: AF_INET,
+        }
     }
 
     #[inline(always)]
     pub fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
-        Self { addr_be, port_be, family: AF_INET6 }
+        Self {
+            addr_be,
+            port_be,
+            family: AF_INET6,
+        }
     }
 
     /// Port in host order.
@@ -95,7 +103,14 @@ pub unsafe fn ctx_word(p: *const u32) -> u32 {
 #[inline(always)]
 pub unsafe fn ctx_addr6(p: *const [u32; 4]) -> [u32; 4] {
     let w = p as *const u32;
-    unsafe { [ctx_word(w), ctx_word(w.add(1)), ctx_word(w.add(2)), ctx_word(w.add(3))] }
+    unsafe {
+        [
+            ctx_word(w),
+            ctx_word(w.add(1)),
+            ctx_word(w.add(2)),
+            ctx_word(w.add(3)),
+        ]
+    }
 }
 
 /// Writes a 4-word context array (an IPv6 address) one word at a time (volatile, so the

@@ -7,11 +7,15 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, BPF_F_CURRENT_NETNS},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, BPF_F_CURRENT_NETNS,
+    },
     helpers::{
         bpf_get_current_uid_gid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+        },
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -21,7 +25,10 @@ use aya_log_ebpf::debug;
 use redirect_common::{OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
 
 use crate::{
-    addr::{ctx_addr6, ctx_write_addr6, is_v4_mapped, Endpoint, LOCALHOST4_BE, LOOPBACK6_LAST_BE, V4_MAPPED_WORD_BE},
+    addr::{
+        ctx_addr6, ctx_write_addr6, is_v4_mapped, Endpoint, LOCALHOST4_BE, LOOPBACK6_LAST_BE,
+        V4_MAPPED_WORD_BE,
+    },
     counters::count,
     maps::{MESH_PODS, ORIG_BY_COOKIE},
     policy::{outbound, Outbound},
@@ -64,8 +71,13 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
 pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // Safety: ctx fields the verifier allows a connect6 program to read, one word at a time.
-    let (protocol, port, addr) =
-        unsafe { ((*sa).protocol, (*sa).user_port, ctx_addr6(&raw const (*sa).user_ip6)) };
+    let (protocol, port, addr) = unsafe {
+        (
+            (*sa).protocol,
+            (*sa).user_port,
+            ctx_addr6(&raw const (*sa).user_ip6),
+        )
+    };
     if protocol != IPPROTO_TCP {
         return ALLOW;
     }
@@ -106,7 +118,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
     // Safety: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Safety: plain-data value, copied out at once.
-    let pod: PodConfig = match unsafe { MESH_PODS.get(&netns_cookie) } {
+    let pod: PodConfig = match unsafe { MESH_PODS.get(netns_cookie) } {
         Some(pod) => *pod,
         None => return Decision::Direct,
     };
@@ -128,12 +140,17 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
         pod_id: pod.pod_id,
         netns_cookie,
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // The proxy could not learn where to go: do not capture.
         return fail(ctx, &pod);
     }
     count(pod.pod_id, |c| c.outbound_captured += 1);
-    debug!(ctx, "pod {} outbound captured to port {}", pod.pod_id, dst.port());
+    debug!(
+        ctx,
+        "pod {} outbound captured to port {}",
+        pod.pod_id,
+        dst.port()
+    );
     Decision::Redirect(pod.outbound_port.to_be())
 }
 
@@ -143,11 +160,17 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
 fn fail(ctx: &SockAddrContext, pod: &PodConfig) -> Decision {
     if pod.flags & POD_FLAG_FAIL_CLOSED != 0 {
         count(pod.pod_id, |c| c.outbound_fail_closed += 1);
-        debug!(ctx, "pod {} proxy not listening: refused (fail closed)", pod.pod_id);
+        debug!(
+            ctx,
+            "pod {} proxy not listening: refused (fail closed)", pod.pod_id
+        );
         Decision::Refuse
     } else {
         count(pod.pod_id, |c| c.outbound_fail_open += 1);
-        debug!(ctx, "pod {} proxy not listening: direct (fail open)", pod.pod_id);
+        debug!(
+            ctx,
+            "pod {} proxy not listening: direct (fail open)", pod.pod_id
+        );
         Decision::Direct
     }
 }

@@ -2,12 +2,15 @@
 //! destination as its peer, never the proxy's loopback port.
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext, EbpfContext,
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext,
 };
 use redirect_common::{OrigDst, AF_INET};
 
-use crate::{addr::{ctx_write_addr6, V4_MAPPED_WORD_BE}, maps::ORIG_BY_COOKIE};
+use crate::{
+    addr::{ctx_write_addr6, V4_MAPPED_WORD_BE},
+    maps::ORIG_BY_COOKIE,
+};
 
 /// getpeername hooks cannot refuse; 1 lets the (possibly rewritten) address through.
 const PASS: i32 = 1;
@@ -17,7 +20,7 @@ fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // Safety: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Safety: plain-data value, copied out at once.
-    unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
+    unsafe { ORIG_BY_COOKIE.get(cookie) }.copied()
 }
 
 /// Peer of a captured IPv4 socket. Minimum kernel: 5.8.

@@ -3,8 +3,8 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use redirect_common::{
     AddrRuleData, PodConfig, PortRuleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_OUTBOUND,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_OUTBOUND,
+    PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::{
@@ -23,15 +23,24 @@ pub enum Outbound {
 
 #[inline(always)]
 pub fn has_port_rule(pod_id: u32, port: u16, kind: u8) -> bool {
-    let key = PortRuleKey { pod_id, port, kind, _pad: 0 };
-    PORT_RULES.get_ptr(&key).is_some()
+    let key = PortRuleKey {
+        pod_id,
+        port,
+        kind,
+        _pad: 0,
+    };
+    PORT_RULES.get_ptr(key).is_some()
 }
 
 #[inline(always)]
 pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
     let key = Key::new(
         ADDR_RULE_FIXED_BITS + 128,
-        AddrRuleData { pod_id, kind, addr_be: addr16 },
+        AddrRuleData {
+            pod_id,
+            kind,
+            addr_be: addr16,
+        },
     );
     ADDR_RULES.get(&key).is_some()
 }

@@ -41,7 +41,7 @@ fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
     // Safety: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Safety: plain-data value, copied out at once.
-    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
+    let orig = unsafe { ORIG_BY_COOKIE.get(cookie) }?;
     Some((cookie, *orig))
 }
 
@@ -56,7 +56,7 @@ fn on_connect(ctx: &SockOpsContext) {
 fn on_active_established(ctx: &SockOpsContext) {
     if let Some((_, orig)) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
-        let _ = ORIG_BY_TUPLE.insert(&key, &orig, 0);
+        let _ = ORIG_BY_TUPLE.insert(key, orig, 0);
     }
 }
 
@@ -67,8 +67,8 @@ fn on_state_change(ctx: &SockOpsContext) {
     }
     if let Some((cookie, orig)) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
-        let _ = ORIG_BY_TUPLE.remove(&key);
-        let _ = ORIG_BY_COOKIE.remove(&cookie);
+        let _ = ORIG_BY_TUPLE.remove(key);
+        let _ = ORIG_BY_COOKIE.remove(cookie);
     }
 }
 

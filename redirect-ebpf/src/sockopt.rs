@@ -10,7 +10,11 @@ use aya_ebpf::{
 };
 use redirect_common::{TupleKey, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
 
-use crate::{addr::{ctx_addr6, is_v4_mapped}, counters::count, maps::ORIG_BY_TUPLE};
+use crate::{
+    addr::{ctx_addr6, is_v4_mapped},
+    counters::count,
+    maps::ORIG_BY_TUPLE,
+};
 
 /// Verdict: let the (possibly rewritten) result through.
 const PASS: i32 = 1;
@@ -32,7 +36,7 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
         return PASS;
     };
     // Safety: plain-data value, copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(key) }).copied() else {
         return PASS;
     };
     // Safety: optval/optval_end are the kernel's buffer bounds; every write is checked against

@@ -126,7 +126,8 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(path: PathBuf) -> Result<Self> {
-        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
     }
 }
@@ -212,7 +213,9 @@ pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
     let ns_file = match placement.netns {
-        Some(ns) => Some(File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?),
+        Some(ns) => Some(
+            File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?,
+        ),
         None => None,
     };
     let procs_file = match placement.cgroup {
@@ -346,12 +349,34 @@ impl Lab {
         let netns = Netns::new(format!("{}-{name}", self.id))?;
         let cgroup = Cgroup::new(self.cgroup.path.join(name))?;
         let veth = format!("v{host}");
-        self.node.exec(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns.name])?;
-        self.node.exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
+        self.node.exec(&[
+            "ip",
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
+        self.node
+            .exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
         let v4 = format!("{V4_PREFIX}{host}");
         let v6 = format!("{V6_PREFIX}{host:x}");
         netns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        netns.exec(&["ip", "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        netns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         netns.exec(&["ip", "link", "set", "eth0", "up"])?;
         self.pods.push(Pod {
             name: name.into(),
@@ -380,7 +405,13 @@ impl Lab {
 
     /// Starts a lab binary subcommand in a pod (as `uid`, if given). Returns its index in
     /// `self.procs`.
-    pub fn spawn_in(&mut self, pod: &str, uid: Option<u32>, tag: &str, args: &[&str]) -> Result<usize> {
+    pub fn spawn_in(
+        &mut self,
+        pod: &str,
+        uid: Option<u32>,
+        tag: &str,
+        args: &[&str],
+    ) -> Result<usize> {
         let log = self.dir.join(format!("{pod}-{tag}.log"));
         let program = bin("redirect-lab");
         let mut placement = self.pod(pod).placement();
@@ -430,7 +461,12 @@ impl Lab {
 
     /// Runs the lab client in a pod (or, with `pod` None, on the host in the lab's cgroup)
     /// to completion and returns one result per connection.
-    pub fn client(&self, pod: Option<&str>, uid: Option<u32>, args: &[&str]) -> Result<Vec<wire::ClientResult>> {
+    pub fn client(
+        &self,
+        pod: Option<&str>,
+        uid: Option<u32>,
+        args: &[&str],
+    ) -> Result<Vec<wire::ClientResult>> {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let log = self.dir.join(format!("client-{n}.log"));
         let mut placement = match pod {
@@ -459,7 +495,13 @@ impl Lab {
     /// Runs any program in a pod's cgroup and netns (as `uid`, if given) to completion and
     /// returns its stdout and stderr. `ip netns exec` would not do: it leaves the caller's
     /// cgroup, where the programs are not attached.
-    pub fn run_in(&self, pod: &str, uid: Option<u32>, program: &str, args: &[&str]) -> Result<String> {
+    pub fn run_in(
+        &self,
+        pod: &str,
+        uid: Option<u32>,
+        program: &str,
+        args: &[&str],
+    ) -> Result<String> {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let log = self.dir.join(format!("run-{n}.log"));
         let mut placement = self.pod(pod).placement();
@@ -603,7 +645,11 @@ impl Daemon {
     }
 
     /// Waits (up to 10 s) until `pred` holds for `redirectd status --json`.
-    pub fn wait_status(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    pub fn wait_status(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(s) = self.status() {
@@ -611,10 +657,16 @@ impl Daemon {
                     return Ok(s);
                 }
                 if Instant::now() > deadline {
-                    bail!("timed out waiting for {what}; status: {s:#}\nlog:\n{}", self.log_text());
+                    bail!(
+                        "timed out waiting for {what}; status: {s:#}\nlog:\n{}",
+                        self.log_text()
+                    );
                 }
             } else if Instant::now() > deadline {
-                bail!("timed out waiting for {what}; no status\nlog:\n{}", self.log_text());
+                bail!(
+                    "timed out waiting for {what}; no status\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -627,7 +679,11 @@ impl Daemon {
         self.wait_status(&format!("pods {want:?} applied"), |s| {
             let mut got: Vec<String> = s["pods"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["name"].as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             got.sort();
             got == want
@@ -654,7 +710,11 @@ impl Daemon {
     pub fn uninstall(&self) -> Result<String> {
         run(
             bin("redirectd").to_str().context("non-UTF-8 path")?,
-            &["uninstall", "--pin-dir", self.pin_dir.to_str().context("non-UTF-8 path")?],
+            &[
+                "uninstall",
+                "--pin-dir",
+                self.pin_dir.to_str().context("non-UTF-8 path")?,
+            ],
         )
     }
 }

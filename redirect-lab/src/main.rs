@@ -77,7 +77,11 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 fn listen(addr: SocketAddr, v6only: bool) -> Result<TcpListener> {
-    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     s.set_reuseaddr(true)?;
     if addr.is_ipv6() {
         let v: libc::c_int = v6only.into();
@@ -96,7 +100,8 @@ fn listen(addr: SocketAddr, v6only: bool) -> Result<TcpListener> {
         }
     }
     s.bind(addr).with_context(|| format!("binding {addr}"))?;
-    s.listen(4096).with_context(|| format!("listening on {addr}"))
+    s.listen(4096)
+        .with_context(|| format!("listening on {addr}"))
 }
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (IPv6: `SOL_IPV6`, `IP6T_SO_ORIGINAL_DST`), exactly
@@ -107,13 +112,27 @@ fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
     // Safety: getsockopt into a sockaddr_storage we own, with its true length.
     unsafe {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let v6 = s.local_addr()?.is_ipv6() && !matches!(s.local_addr()?.ip(), IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+        let v6 = s.local_addr()?.is_ipv6()
+            && !matches!(s.local_addr()?.ip(), IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
         let (level, mut len) = if v6 {
-            (libc::SOL_IPV6, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+            (
+                libc::SOL_IPV6,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
         } else {
-            (libc::SOL_IP, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            (
+                libc::SOL_IP,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         };
-        if libc::getsockopt(fd, level, SO_ORIGINAL_DST, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
+        if libc::getsockopt(
+            fd,
+            level,
+            SO_ORIGINAL_DST,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         match ss.ss_family as libc::c_int {
@@ -131,7 +150,9 @@ fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
                     u16::from_be(sin6.sin6_port),
                 ))
             }
-            f => Err(std::io::Error::other(format!("SO_ORIGINAL_DST returned family {f}"))),
+            f => Err(std::io::Error::other(format!(
+                "SO_ORIGINAL_DST returned family {f}"
+            ))),
         }
     }
 }
@@ -161,13 +182,29 @@ async fn relay(mut down: TcpStream, record: ProxyRecord, upstream: std::io::Resu
 }
 
 async fn handle_outbound(down: TcpStream) {
-    let peer = down.peer_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
-    let local = down.local_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
-    let base = ProxyRecord { event: "outbound".into(), peer, local, orig_dst: None, upstream_local: None, error: None };
+    let peer = down
+        .peer_addr()
+        .map(|a| canonical(a).to_string())
+        .unwrap_or_default();
+    let local = down
+        .local_addr()
+        .map(|a| canonical(a).to_string())
+        .unwrap_or_default();
+    let base = ProxyRecord {
+        event: "outbound".into(),
+        peer,
+        local,
+        orig_dst: None,
+        upstream_local: None,
+        error: None,
+    };
     match original_dst(&down) {
         Ok(orig) => {
             let orig = canonical(orig);
-            let record = ProxyRecord { orig_dst: Some(orig.to_string()), ..base };
+            let record = ProxyRecord {
+                orig_dst: Some(orig.to_string()),
+                ..base
+            };
             relay(down, record, TcpStream::connect(orig).await).await;
         }
         Err(e) => emit(&ProxyRecord {
@@ -181,7 +218,10 @@ async fn handle_outbound(down: TcpStream) {
 /// Inbound: the accepted socket's local address is the original destination; connect to it
 /// from Istio's passthrough source (127.0.0.6 / ::6 when present), as Envoy does.
 async fn handle_inbound(down: TcpStream) {
-    let peer = down.peer_addr().map(|a| canonical(a).to_string()).unwrap_or_default();
+    let peer = down
+        .peer_addr()
+        .map(|a| canonical(a).to_string())
+        .unwrap_or_default();
     let local = down.local_addr().map(canonical);
     let base = ProxyRecord {
         event: "inbound".into(),
@@ -194,18 +234,29 @@ async fn handle_inbound(down: TcpStream) {
     let orig = match local {
         Ok(o) => o,
         Err(e) => {
-            return emit(&ProxyRecord { event: "error".into(), error: Some(format!("getsockname: {e}")), ..base });
+            return emit(&ProxyRecord {
+                event: "error".into(),
+                error: Some(format!("getsockname: {e}")),
+                ..base
+            });
         }
     };
     let upstream = async {
-        let s = if orig.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let s = if orig.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if orig.is_ipv4() {
             s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)), 0))?;
         }
         s.connect(orig).await
     }
     .await;
-    let record = ProxyRecord { orig_dst: Some(orig.to_string()), ..base };
+    let record = ProxyRecord {
+        orig_dst: Some(orig.to_string()),
+        ..base
+    };
     relay(down, record, upstream).await;
 }
 
@@ -231,10 +282,26 @@ async fn accept_loop(l: TcpListener, outbound: bool) {
 async fn proxy(outbound_port: u16, inbound_port: u16) -> Result<()> {
     let mut tasks = Vec::new();
     for (addr, v6only, outbound) in [
-        (SocketAddr::new(Ipv4Addr::LOCALHOST.into(), outbound_port), false, true),
-        (SocketAddr::new(Ipv6Addr::LOCALHOST.into(), outbound_port), true, true),
-        (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), inbound_port), false, false),
-        (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), inbound_port), true, false),
+        (
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), outbound_port),
+            false,
+            true,
+        ),
+        (
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), outbound_port),
+            true,
+            true,
+        ),
+        (
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), inbound_port),
+            false,
+            false,
+        ),
+        (
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), inbound_port),
+            true,
+            false,
+        ),
     ] {
         let l = listen(addr, v6only)?;
         tasks.push(tokio::spawn(accept_loop(l, outbound)));
@@ -254,7 +321,11 @@ async fn serve_conn(s: TcpStream) -> Result<()> {
     let mut line = String::new();
     r.read_line(&mut line).await?;
     let echo = line.trim_end().to_string();
-    let reply = ServerReply { local: local.to_string(), peer: peer.to_string(), echo: echo.clone() };
+    let reply = ServerReply {
+        local: local.to_string(),
+        peer: peer.to_string(),
+        echo: echo.clone(),
+    };
     let body = serde_json::to_string(&reply)?;
     if echo.starts_with("GET ") {
         // Read the rest of the request head, then answer as HTTP/1.1.
@@ -298,13 +369,26 @@ async fn server(ports: Vec<u16>) -> Result<()> {
     Ok(())
 }
 
-async fn one_connection(i: usize, target: SocketAddr, hold: Option<Arc<Barrier>>, timeout: Duration) -> ClientResult {
-    let mut res = ClientResult { target: target.to_string(), local: None, peername: None, reply: None, error: None };
+async fn one_connection(
+    i: usize,
+    target: SocketAddr,
+    hold: Option<Arc<Barrier>>,
+    timeout: Duration,
+) -> ClientResult {
+    let mut res = ClientResult {
+        target: target.to_string(),
+        local: None,
+        peername: None,
+        reply: None,
+        error: None,
+    };
     let attempt = async {
         let mut s = TcpStream::connect(target).await.context("connect")?;
         res.local = s.local_addr().ok().map(|a| canonical(a).to_string());
         res.peername = s.peer_addr().ok().map(|a| canonical(a).to_string());
-        s.write_all(format!("hello {i}\n").as_bytes()).await.context("write")?;
+        s.write_all(format!("hello {i}\n").as_bytes())
+            .await
+            .context("write")?;
         let mut buf = Vec::new();
         let mut r = BufReader::new(&mut s);
         r.read_until(b'\n', &mut buf).await.context("read")?;
@@ -334,7 +418,13 @@ async fn one_connection(i: usize, target: SocketAddr, hold: Option<Arc<Barrier>>
     res
 }
 
-async fn client(targets: Vec<SocketAddr>, count: usize, concurrency: usize, hold: bool, timeout_ms: u64) -> Result<()> {
+async fn client(
+    targets: Vec<SocketAddr>,
+    count: usize,
+    concurrency: usize,
+    hold: bool,
+    timeout_ms: u64,
+) -> Result<()> {
     if hold && count != concurrency {
         anyhow::bail!("--hold needs --count equal to --concurrency");
     }
@@ -360,14 +450,24 @@ async fn client(targets: Vec<SocketAddr>, count: usize, concurrency: usize, hold
 fn main() -> Result<()> {
     raise_nofile();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.cmd {
-            Cmd::Proxy { outbound_port, inbound_port } => proxy(outbound_port, inbound_port).await,
+            Cmd::Proxy {
+                outbound_port,
+                inbound_port,
+            } => proxy(outbound_port, inbound_port).await,
             Cmd::Server { ports } => server(ports).await,
-            Cmd::Client { targets, count, concurrency, hold, timeout_ms } => {
-                client(targets, count, concurrency, hold, timeout_ms).await
-            }
+            Cmd::Client {
+                targets,
+                count,
+                concurrency,
+                hold,
+                timeout_ms,
+            } => client(targets, count, concurrency, hold, timeout_ms).await,
         }
     })
 }

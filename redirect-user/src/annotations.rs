@@ -90,11 +90,15 @@ impl FromStr for Cidr {
             .ok_or_else(|| format!("prefix length {len:?} is not a number in 0..={max}"))?;
         let addr = match addr {
             IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         };
@@ -217,15 +221,21 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
             reason,
         };
         match key.as_str() {
-            EXCLUDE_OUTBOUND_PORTS => policy.exclude_outbound_ports = port_list(value).map_err(err)?,
-            INCLUDE_OUTBOUND_PORTS => policy.include_outbound_ports = port_list(value).map_err(err)?,
+            EXCLUDE_OUTBOUND_PORTS => {
+                policy.exclude_outbound_ports = port_list(value).map_err(err)?
+            }
+            INCLUDE_OUTBOUND_PORTS => {
+                policy.include_outbound_ports = port_list(value).map_err(err)?
+            }
             EXCLUDE_OUTBOUND_RANGES => {
                 policy.exclude_outbound_ranges = range_list(value).map_err(err)?
             }
             INCLUDE_OUTBOUND_RANGES => {
                 policy.include_outbound_ranges = range_selection(value).map_err(err)?
             }
-            EXCLUDE_INBOUND_PORTS => policy.exclude_inbound_ports = port_list(value).map_err(err)?,
+            EXCLUDE_INBOUND_PORTS => {
+                policy.exclude_inbound_ports = port_list(value).map_err(err)?
+            }
             INCLUDE_INBOUND_PORTS => {
                 policy.include_inbound_ports = port_selection(value).map_err(err)?
             }
@@ -282,14 +292,20 @@ mod tests {
             vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()]
         );
         assert_eq!(p.include_outbound_ranges, RangeSelection::Ranges(vec![]));
-        assert_eq!(p.include_inbound_ports, PortSelection::Ports([80, 8080].into()));
+        assert_eq!(
+            p.include_inbound_ports,
+            PortSelection::Ports([80, 8080].into())
+        );
         assert!(p.fail_closed);
     }
 
     #[test]
     fn wildcard_only_in_include_lists() {
         assert_eq!(
-            parse(&ann(&[(INCLUDE_OUTBOUND_RANGES, " * ")])).unwrap().policy.include_outbound_ranges,
+            parse(&ann(&[(INCLUDE_OUTBOUND_RANGES, " * ")]))
+                .unwrap()
+                .policy
+                .include_outbound_ranges,
             RangeSelection::All
         );
         let e = parse(&ann(&[(EXCLUDE_OUTBOUND_PORTS, "*")])).unwrap_err();

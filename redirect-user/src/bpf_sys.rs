@@ -56,7 +56,11 @@ fn path_cstring(path: &Path) -> Result<CString> {
 
 /// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup or netns fd) as a link; links
 /// attached to a cgroup are always multi-attach, so other products' programs keep running.
-pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: u32) -> std::io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: u32,
+) -> std::io::Result<OwnedFd> {
     let mut attr = Attr([0; 32]);
     attr.0[0] = prog.as_raw_fd() as u32;
     attr.0[1] = target.as_raw_fd() as u32;
@@ -85,7 +89,8 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let ptr = c.as_ptr() as u64;
     attr.0[0] = ptr as u32;
     attr.0[1] = (ptr >> 32) as u32;
-    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
+    let fd =
+        bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
     // Safety: the kernel returned a new fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

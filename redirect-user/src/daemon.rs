@@ -54,7 +54,8 @@ fn kernel_log_level() -> u8 {
 /// Forwards kernel aya-log records into the daemon's log for as long as the daemon runs.
 async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
     // Safety: the logger owns its ring buffer fd for as long as the AsyncFd lives.
-    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -130,7 +131,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let previous = datapath.mesh_pods()?;
     reconciler.reserve(previous.iter().map(|(_, c)| c.pod_id));
     if !previous.is_empty() {
-        log::info!("found {} pods of a previous run in the maps; taking over", previous.len());
+        log::info!(
+            "found {} pods of a previous run in the maps; taking over",
+            previous.len()
+        );
     }
 
     let mut status = StatusFile {
@@ -200,7 +204,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let (resolved, pending) = resolve(&desired);
         let report = reconciler.reconcile(&resolved, &mut datapath);
         if first_pass {
-            let cookies = reconciler.applied().values().map(|a| a.netns_cookie).collect();
+            let cookies = reconciler
+                .applied()
+                .values()
+                .map(|a| a.netns_cookie)
+                .collect();
             let ids = reconciler.applied().values().map(|a| a.pod_id).collect();
             match datapath.sweep(&cookies, &ids) {
                 Ok(0) => {}

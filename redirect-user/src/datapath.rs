@@ -12,9 +12,9 @@ use aya::{
 };
 use redirect_common::{
     AddrRuleData, PodConfig, PodCounters, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
-    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, PORT_EXCLUDE_INBOUND,
-    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
+    POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
+    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
@@ -37,21 +37,34 @@ impl PodRules {
         let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
             r.ports.extend(set.iter().map(|p| (kind, *p)));
         };
-        ports(&mut r, PORT_EXCLUDE_OUTBOUND, &policy.exclude_outbound_ports);
-        ports(&mut r, PORT_INCLUDE_OUTBOUND, &policy.include_outbound_ports);
+        ports(
+            &mut r,
+            PORT_EXCLUDE_OUTBOUND,
+            &policy.exclude_outbound_ports,
+        );
+        ports(
+            &mut r,
+            PORT_INCLUDE_OUTBOUND,
+            &policy.include_outbound_ports,
+        );
         ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
         if let PortSelection::Ports(set) = &policy.include_inbound_ports {
             ports(&mut r, PORT_INCLUDE_INBOUND, set);
         }
-        r.addrs
-            .extend(policy.exclude_outbound_ranges.iter().map(|c| (ADDR_EXCLUDE_OUTBOUND, *c)));
+        r.addrs.extend(
+            policy
+                .exclude_outbound_ranges
+                .iter()
+                .map(|c| (ADDR_EXCLUDE_OUTBOUND, *c)),
+        );
         match &policy.include_outbound_ranges {
             RangeSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_OUTBOUND,
-            RangeSelection::Ranges(v) => {
-                r.addrs.extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c)))
-            }
+            RangeSelection::Ranges(v) => r
+                .addrs
+                .extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c))),
         }
-        r.addrs.extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
+        r.addrs
+            .extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
         if policy.fail_closed {
             r.flags |= POD_FLAG_FAIL_CLOSED;
         }
@@ -93,8 +106,12 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
 
 fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
     let path = pin_dir.join("maps").join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {} (is redirectd installed with this --pin-dir?)", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is redirectd installed with this --pin-dir?)",
+            path.display()
+        )
+    })?;
     let map = Map::from_map_data(data).with_context(|| format!("reading map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
@@ -200,10 +217,17 @@ impl Datapath {
 impl PodMaps for Datapath {
     fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
         for (kind, port) in &rules.ports {
-            let key = PortRuleKey { pod_id, port: *port, kind: *kind, _pad: 0 };
-            self.port_rules
-                .insert(key, 1, 0)
-                .with_context(|| format!("writing port rule {port} (kind {kind}) of pod slot {pod_id}; PORT_RULES full?"))?;
+            let key = PortRuleKey {
+                pod_id,
+                port: *port,
+                kind: *kind,
+                _pad: 0,
+            };
+            self.port_rules.insert(key, 1, 0).with_context(|| {
+                format!(
+                    "writing port rule {port} (kind {kind}) of pod slot {pod_id}; PORT_RULES full?"
+                )
+            })?;
         }
         for (kind, cidr) in &rules.addrs {
             self.addr_rules
@@ -215,7 +239,12 @@ impl PodMaps for Datapath {
 
     fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
         for (kind, port) in &rules.ports {
-            let key = PortRuleKey { pod_id, port: *port, kind: *kind, _pad: 0 };
+            let key = PortRuleKey {
+                pod_id,
+                port: *port,
+                kind: *kind,
+                _pad: 0,
+            };
             let _ = self.port_rules.remove(&key);
         }
         for (kind, cidr) in &rules.addrs {
@@ -238,7 +267,9 @@ impl PodMaps for Datapath {
     }
 
     fn reset_counters(&mut self, pod_id: u32) -> Result<()> {
-        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting possible CPUs")?;
+        let cpus = nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting possible CPUs")?;
         let zero = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
             .context("building zeroed counters")?;
         self.counters

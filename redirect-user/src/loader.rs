@@ -40,12 +40,42 @@ struct ProgramDef {
 /// Programs attached at the cgroup, in attach order: the getsockopt and sockops halves first,
 /// connect last, so no connection is captured before its destination can be answered.
 const CGROUP_PROGRAMS: &[ProgramDef] = &[
-    ProgramDef { name: "rd_getsockopt", hook: "cgroup/getsockopt", attach: attach_type::CGROUP_GETSOCKOPT, min_kernel: "5.15" },
-    ProgramDef { name: "rd_sockops", hook: "sockops", attach: attach_type::CGROUP_SOCK_OPS, min_kernel: "5.15" },
-    ProgramDef { name: "rd_peername4", hook: "cgroup/getpeername4", attach: attach_type::CGROUP_INET4_GETPEERNAME, min_kernel: "5.8" },
-    ProgramDef { name: "rd_peername6", hook: "cgroup/getpeername6", attach: attach_type::CGROUP_INET6_GETPEERNAME, min_kernel: "5.8" },
-    ProgramDef { name: "rd_connect4", hook: "cgroup/connect4", attach: attach_type::CGROUP_INET4_CONNECT, min_kernel: "5.7" },
-    ProgramDef { name: "rd_connect6", hook: "cgroup/connect6", attach: attach_type::CGROUP_INET6_CONNECT, min_kernel: "5.7" },
+    ProgramDef {
+        name: "rd_getsockopt",
+        hook: "cgroup/getsockopt",
+        attach: attach_type::CGROUP_GETSOCKOPT,
+        min_kernel: "5.15",
+    },
+    ProgramDef {
+        name: "rd_sockops",
+        hook: "sockops",
+        attach: attach_type::CGROUP_SOCK_OPS,
+        min_kernel: "5.15",
+    },
+    ProgramDef {
+        name: "rd_peername4",
+        hook: "cgroup/getpeername4",
+        attach: attach_type::CGROUP_INET4_GETPEERNAME,
+        min_kernel: "5.8",
+    },
+    ProgramDef {
+        name: "rd_peername6",
+        hook: "cgroup/getpeername6",
+        attach: attach_type::CGROUP_INET6_GETPEERNAME,
+        min_kernel: "5.8",
+    },
+    ProgramDef {
+        name: "rd_connect4",
+        hook: "cgroup/connect4",
+        attach: attach_type::CGROUP_INET4_CONNECT,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
+        name: "rd_connect6",
+        hook: "cgroup/connect6",
+        attach: attach_type::CGROUP_INET6_CONNECT,
+        min_kernel: "5.7",
+    },
 ];
 
 /// What was loaded, for logs and `redirectd status`.
@@ -82,42 +112,48 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
         .load(OBJECT)
-        .context("loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?")?;
+        .context(
+            "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",
+        )?;
 
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let generation = opts.pin_dir.join("links").join(format!("{stamp}-{}", std::process::id()));
+    let generation = opts
+        .pin_dir
+        .join("links")
+        .join(format!("{stamp}-{}", std::process::id()));
     std::fs::create_dir_all(&generation)
         .with_context(|| format!("creating {}", generation.display()))?;
 
     let mut programs = Vec::new();
-    let result = (|| -> Result<()> {
-        for def in CGROUP_PROGRAMS {
-            let report = load_one(&mut ebpf, def)?;
-            let prog = ebpf
-                .program(def.name)
-                .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
-            let link = bpf_sys::link_create(prog.fd()?.as_fd(), cgroup.as_fd(), def.attach)
-                .with_context(|| {
-                    format!(
+    let result =
+        (|| -> Result<()> {
+            for def in CGROUP_PROGRAMS {
+                let report = load_one(&mut ebpf, def)?;
+                let prog = ebpf
+                    .program(def.name)
+                    .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
+                let link = bpf_sys::link_create(prog.fd()?.as_fd(), cgroup.as_fd(), def.attach)
+                    .with_context(|| {
+                        format!(
                         "attaching {} ({}) to cgroup {} (needs Linux {} and CAP_BPF/CAP_NET_ADMIN)",
                         def.name, def.hook, opts.cgroup.display(), def.min_kernel
                     )
-                })?;
-            bpf_sys::obj_pin(link.as_fd(), &generation.join(def.name))?;
-            log::info!(
-                "attached {} ({}) to {}; verifier processed {} instructions",
-                def.name,
-                def.hook,
-                opts.cgroup.display(),
-                report.verified_insns.map_or("?".into(), |n| n.to_string())
-            );
-            programs.push(report);
-        }
-        Ok(())
-    })();
+                    })?;
+                bpf_sys::obj_pin(link.as_fd(), &generation.join(def.name))?;
+                log::info!(
+                    "attached {} ({}) to {}; verifier processed {} instructions",
+                    def.name,
+                    def.hook,
+                    opts.cgroup.display(),
+                    report.verified_insns.map_or("?".into(), |n| n.to_string())
+                );
+                programs.push(report);
+            }
+            Ok(())
+        })();
     if let Err(e) = result {
         // Never leave half a data path: detach what this attempt attached.
         if let Err(cleanup) = remove_generation(&generation) {
@@ -137,7 +173,12 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
     let prog = ebpf
         .program_mut(def.name)
         .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
-    let ctx = || format!("loading {} ({}; needs Linux {})", def.name, def.hook, def.min_kernel);
+    let ctx = || {
+        format!(
+            "loading {} ({}; needs Linux {})",
+            def.name, def.hook, def.min_kernel
+        )
+    };
     match def.attach {
         attach_type::CGROUP_SOCK_OPS => {
             let p: &mut SockOps = prog.try_into().with_context(ctx)?;
@@ -187,7 +228,9 @@ fn remove_generation(dir: &Path) -> Result<usize> {
 
 fn retire_older_generations(pin_dir: &Path, keep: &Path) -> Result<()> {
     let links = pin_dir.join("links");
-    for entry in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+    for entry in
+        std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
+    {
         let path = entry?.path();
         if path != keep {
             let n = remove_generation(&path)?;
@@ -212,14 +255,18 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
     }
     let links = pin_dir.join("links");
     if links.exists() {
-        for entry in std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+        for entry in
+            std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
+        {
             removed.links += remove_generation(&entry?.path())?;
         }
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     let maps = pin_dir.join("maps");
     if maps.exists() {
-        for entry in std::fs::read_dir(&maps).with_context(|| format!("listing {}", maps.display()))? {
+        for entry in
+            std::fs::read_dir(&maps).with_context(|| format!("listing {}", maps.display()))?
+        {
             let path = entry?.path();
             std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             removed.maps += 1;
@@ -227,7 +274,10 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
         std::fs::remove_dir(&maps).with_context(|| format!("removing {}", maps.display()))?;
     }
     std::fs::remove_dir(pin_dir).with_context(|| {
-        format!("removing {} (something else is pinned there?)", pin_dir.display())
+        format!(
+            "removing {} (something else is pinned there?)",
+            pin_dir.display()
+        )
     })?;
     Ok(removed)
 }

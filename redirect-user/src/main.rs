@@ -6,14 +6,20 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use redirect_user::{
     daemon::{self, RunOptions},
-    loader, reconcile::NodeSettings, status,
+    loader,
+    reconcile::NodeSettings,
+    status,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 const DEFAULT_STATUS_FILE: &str = "/run/redirectd/status.json";
 
 #[derive(Parser)]
-#[command(name = "redirectd", version, about = "eBPF transparent traffic redirector for service-mesh sidecars (no iptables)")]
+#[command(
+    name = "redirectd",
+    version,
+    about = "eBPF transparent traffic redirector for service-mesh sidecars (no iptables)"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
     #[arg(long, global = true, default_value = "info")]
@@ -101,7 +107,9 @@ fn real_main(cli: Cli) -> Result<()> {
             poll_ms,
         } => {
             if outbound_port == inbound_port {
-                bail!("--outbound-port and --inbound-port are both {outbound_port}; they must differ");
+                bail!(
+                    "--outbound-port and --inbound-port are both {outbound_port}; they must differ"
+                );
             }
             let opts = RunOptions {
                 pods_file: pods,

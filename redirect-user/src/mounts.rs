@@ -15,8 +15,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Mount points of filesystem type `fstype`, from `/proc/self/mountinfo`.
 pub fn mount_points(fstype: &str) -> Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(info
         .lines()
         .filter_map(|line| {
@@ -74,7 +74,10 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         .parent()
         .with_context(|| format!("pin dir {} has no parent", pin_dir.display()))?;
     if !parent.exists() {
-        bail!("{} does not exist; the pin dir must be inside a bpffs mount", parent.display());
+        bail!(
+            "{} does not exist; the pin dir must be inside a bpffs mount",
+            parent.display()
+        );
     }
     if !is_bpffs(parent)? {
         if parent == Path::new("/sys/fs/bpf") {
@@ -82,7 +85,13 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
             let dst = CString::new("/sys/fs/bpf").expect("static");
             // Safety: mount(2) with static, NUL-terminated strings.
             let rc = unsafe {
-                libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
             };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error())

@@ -126,9 +126,10 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                     reason,
                 };
                 if !seen_keys.insert(spec.key.clone()) {
-                    desired
-                        .rejected
-                        .push(reject("name", "duplicate pod (same namespace and name)".into()));
+                    desired.rejected.push(reject(
+                        "name",
+                        "duplicate pod (same namespace and name)".into(),
+                    ));
                     continue;
                 }
                 if let Some(other) = seen_netns.insert(spec.netns.clone(), spec.key.clone()) {
@@ -138,9 +139,11 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                     ));
                     continue;
                 }
-                desired
-                    .warnings
-                    .extend(warnings.into_iter().map(|w| format!("pod {}: {w}", spec.key)));
+                desired.warnings.extend(
+                    warnings
+                        .into_iter()
+                        .map(|w| format!("pod {}: {w}", spec.key)),
+                );
                 desired.pods.push(spec);
             }
             Err(e) => desired.rejected.push(e),
@@ -177,20 +180,31 @@ fn parse_entry(i: usize, entry: &serde_yaml::Value) -> Result<(PodSpec, Vec<Stri
         if value.is_empty() || value.len() > MAX_NAME_LEN {
             return Err(err(field, format!("must be 1-{MAX_NAME_LEN} characters")));
         }
-        if value.chars().any(|c| c.is_control() || c == '/' || c.is_whitespace()) {
-            return Err(err(field, format!("{value:?} has a character not allowed in a name")));
+        if value
+            .chars()
+            .any(|c| c.is_control() || c == '/' || c.is_whitespace())
+        {
+            return Err(err(
+                field,
+                format!("{value:?} has a character not allowed in a name"),
+            ));
         }
     }
     let netns = match (raw.netns, raw.pid) {
         (Some(p), None) => {
             if !p.is_absolute() {
-                return Err(err("netns", format!("{} is not an absolute path", p.display())));
+                return Err(err(
+                    "netns",
+                    format!("{} is not an absolute path", p.display()),
+                ));
             }
             NetnsRef::Path(p)
         }
         (None, Some(0)) => return Err(err("pid", "0 is not a process".into())),
         (None, Some(pid)) => NetnsRef::Pid(pid),
-        (Some(_), Some(_)) => return Err(err("netns", "give either netns or pid, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(err("netns", "give either netns or pid, not both".into()))
+        }
         (None, None) => return Err(err("netns", "missing: give netns (a path) or pid".into())),
     };
     let mut ips = Vec::new();
@@ -288,7 +302,10 @@ pods:
             .map(|e| (e.pod.clone(), e.field.clone()))
             .collect();
         let want = [
-            ("default/badport", "annotations[\"traffic.sidecar.istio.io/excludeOutboundPorts\"]"),
+            (
+                "default/badport",
+                "annotations[\"traffic.sidecar.istio.io/excludeOutboundPorts\"]",
+            ),
             ("default/badip", "ips[0]"),
             ("default/typo", "netsn"),
             ("default/nonetns", "netns"),

@@ -90,7 +90,9 @@ impl Reconciler {
 
     fn allocate(&self, also_taken: &BTreeSet<u32>) -> Option<u32> {
         let used: BTreeSet<u32> = self.applied.values().map(|a| a.pod_id).collect();
-        (0..MAX_PODS).find(|id| !used.contains(id) && !self.reserved.contains(id) && !also_taken.contains(id))
+        (0..MAX_PODS).find(|id| {
+            !used.contains(id) && !self.reserved.contains(id) && !also_taken.contains(id)
+        })
     }
 
     /// Brings the maps to `desired`. A pod that cannot be applied keeps its previous state
@@ -128,13 +130,19 @@ impl Reconciler {
         let mut fresh = BTreeSet::new();
         for (key, (r, config, rules)) in &wanted {
             if let Some(a) = self.applied.get(key) {
-                let same_config = PodConfig { pod_id: a.pod_id, ..*config } == a.config;
+                let same_config = PodConfig {
+                    pod_id: a.pod_id,
+                    ..*config
+                } == a.config;
                 if a.netns_cookie == r.netns_cookie && same_config && a.rules == *rules {
                     continue;
                 }
             }
             let Some(pod_id) = self.allocate(&fresh) else {
-                report.failed.push((key.clone(), format!("no free pod slot (limit {MAX_PODS} pods)")));
+                report.failed.push((
+                    key.clone(),
+                    format!("no free pod slot (limit {MAX_PODS} pods)"),
+                ));
                 continue;
             };
             let config = PodConfig { pod_id, ..*config };
@@ -179,7 +187,10 @@ impl Reconciler {
         }
         for old in retired {
             if !wanted_cookies.contains(&old.netns_cookie)
-                || !self.applied.values().any(|a| a.netns_cookie == old.netns_cookie)
+                || !self
+                    .applied
+                    .values()
+                    .any(|a| a.netns_cookie == old.netns_cookie)
             {
                 if let Err(e) = maps.remove_pod(old.netns_cookie) {
                     log::error!("{e:#}");
@@ -211,7 +222,8 @@ mod tests {
     impl PodMaps for FakeMaps {
         fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> anyhow::Result<()> {
             self.log.push(format!("rules+ {pod_id}"));
-            self.ports.extend(rules.ports.iter().map(|(k, p)| (pod_id, *k, *p)));
+            self.ports
+                .extend(rules.ports.iter().map(|(k, p)| (pod_id, *k, *p)));
             Ok(())
         }
         fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> anyhow::Result<()> {
@@ -240,13 +252,21 @@ mod tests {
     }
 
     fn node() -> NodeSettings {
-        NodeSettings { proxy_uid: 1337, proxy_gid: 1337, outbound_port: 15001, inbound_port: 15006 }
+        NodeSettings {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+        }
     }
 
     fn pod(name: &str, cookie: u64, excluded: &[u16]) -> Resolved {
         Resolved {
             spec: PodSpec {
-                key: PodKey { namespace: "default".into(), name: name.into() },
+                key: PodKey {
+                    namespace: "default".into(),
+                    name: name.into(),
+                },
                 netns: NetnsRef::Path(PathBuf::from(format!("/run/netns/{name}"))),
                 ips: vec![],
                 policy: CapturePolicy {
@@ -283,8 +303,16 @@ mod tests {
         assert!(!m.ports.contains(&(old_id, 1, 5432)));
         assert!(!m.log.contains(&"pod- 10".to_string()), "{:?}", m.log);
         let plus = m.log.iter().position(|l| l.starts_with("pod+ 10")).unwrap();
-        let minus = m.log.iter().position(|l| l == &format!("rules- {old_id}")).unwrap();
-        assert!(plus < minus, "old rules removed before the new entry: {:?}", m.log);
+        let minus = m
+            .log
+            .iter()
+            .position(|l| l == &format!("rules- {old_id}"))
+            .unwrap();
+        assert!(
+            plus < minus,
+            "old rules removed before the new entry: {:?}",
+            m.log
+        );
 
         // Remove b.
         let rep = r.reconcile(&[pod("a", 10, &[6379])], &mut m);

@@ -48,7 +48,10 @@ impl StatusFile {
 
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| {
-            format!("reading {} (is `redirectd run` running with this --status-file?)", path.display())
+            format!(
+                "reading {} (is `redirectd run` running with this --status-file?)",
+                path.display()
+            )
         })?;
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
@@ -133,7 +136,10 @@ pub fn print(r: &Report) {
         println!("warning: {w}");
     }
     if !r.programs.is_empty() {
-        println!("\n{:<16} {:<22} {:>8} {:>16}", "PROGRAM", "HOOK", "ID", "VERIFIED INSNS");
+        println!(
+            "\n{:<16} {:<22} {:>8} {:>16}",
+            "PROGRAM", "HOOK", "ID", "VERIFIED INSNS"
+        );
         for p in &r.programs {
             println!(
                 "{:<16} {:<22} {:>8} {:>16}",

@@ -1,1 +1,154 @@
-fn main(){}
+//! `cargo xtask`: the dev-box tasks. Every task installs what is missing first.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Dev-box tasks for the eBPF sidecar redirector")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the eBPF object and the binaries (redirectd, redirect-lab).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run redirectd with the given arguments (e.g. `-- run --pods pods.yaml`).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The main job on a dev box: a small lab, the redirector, real traffic, what the sidecar
+    /// saw and the capture counters; then everything is torn down.
+    Demo,
+    /// Unit tests and integration tests on the real kernel (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Builds the workspace binaries and points the lab at them.
+fn build(release: bool) -> Result<PathBuf> {
+    setup::setup()?;
+    let mut args = vec!["build", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    let dir = root()
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    // SAFETY of set_var: xtask is single-threaded here.
+    unsafe {
+        std::env::set_var("REDIRECTD_BIN", dir.join("redirectd"));
+        std::env::set_var("REDIRECT_LAB_BIN", dir.join("redirect-lab"));
+    }
+    Ok(dir)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // Safety: geteuid(2).
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF, network namespaces, cgroups): run it as root");
+    }
+    Ok(())
+}
+
+/// Removes what an interrupted test or demo left (names start with the lab prefix).
+fn sweep_leftovers() -> Result<()> {
+    let prefix = redirect_lab::PREFIX;
+    if let Ok(list) = redirect_lab::run("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(prefix) {
+                let _ = redirect_lab::run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    let bin = std::env::var("REDIRECTD_BIN").unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                let p = e.path();
+                let _ = redirect_lab::run(&bin, &["uninstall", "--pin-dir", &p.to_string_lossy()]);
+            }
+        }
+    }
+    let cg = redirect_lab::cgroup2_root()?;
+    if let Ok(entries) = std::fs::read_dir(&cg) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                drop(redirect_lab::Cgroup { path: e.path() });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => {
+            build(release).map(|dir| eprintln!("built into {}", dir.display()))
+        }
+        Task::Run { release, args } => {
+            let dir = build(release)?;
+            let status = Command::new(dir.join("redirectd")).args(&args).status()?;
+            if !status.success() {
+                bail!("redirectd exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            build(false)?;
+            sweep_leftovers()?;
+            demo::demo()
+        }
+        Task::Test { args } => {
+            require_root("the tests")?;
+            build(false)?;
+            sweep_leftovers()?;
+            let mut all = vec!["test", "--no-fail-fast"];
+            all.extend(args.iter().map(String::as_str));
+            cargo(&all)
+        }
+    }
+}
