@@ -36,6 +36,28 @@ pub const POD_FLAG_FAIL_CLOSED: u32 = 1 << 0;
 /// [`PodConfig::flags`]: `includeOutboundIPRanges` is `*` (capture every destination not
 /// excluded before).
 pub const POD_FLAG_INCLUDE_ALL_OUTBOUND: u32 = 1 << 1;
+/// [`PodConfig::flags`]: `includeInboundPorts` is `*` (capture every inbound port not excluded).
+pub const POD_FLAG_INCLUDE_ALL_INBOUND: u32 = 1 << 2;
+
+/// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Key of `LISTENERS`: the proxy's inbound listener of one network namespace and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Network namespace cookie, host order.
+    pub netns_cookie: u64,
+    /// `AF_INET` or `AF_INET6`, widened.
+    pub family: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ListenerKey>() == 16);
+
+/// Capacity of `LISTENERS`: one IPv4 and one IPv6 listener per pod, plus room for
+/// namespaces that are not (yet) in the mesh.
+pub const MAX_LISTENERS: u32 = 4 * MAX_PODS;
 
 /// Configuration of one mesh pod; value of `MESH_PODS`, whose key is the pod's network
 /// namespace cookie (`u64`, host order, as `bpf_get_netns_cookie` returns it).
@@ -196,4 +218,5 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for PodCounters {}
+    unsafe impl aya::Pod for ListenerKey {}
 }

@@ -4,6 +4,10 @@ use redirect_common::{AF_INET, AF_INET6};
 
 /// `127.0.0.1` in network byte order, as a `u32` read from memory.
 pub const LOCALHOST4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// `127.0.0.6` (Istio's inbound passthrough source) in network byte order.
+pub const PASSTHROUGH4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+/// Last word of `::6`, network byte order.
+pub const PASSTHROUGH6_LAST_BE: u32 = u32::from_ne_bytes([0, 0, 0, 6]);
 /// `::ffff:0:0/96` marker word (word 2 of a v4-mapped IPv6 address), network byte order.
 pub const V4_MAPPED_WORD_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Last word of `::1`, network byte order.
@@ -49,6 +53,29 @@ impl Endpoint {
             self.addr_be[0].to_ne_bytes()[0] == 127
         } else {
             is_loopback6(&self.addr_be)
+        }
+    }
+
+    /// Exactly 127.0.0.1 (or ::1): Istio's "destination not 127.0.0.1".
+    #[inline(always)]
+    pub fn is_localhost(&self) -> bool {
+        if self.family == AF_INET {
+            self.addr_be[0] == LOCALHOST4_BE
+        } else {
+            is_loopback6(&self.addr_be)
+        }
+    }
+
+    /// Istio's inbound passthrough source: 127.0.0.6 or ::6.
+    #[inline(always)]
+    pub fn is_passthrough_source(&self) -> bool {
+        if self.family == AF_INET {
+            self.addr_be[0] == PASSTHROUGH4_BE
+        } else {
+            self.addr_be[0] == 0
+                && self.addr_be[1] == 0
+                && self.addr_be[2] == 0
+                && self.addr_be[3] == PASSTHROUGH6_LAST_BE
         }
     }
 

@@ -24,7 +24,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use redirect_common::{OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
 
-use crate::{
+use redirect_ebpf::{
     addr::{
         ctx_addr6, ctx_write_addr6, is_v4_mapped, Endpoint, LOCALHOST4_BE, LOOPBACK6_LAST_BE,
         V4_MAPPED_WORD_BE,
@@ -51,13 +51,20 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = Endpoint::v4(ip_be, port as u16);
-    match decide(&ctx, &dst) {
+    // Safety: the socket of a connect4 program is a full socket the verifier lets us read.
+    let src = unsafe { Endpoint::v4((*(*sa).__bindgen_anon_1.sk).src_ip4, 0) };
+    match decide(&ctx, &dst, &src) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
-        Decision::Redirect(port_be) => {
+        Decision::Redirect {
+            to_loopback,
+            port_be,
+        } => {
             // Safety: connect4 may write the destination.
             unsafe {
-                (*sa).user_ip4 = LOCALHOST4_BE;
+                if to_loopback {
+                    (*sa).user_ip4 = LOCALHOST4_BE;
+                }
                 (*sa).user_port = port_be as u32;
             }
             ALLOW
@@ -82,23 +89,33 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let mapped = is_v4_mapped(&addr);
-    let dst = if mapped {
-        Endpoint::v4(addr[3], port as u16)
+    // Safety: the socket of a connect6 program is a full socket the verifier lets us read.
+    let src_addr = unsafe { ctx_addr6(&raw const (*(*sa).__bindgen_anon_1.sk).src_ip6) };
+    let (dst, src) = if mapped {
+        (
+            Endpoint::v4(addr[3], port as u16),
+            Endpoint::v4(src_addr[3], 0),
+        )
     } else {
-        Endpoint::v6(addr, port as u16)
+        (Endpoint::v6(addr, port as u16), Endpoint::v6(src_addr, 0))
     };
-    match decide(&ctx, &dst) {
+    match decide(&ctx, &dst, &src) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
-        Decision::Redirect(port_be) => {
+        Decision::Redirect {
+            to_loopback,
+            port_be,
+        } => {
             // Safety: connect6 may write the destination, one word at a time.
             unsafe {
-                let loopback = if mapped {
-                    [0, 0, V4_MAPPED_WORD_BE, LOCALHOST4_BE]
-                } else {
-                    [0, 0, 0, LOOPBACK6_LAST_BE]
-                };
-                ctx_write_addr6(&raw mut (*sa).user_ip6, loopback);
+                if to_loopback {
+                    let loopback = if mapped {
+                        [0, 0, V4_MAPPED_WORD_BE, LOCALHOST4_BE]
+                    } else {
+                        [0, 0, 0, LOOPBACK6_LAST_BE]
+                    };
+                    ctx_write_addr6(&raw mut (*sa).user_ip6, loopback);
+                }
                 (*sa).user_port = port_be as u32;
             }
             ALLOW
@@ -109,12 +126,16 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
 enum Decision {
     Direct,
     Refuse,
-    /// Rewrite the destination to loopback, this port (network byte order).
-    Redirect(u16),
+    /// Rewrite the destination port (network byte order) and, for outbound capture, the
+    /// address to loopback.
+    Redirect {
+        to_loopback: bool,
+        port_be: u16,
+    },
 }
 
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
+fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     // Safety: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Safety: plain-data value, copied out at once.
@@ -124,12 +145,18 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
     };
     let uid_gid = bpf_get_current_uid_gid();
     let is_proxy = uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid;
-    if outbound(&pod, dst, is_proxy) == Outbound::Direct {
-        count(pod.pod_id, |c| c.outbound_direct += 1);
-        return Decision::Direct;
-    }
-    if !proxy_listening(ctx, dst.family, pod.outbound_port) {
-        return fail(ctx, &pod);
+    let verdict = outbound(&pod, dst, is_proxy, src.is_passthrough_source());
+    let (to_loopback, port) = match verdict {
+        Outbound::Direct => {
+            count(pod.pod_id, |c| c.outbound_direct += 1);
+            return Decision::Direct;
+        }
+        Outbound::Capture => (true, pod.outbound_port),
+        Outbound::CaptureInbound => (false, pod.inbound_port),
+    };
+    let listener_addr = if to_loopback { None } else { Some(dst) };
+    if !proxy_listening(ctx, dst.family, listener_addr, port) {
+        return fail(ctx, &pod, to_loopback);
     }
     // Safety: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -142,31 +169,43 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Decision {
     };
     if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // The proxy could not learn where to go: do not capture.
-        return fail(ctx, &pod);
+        return fail(ctx, &pod, to_loopback);
     }
-    count(pod.pod_id, |c| c.outbound_captured += 1);
+    if to_loopback {
+        count(pod.pod_id, |c| c.outbound_captured += 1);
+    } else {
+        count(pod.pod_id, |c| c.inbound_captured += 1);
+    }
     debug!(
         ctx,
-        "pod {} outbound captured to port {}",
+        "pod {} captured connection to port {}",
         pod.pod_id,
         dst.port()
     );
-    Decision::Redirect(pod.outbound_port.to_be())
+    Decision::Redirect {
+        to_loopback,
+        port_be: port.to_be(),
+    }
 }
 
 /// The pod's proxy is not listening (or we could not record the destination): fail open or
 /// closed as the pod is configured, and count it.
 #[inline(always)]
-fn fail(ctx: &SockAddrContext, pod: &PodConfig) -> Decision {
-    if pod.flags & POD_FLAG_FAIL_CLOSED != 0 {
-        count(pod.pod_id, |c| c.outbound_fail_closed += 1);
+fn fail(ctx: &SockAddrContext, pod: &PodConfig, outbound: bool) -> Decision {
+    let closed = pod.flags & POD_FLAG_FAIL_CLOSED != 0;
+    count(pod.pod_id, |c| match (outbound, closed) {
+        (true, true) => c.outbound_fail_closed += 1,
+        (true, false) => c.outbound_fail_open += 1,
+        (false, true) => c.inbound_fail_closed += 1,
+        (false, false) => c.inbound_fail_open += 1,
+    });
+    if closed {
         debug!(
             ctx,
             "pod {} proxy not listening: refused (fail closed)", pod.pod_id
         );
         Decision::Refuse
     } else {
-        count(pod.pod_id, |c| c.outbound_fail_open += 1);
         debug!(
             ctx,
             "pod {} proxy not listening: direct (fail open)", pod.pod_id
@@ -175,16 +214,16 @@ fn fail(ctx: &SockAddrContext, pod: &PodConfig) -> Decision {
     }
 }
 
-/// Is something listening on loopback:`port` (host order) in the caller's netns? Checked per
-/// connection, never cached: the proxy may start after the application.
+/// Is something listening on `addr` (loopback if None):`port` (host order) in the caller's
+/// netns? Checked per connection, never cached: the proxy may start after the application.
 #[inline(always)]
-fn proxy_listening(ctx: &SockAddrContext, family: u16, port: u16) -> bool {
+fn proxy_listening(ctx: &SockAddrContext, family: u16, addr: Option<&Endpoint>, port: u16) -> bool {
     // Safety: an all-zero tuple is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if family == AF_INET {
         tuple.__bindgen_anon_1.ipv4 = Tuple4 {
             saddr: LOCALHOST4_BE,
-            daddr: LOCALHOST4_BE,
+            daddr: addr.map_or(LOCALHOST4_BE, |a| a.addr_be[0]),
             sport: 0,
             dport: port.to_be(),
         };
@@ -192,7 +231,7 @@ fn proxy_listening(ctx: &SockAddrContext, family: u16, port: u16) -> bool {
     } else {
         tuple.__bindgen_anon_1.ipv6 = Tuple6 {
             saddr: [0, 0, 0, LOOPBACK6_LAST_BE],
-            daddr: [0, 0, 0, LOOPBACK6_LAST_BE],
+            daddr: addr.map_or([0, 0, 0, LOOPBACK6_LAST_BE], |a| a.addr_be),
             sport: 0,
             dport: port.to_be(),
         };

@@ -1,16 +1,13 @@
-//! The redirector's kernel programs, one module per hook. All programs are built into one
-//! object (`redirect`) that `redirect-user` embeds and loads.
+//! The redirector's node-wide kernel programs, one module per hook, built into one object
+//! (`redirect`) that `redirect-user` embeds, loads once and attaches at the cgroup. The
+//! per-pod `sk_lookup` program is a second object (`inbound.rs`).
 //!
 //! Program names start with `rd_` and fit the kernel's 16-byte name limit.
 #![no_std]
 #![no_main]
 
-mod addr;
 mod connect;
-mod counters;
-mod maps;
 mod peername;
-mod policy;
 mod sockops;
 mod sockopt;
 

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    AddrRuleData, OrigDst, PodConfig, PodCounters, PortRuleKey, TupleKey, MAX_ADDR_RULES,
-    MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    AddrRuleData, ListenerKey, OrigDst, PodConfig, PodCounters, PortRuleKey, TupleKey,
+    MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
 };
 
 /// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
@@ -46,3 +46,10 @@ pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX
 /// summed and zeroed (on slot reuse) by the daemon.
 #[map]
 pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::pinned(MAX_PODS, 0);
+
+/// The proxy's inbound listener of each network namespace and family ([`ListenerKey`]).
+/// Written by `sockops` when a socket starts listening on the inbound port (so a restarted
+/// proxy is registered again at its `listen()`); the kernel removes an entry when its socket
+/// closes. Read by `sk_lookup` to steer new inbound connections with `bpf_sk_assign`.
+#[map]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use redirect_common::{OrigDst, AF_INET};
 
-use crate::{
+use redirect_ebpf::{
     addr::{ctx_write_addr6, V4_MAPPED_WORD_BE},
     maps::ORIG_BY_COOKIE,
 };

@@ -1,10 +1,12 @@
-//! Istio's outbound capture rules (INTERCEPTION_SPEC.md, "Outbound"), evaluated in order.
+//! Istio's capture rules (INTERCEPTION_SPEC.md), evaluated in order: outbound at
+//! `connect()`, inbound in `sk_lookup` for connections from outside the pod.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use redirect_common::{
     AddrRuleData, PodConfig, PortRuleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_OUTBOUND,
-    PORT_INCLUDE_OUTBOUND,
+    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, HBONE_PORT, POD_FLAG_INCLUDE_ALL_INBOUND,
+    POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
+    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::{
@@ -18,6 +20,15 @@ pub enum Outbound {
     /// Leave the connection alone.
     Direct,
     /// Send it to the proxy's outbound listener.
+    Capture,
+    /// Row 3: the proxy reaching its own pod's address goes to the proxy's inbound listener.
+    CaptureInbound,
+}
+
+/// What to do with a connection arriving at a mesh pod from outside it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    Direct,
     Capture,
 }
 
@@ -45,10 +56,24 @@ pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
     ADDR_RULES.get(&key).is_some()
 }
 
-/// The outbound rules of INTERCEPTION_SPEC.md, first match wins. `is_proxy`: the caller runs
-/// as the proxy's uid or gid.
+/// Is `addr` local to the pod: loopback, the proxy's passthrough source (`::6` is not in
+/// `::1`'s loopback range) or one of the pod's own addresses ("over lo")?
 #[inline(always)]
-pub fn outbound(pod: &PodConfig, dst: &Endpoint, is_proxy: bool) -> Outbound {
+pub fn local_to_pod(pod: &PodConfig, addr: &Endpoint) -> bool {
+    addr.is_loopback()
+        || addr.is_passthrough_source()
+        || has_addr_rule(pod.pod_id, ADDR_POD_IP, addr.addr16())
+}
+
+/// The outbound rules of INTERCEPTION_SPEC.md, first match wins. `is_proxy`: the caller runs
+/// as the proxy's uid or gid; `from_passthrough`: the socket is bound to 127.0.0.6 / ::6.
+#[inline(always)]
+pub fn outbound(
+    pod: &PodConfig,
+    dst: &Endpoint,
+    is_proxy: bool,
+    from_passthrough: bool,
+) -> Outbound {
     let port = dst.port();
     // 1: excluded destination port.
     if has_port_rule(pod.pod_id, port, PORT_EXCLUDE_OUTBOUND) {
@@ -56,9 +81,12 @@ pub fn outbound(pod: &PodConfig, dst: &Endpoint, is_proxy: bool) -> Outbound {
     }
     let addr16 = dst.addr16();
     let over_lo = dst.is_loopback() || has_addr_rule(pod.pod_id, ADDR_POD_IP, addr16);
-    // 2-4: over lo. Row 3 (the proxy reaching its own pod's address, captured inbound) is
-    // the inbound issue's; until then the proxy's own connections go direct (row 5).
     if over_lo {
+        // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
+        // resolving to itself) goes through inbound. 4: an app calling itself.
+        if !from_passthrough && is_proxy && !dst.is_localhost() && port != HBONE_PORT {
+            return Outbound::CaptureInbound;
+        }
         return Outbound::Direct;
     }
     // 5: the proxy itself, anything else.
@@ -79,4 +107,21 @@ pub fn outbound(pod: &PodConfig, dst: &Endpoint, is_proxy: bool) -> Outbound {
     }
     // 10.
     Outbound::Direct
+}
+
+/// The inbound rules of INTERCEPTION_SPEC.md for a connection from outside the pod to local
+/// `port` (host order): the proxy's own ports (15008, 15020, 15021, 15090, 15001, 15006, as
+/// configured) and `excludeInboundPorts` are in `PORT_EXCLUDE_INBOUND`; `includeInboundPorts`
+/// is `*` (flag) or a list.
+#[inline(always)]
+pub fn inbound(pod: &PodConfig, port: u16) -> Inbound {
+    if has_port_rule(pod.pod_id, port, PORT_EXCLUDE_INBOUND) {
+        return Inbound::Direct;
+    }
+    if pod.flags & POD_FLAG_INCLUDE_ALL_INBOUND != 0
+        || has_port_rule(pod.pod_id, port, PORT_INCLUDE_INBOUND)
+    {
+        return Inbound::Capture;
+    }
+    Inbound::Direct
 }

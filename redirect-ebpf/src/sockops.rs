@@ -6,23 +6,32 @@
 //!   is re-keyed by the connection's 4-tuple (`ORIG_BY_TUPLE`), where `getsockopt` on the
 //!   proxy's accepted socket finds it;
 //! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go.
+//!
+//! It also registers the proxy's inbound listener: a socket that starts listening
+//! (`TCP_LISTEN_CB`) on the inbound port goes into `LISTENERS` under its netns cookie, where
+//! `sk_lookup` finds it. A restarted proxy is registered again by its own `listen()`.
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
-    EbpfContext,
+    EbpfContext, Global,
 };
-use redirect_common::{OrigDst, TupleKey, AF_INET, AF_INET6};
+use redirect_common::{ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6};
 
-use crate::{
+use redirect_ebpf::{
     addr::{ctx_addr6, is_v4_mapped},
-    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE},
+    maps::{LISTENERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE},
 };
+
+/// The proxy's inbound listener port (host order), set by the daemon at load
+/// (`--inbound-port`).
+#[unsafe(no_mangle)]
+static INBOUND_PORT: Global<u32> = Global::new(15006);
 
 /// Socket lifecycle hook, attached at the cgroup. Minimum kernel: 5.15.
 #[sock_ops]
@@ -31,6 +40,7 @@ pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
     }
     0
@@ -70,6 +80,21 @@ fn on_state_change(ctx: &SockOpsContext) {
         let _ = ORIG_BY_TUPLE.remove(key);
         let _ = ORIG_BY_COOKIE.remove(cookie);
     }
+}
+
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    if ctx.local_port() != INBOUND_PORT.load() {
+        return;
+    }
+    let key = ListenerKey {
+        // Safety: helper valid for sock_ops programs.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        family: ctx.family(),
+        _pad: 0,
+    };
+    // Safety: the context is the listening socket's sock_ops, as the helper requires.
+    let _ = LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);
 }
 
 /// The [`TupleKey`] of a client socket: local end is the client, remote end the server.

@@ -8,12 +8,12 @@ use aya_ebpf::{
     helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext,
     EbpfContext,
 };
-use redirect_common::{TupleKey, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
+use redirect_common::{OrigDst, TupleKey, AF_INET, AF_INET6, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
 
-use crate::{
+use redirect_ebpf::{
     addr::{ctx_addr6, is_v4_mapped},
     counters::count,
-    maps::ORIG_BY_TUPLE,
+    maps::{MESH_PODS, ORIG_BY_TUPLE},
 };
 
 /// Verdict: let the (possibly rewritten) result through.
@@ -36,8 +36,12 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
         return PASS;
     };
     // Safety: plain-data value, copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(key) }).copied() else {
-        return PASS;
+    let orig = match unsafe { ORIG_BY_TUPLE.get(key) } {
+        Some(o) => *o,
+        None => match untranslated(&key) {
+            Some(o) => o,
+            None => return PASS,
+        },
     };
     // Safety: optval/optval_end are the kernel's buffer bounds; every write is checked against
     // them first, as the verifier requires.
@@ -71,6 +75,26 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
     }
     count(orig.pod_id, |c| c.orig_dst_answered += 1);
     PASS
+}
+
+/// A mesh pod's connection we did not redirect at `connect()` (e.g. one that `sk_lookup`
+/// steered inbound, whose local address is already the original destination): conntrack
+/// would answer with its own destination, so do we. Never for the proxy's outbound listener,
+/// whose real destination we must know or the proxy would connect to itself.
+#[inline(always)]
+fn untranslated(key: &TupleKey) -> Option<OrigDst> {
+    // Safety: plain-data value, copied out at once.
+    let pod = unsafe { MESH_PODS.get(key.netns_cookie) }.copied()?;
+    if u16::from_be(key.server_port_be) == pod.outbound_port {
+        return None;
+    }
+    Some(OrigDst {
+        addr_be: key.server_addr_be,
+        port_be: key.server_port_be,
+        family: key.family as u16,
+        pod_id: pod.pod_id,
+        netns_cookie: key.netns_cookie,
+    })
 }
 
 /// The [`TupleKey`] of an accepted socket: its peer is the client, its local end the server.

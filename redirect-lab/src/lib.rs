@@ -309,6 +309,8 @@ pub struct Lab {
     pub procs: Vec<Proc>,
     pub daemon: Option<Daemon>,
     pub pods: Vec<Pod>,
+    /// "Another node" (see [`Lab::add_remote_node`]).
+    pub remote: Option<Netns>,
     pub node: Netns,
     pub cgroup: Cgroup,
     next_host: u8,
@@ -328,17 +330,96 @@ impl Lab {
         let cgroup = Cgroup::new(cgroup2_root()?.join(&id))?;
         let node = Netns::new(format!("{id}-node"))?;
         node.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        node.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{V4_PREFIX}1/24"),
+            "dev",
+            "br0",
+        ])?;
+        node.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{V6_PREFIX}1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         node.exec(&["ip", "link", "set", "br0", "up"])?;
+        // The node routes between its pods and other nodes, like a Kubernetes node.
+        node.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
         Ok(Self {
             id,
             dir,
             procs: Vec::new(),
             daemon: None,
             pods: Vec::new(),
+            remote: None,
             node,
             cgroup,
             next_host: 2,
         })
+    }
+
+    /// Adds "another node": a namespace linked to this node through a second bridge, routed
+    /// (10.202.0.0/24, fd00:202::/64), from which pods are reached across a router as from a
+    /// different host.
+    pub fn add_remote_node(&mut self) -> Result<&Netns> {
+        let remote = Netns::new(format!("{}-node2", self.id))?;
+        self.node
+            .exec(&["ip", "link", "add", "br1", "type", "bridge"])?;
+        self.node
+            .exec(&["ip", "addr", "add", "10.202.0.1/24", "dev", "br1"])?;
+        self.node.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:202::1/64",
+            "dev",
+            "br1",
+            "nodad",
+        ])?;
+        self.node.exec(&["ip", "link", "set", "br1", "up"])?;
+        self.node.exec(&[
+            "ip",
+            "link",
+            "add",
+            "vn2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &remote.name,
+        ])?;
+        self.node
+            .exec(&["ip", "link", "set", "vn2", "master", "br1", "up"])?;
+        remote.exec(&["ip", "addr", "add", "10.202.0.2/24", "dev", "eth0"])?;
+        remote.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:202::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        remote.exec(&["ip", "link", "set", "eth0", "up"])?;
+        remote.exec(&["ip", "route", "add", "default", "via", "10.202.0.1"])?;
+        remote.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:202::1"])?;
+        self.remote = Some(remote);
+        Ok(self.remote.as_ref().expect("just set"))
     }
 
     /// Adds a pod (network namespace on the bridge with an IPv4 and an IPv6 address, and a
@@ -378,6 +459,25 @@ impl Lab {
             "nodad",
         ])?;
         netns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        netns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{V4_PREFIX}1"),
+        ])?;
+        netns.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{V6_PREFIX}1"),
+        ])?;
+        // Istio's inbound passthrough source for IPv6 (127.0.0.6 is on lo already).
+        netns.exec(&["ip", "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
         self.pods.push(Pod {
             name: name.into(),
             v4: v4.parse()?,
@@ -467,8 +567,6 @@ impl Lab {
         uid: Option<u32>,
         args: &[&str],
     ) -> Result<Vec<wire::ClientResult>> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let log = self.dir.join(format!("client-{n}.log"));
         let mut placement = match pod {
             Some(p) => self.pod(p).placement(),
             None => Placement {
@@ -478,6 +576,17 @@ impl Lab {
             },
         };
         placement.uid = uid;
+        self.client_at(placement, args)
+    }
+
+    /// Runs the lab client at any placement (e.g. the node or the remote node namespace).
+    pub fn client_at(
+        &self,
+        placement: Placement<'_>,
+        args: &[&str],
+    ) -> Result<Vec<wire::ClientResult>> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("client-{n}.log"));
         let mut all = vec!["client"];
         all.extend_from_slice(args);
         let mut p = spawn(placement, &log, &bin("redirect-lab"), &all)?;
@@ -546,7 +655,13 @@ impl Drop for Lab {
         self.procs.clear();
         self.daemon = None;
         self.pods.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.remote = None;
+        // REDIRECT_LAB_KEEP_LOGS=1 keeps the lab's logs (sidecar, server, daemon) to debug.
+        if std::env::var_os("REDIRECT_LAB_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("lab: logs kept in {}", self.dir.display());
+        }
     }
 }
 

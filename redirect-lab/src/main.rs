@@ -215,9 +215,11 @@ async fn handle_outbound(down: TcpStream) {
     }
 }
 
-/// Inbound: the accepted socket's local address is the original destination; connect to it
-/// from Istio's passthrough source (127.0.0.6 / ::6 when present), as Envoy does.
-async fn handle_inbound(down: TcpStream) {
+/// Inbound: the accepted socket's local address is the original destination (sk_lookup, as
+/// with TPROXY); a connection the redirector rewrote at `connect()` to the inbound port (the
+/// proxy calling its own pod) carries it in SO_ORIGINAL_DST instead. Connect to it from
+/// Istio's passthrough source (127.0.0.6 / ::6), as Envoy does.
+async fn handle_inbound(down: TcpStream, inbound_port: u16) {
     let peer = down
         .peer_addr()
         .map(|a| canonical(a).to_string())
@@ -232,7 +234,17 @@ async fn handle_inbound(down: TcpStream) {
         error: None,
     };
     let orig = match local {
-        Ok(o) => o,
+        Ok(o) if o.port() != inbound_port => o,
+        Ok(_) => match original_dst(&down) {
+            Ok(o) => canonical(o),
+            Err(e) => {
+                return emit(&ProxyRecord {
+                    event: "error".into(),
+                    error: Some(format!("SO_ORIGINAL_DST: {e}")),
+                    ..base
+                });
+            }
+        },
         Err(e) => {
             return emit(&ProxyRecord {
                 event: "error".into(),
@@ -247,9 +259,12 @@ async fn handle_inbound(down: TcpStream) {
         } else {
             TcpSocket::new_v6()?
         };
-        if orig.is_ipv4() {
-            s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)), 0))?;
-        }
+        let passthrough = if orig.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+        };
+        s.bind(SocketAddr::new(passthrough, 0))?;
         s.connect(orig).await
     }
     .await;
@@ -260,7 +275,7 @@ async fn handle_inbound(down: TcpStream) {
     relay(down, record, upstream).await;
 }
 
-async fn accept_loop(l: TcpListener, outbound: bool) {
+async fn accept_loop(l: TcpListener, outbound: bool, inbound_port: u16) {
     loop {
         match l.accept().await {
             Ok((s, _)) => {
@@ -268,7 +283,7 @@ async fn accept_loop(l: TcpListener, outbound: bool) {
                 if outbound {
                     tokio::spawn(handle_outbound(s));
                 } else {
-                    tokio::spawn(handle_inbound(s));
+                    tokio::spawn(handle_inbound(s, inbound_port));
                 }
             }
             Err(e) => {
@@ -304,7 +319,7 @@ async fn proxy(outbound_port: u16, inbound_port: u16) -> Result<()> {
         ),
     ] {
         let l = listen(addr, v6only)?;
-        tasks.push(tokio::spawn(accept_loop(l, outbound)));
+        tasks.push(tokio::spawn(accept_loop(l, outbound, inbound_port)));
     }
     eprintln!("proxy: outbound :{outbound_port}, inbound :{inbound_port}");
     for t in tasks {

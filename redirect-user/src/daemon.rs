@@ -119,6 +119,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pin_dir: &opts.pin_dir,
         cgroup: &cgroup,
         kernel_log_level: kernel_log_level(),
+        inbound_port: opts.node.inbound_port,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {
         Ok(logger) => {
@@ -126,8 +127,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         Err(e) => log::warn!("kernel log records will not be shown: {e}"),
     }
-    let mut datapath = Datapath::from_ebpf(&mut loaded.ebpf)?;
-    let mut reconciler = Reconciler::new(opts.node);
+    let mut datapath =
+        Datapath::from_ebpf(&mut loaded.ebpf, &opts.pin_dir, opts.node.inbound_port)?;
+    let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;
     reconciler.reserve(previous.iter().map(|(_, c)| c.pod_id));
     if !previous.is_empty() {
@@ -219,7 +221,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             first_pass = false;
         }
         for k in &report.added {
-            log::info!("pod {k}: in the mesh (outbound capture on)");
+            log::info!("pod {k}: in the mesh (outbound and inbound capture on)");
         }
         for k in &report.updated {
             log::info!("pod {k}: configuration updated");

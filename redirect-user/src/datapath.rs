@@ -2,22 +2,30 @@
 //! `PORT_RULES`, `ADDR_RULES` and zeroes `POD_COUNTERS`. The reconciler decides; this layer
 //! writes.
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, SockHash},
     util::nr_cpus,
     Ebpf,
 };
 use redirect_common::{
-    AddrRuleData, PodConfig, PodCounters, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
+    AddrRuleData, ListenerKey, PodConfig, PodCounters, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
     ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
-    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND,
+    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
-use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
+use crate::{
+    annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection},
+    listeners, loader, netns,
+    pods::NetnsRef,
+};
 
 /// A pod's rules in the form the maps hold them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,8 +39,8 @@ pub struct PodRules {
 }
 
 impl PodRules {
-    /// Compiles a pod's policy and addresses.
-    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr]) -> Self {
+    /// Compiles a pod's policy and addresses. `proxy_ports` are never captured inbound.
+    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr], proxy_ports: &[u16]) -> Self {
         let mut r = PodRules::default();
         let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
             r.ports.extend(set.iter().map(|p| (kind, *p)));
@@ -48,8 +56,11 @@ impl PodRules {
             &policy.include_outbound_ports,
         );
         ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
-        if let PortSelection::Ports(set) = &policy.include_inbound_ports {
-            ports(&mut r, PORT_INCLUDE_INBOUND, set);
+        r.ports
+            .extend(proxy_ports.iter().map(|p| (PORT_EXCLUDE_INBOUND, *p)));
+        match &policy.include_inbound_ports {
+            PortSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_INBOUND,
+            PortSelection::Ports(set) => ports(&mut r, PORT_INCLUDE_INBOUND, set),
         }
         r.addrs.extend(
             policy
@@ -95,6 +106,9 @@ pub trait PodMaps {
     fn set_pod(&mut self, netns_cookie: u64, config: &PodConfig) -> Result<()>;
     fn remove_pod(&mut self, netns_cookie: u64) -> Result<()>;
     fn reset_counters(&mut self, pod_id: u32) -> Result<()>;
+    /// Attaches (or adopts) the pod's inbound `sk_lookup` program in its network namespace.
+    fn attach_inbound(&mut self, netns_cookie: u64, netns: &NetnsRef) -> Result<()>;
+    fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()>;
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -122,12 +136,18 @@ pub struct Datapath {
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     addr_rules: LpmTrie<MapData, AddrRuleData, u32>,
     counters: PerCpuArray<MapData, PodCounters>,
+    listeners: SockHash<MapData, ListenerKey>,
+    pin_dir: PathBuf,
+    inbound_port: u16,
 }
 
 impl Datapath {
     /// Takes the maps out of a freshly loaded object.
-    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+    pub fn from_ebpf(ebpf: &mut Ebpf, pin_dir: &Path, inbound_port: u16) -> Result<Self> {
         Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            inbound_port,
+            listeners: take(ebpf, "LISTENERS")?,
             mesh_pods: take(ebpf, "MESH_PODS")?,
             port_rules: take(ebpf, "PORT_RULES")?,
             addr_rules: take(ebpf, "ADDR_RULES")?,
@@ -138,6 +158,9 @@ impl Datapath {
     /// Opens the pinned maps (for `status` and tests).
     pub fn from_pins(pin_dir: &Path) -> Result<Self> {
         Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            inbound_port: 0,
+            listeners: pinned(pin_dir, "LISTENERS")?,
             mesh_pods: pinned(pin_dir, "MESH_PODS")?,
             port_rules: pinned(pin_dir, "PORT_RULES")?,
             addr_rules: pinned(pin_dir, "ADDR_RULES")?,
@@ -180,6 +203,12 @@ impl Datapath {
     /// how many entries went.
     pub fn sweep(&mut self, cookies: &BTreeSet<u64>, pod_ids: &BTreeSet<u32>) -> Result<usize> {
         let mut n = 0;
+        for cookie in loader::inbound_pins(&self.pin_dir)? {
+            if !cookies.contains(&cookie) {
+                self.detach_inbound(cookie)?;
+                n += 1;
+            }
+        }
         let stale: Vec<u64> = self
             .mesh_pods
             .keys()
@@ -264,6 +293,42 @@ impl PodMaps for Datapath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("removing MESH_PODS entry {netns_cookie}")),
         }
+    }
+
+    fn attach_inbound(&mut self, netns_cookie: u64, netns_ref: &NetnsRef) -> Result<()> {
+        let file = netns::open(netns_ref)?;
+        // The namespace may have been replaced since it was resolved.
+        if netns::cookie(&file)? != netns_cookie {
+            anyhow::bail!("network namespace {netns_ref} changed while being attached; retrying");
+        }
+        if let Some(insns) = loader::attach_inbound(&self.pin_dir, netns_cookie, &file)
+            .with_context(|| format!("attaching inbound capture to {netns_ref}"))?
+        {
+            log::debug!(
+                "attached rd_sk_lookup to {netns_ref}; verifier processed {insns} instructions"
+            );
+        }
+        // A proxy already listening before we were attached never ran our listen() hook.
+        for (family, sock) in listeners::find(&file, self.inbound_port)? {
+            let key = ListenerKey {
+                netns_cookie,
+                family: family.into(),
+                _pad: 0,
+            };
+            if self.listeners.get(&key, 0).is_err() {
+                self.listeners
+                    .insert(key, sock, 0)
+                    .with_context(|| format!("registering the proxy listener of {netns_ref}"))?;
+                log::info!(
+                    "registered the already-running proxy's inbound listener in {netns_ref} (family {family})"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {
+        loader::detach_inbound(&self.pin_dir, netns_cookie)
     }
 
     fn reset_counters(&mut self, pod_id: u32) -> Result<()> {

@@ -4,6 +4,7 @@
 //! ```text
 //! <pin-dir>/maps/<MAP>              every map (reused by name on restart: state survives)
 //! <pin-dir>/links/<generation>/<p>  one link per program (a new generation per start)
+//! <pin-dir>/pods/<netns-cookie>     the pod's sk_lookup link (adopted across restarts)
 //! ```
 //!
 //! A start attaches a new generation of links before removing older ones, so capture never
@@ -18,15 +19,20 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{bpf_sys, bpf_sys::attach_type, mounts};
 
-/// The kernel object built by build.rs from `redirect-ebpf`.
+/// The node-wide kernel object built by build.rs from `redirect-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+/// The per-pod inbound object (`sk_lookup`), loaded once per mesh pod.
+static INBOUND_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-inbound"));
+/// `BPF_SK_LOOKUP` attach type.
+const ATTACH_SK_LOOKUP: u32 = 36;
 
 /// A program of the object and the hook it attaches to.
 struct ProgramDef {
@@ -94,6 +100,8 @@ pub struct LoadOptions<'a> {
     pub cgroup: &'a Path,
     /// aya-log level for kernel records (1 error .. 5 trace).
     pub kernel_log_level: u8,
+    /// The proxy's inbound listener port, registered by `sockops` at `listen()`.
+    pub inbound_port: u16,
 }
 
 /// The loaded object and what the daemon keeps of it.
@@ -111,6 +119,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
+        .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
         .load(OBJECT)
         .context(
             "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",
@@ -156,7 +165,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         })();
     if let Err(e) = result {
         // Never leave half a data path: detach what this attempt attached.
-        if let Err(cleanup) = remove_generation(&generation) {
+        if let Err(cleanup) = remove_link_dir(&generation) {
             log::error!("cleaning up after a failed attach: {cleanup:#}");
         }
         return Err(e);
@@ -207,7 +216,7 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
 }
 
 /// Detaches and unpins every link in one generation directory, then removes it.
-fn remove_generation(dir: &Path) -> Result<usize> {
+fn remove_link_dir(dir: &Path) -> Result<usize> {
     let mut n = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
@@ -233,11 +242,71 @@ fn retire_older_generations(pin_dir: &Path, keep: &Path) -> Result<()> {
     {
         let path = entry?.path();
         if path != keep {
-            let n = remove_generation(&path)?;
+            let n = remove_link_dir(&path)?;
             log::info!("replaced {n} links of a previous run ({})", path.display());
         }
     }
     Ok(())
+}
+
+fn inbound_pin(pin_dir: &Path, netns_cookie: u64) -> PathBuf {
+    pin_dir.join("pods").join(netns_cookie.to_string())
+}
+
+/// Attaches the inbound program to a pod's network namespace, or adopts the link a previous
+/// run pinned for it. Returns the verifier's instruction count when it loaded a program.
+pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result<Option<u32>> {
+    let pin = inbound_pin(pin_dir, netns_cookie);
+    if pin.exists() && bpf_sys::obj_get(&pin).is_ok() {
+        return Ok(None);
+    }
+    let _ = std::fs::remove_file(&pin);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir.join("maps"))
+        .override_global("POD_NETNS_COOKIE", &netns_cookie, true)
+        .load(INBOUND_OBJECT)
+        .context("loading the inbound (sk_lookup) object")?;
+    let prog: &mut SkLookup = ebpf
+        .program_mut("rd_sk_lookup")
+        .ok_or_else(|| anyhow!("program rd_sk_lookup missing from the inbound object"))?
+        .try_into()?;
+    prog.load()
+        .context("loading rd_sk_lookup (sk_lookup; needs Linux 5.9)")?;
+    let insns = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    let link = bpf_sys::link_create(prog.fd()?.as_fd(), netns.as_fd(), ATTACH_SK_LOOKUP)
+        .context("attaching rd_sk_lookup to the pod's network namespace (needs Linux 5.9)")?;
+    bpf_sys::obj_pin(link.as_fd(), &pin)?;
+    Ok(insns)
+}
+
+/// Detaches and unpins a pod's inbound program.
+pub fn detach_inbound(pin_dir: &Path, netns_cookie: u64) -> Result<()> {
+    let pin = inbound_pin(pin_dir, netns_cookie);
+    if let Ok(fd) = bpf_sys::obj_get(&pin) {
+        if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
+            log::warn!("detaching {}: {e}", pin.display());
+        }
+    }
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unpinning {}", pin.display())),
+    }
+}
+
+/// Netns cookies of the pods that have an inbound link pinned.
+pub fn inbound_pins(pin_dir: &Path) -> Result<Vec<u64>> {
+    let dir = pin_dir.join("pods");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        if let Ok(cookie) = entry?.file_name().to_string_lossy().parse() {
+            out.push(cookie);
+        }
+    }
+    Ok(out)
 }
 
 /// What `uninstall` removed.
@@ -258,9 +327,13 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
         for entry in
             std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
         {
-            removed.links += remove_generation(&entry?.path())?;
+            removed.links += remove_link_dir(&entry?.path())?;
         }
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    let pods = pin_dir.join("pods");
+    if pods.exists() {
+        removed.links += remove_link_dir(&pods)?;
     }
     let maps = pin_dir.join("maps");
     if maps.exists() {

@@ -56,6 +56,9 @@ enum Command {
         /// The proxy's inbound listener port.
         #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
         inbound_port: u16,
+        /// The proxy's own ports, never captured inbound (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
+        proxy_ports: Vec<u16>,
         /// How often to check the pods file, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         poll_ms: u64,
@@ -104,8 +107,13 @@ fn real_main(cli: Cli) -> Result<()> {
             proxy_gid,
             outbound_port,
             inbound_port,
+            mut proxy_ports,
             poll_ms,
         } => {
+            // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
+            proxy_ports.extend([outbound_port, inbound_port]);
+            proxy_ports.sort_unstable();
+            proxy_ports.dedup();
             if outbound_port == inbound_port {
                 bail!(
                     "--outbound-port and --inbound-port are both {outbound_port}; they must differ"
@@ -121,6 +129,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     proxy_gid,
                     outbound_port,
                     inbound_port,
+                    proxy_ports,
                 },
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),

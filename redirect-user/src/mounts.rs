@@ -105,7 +105,7 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
             );
         }
     }
-    for sub in ["", "maps", "links"] {
+    for sub in ["", "maps", "links", "pods"] {
         let d = pin_dir.join(sub);
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }

@@ -16,12 +16,15 @@ use crate::{
 };
 
 /// Settings common to every pod on the node (the daemon's flags).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSettings {
     pub proxy_uid: u32,
     pub proxy_gid: u32,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// The proxy's own ports, never captured inbound (Istio: 15001, 15006, 15008, 15020,
+    /// 15021, 15090).
+    pub proxy_ports: Vec<u16>,
 }
 
 /// A desired pod whose network namespace was found.
@@ -112,7 +115,7 @@ impl Reconciler {
             }
             cookie_owner.insert(r.netns_cookie, r.spec.key.clone());
             wanted_cookies.insert(r.netns_cookie);
-            let rules = PodRules::compile(&r.spec.policy, &r.spec.ips);
+            let rules = PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports);
             let config = PodConfig {
                 pod_id: 0,
                 proxy_uid: self.node.proxy_uid,
@@ -146,13 +149,25 @@ impl Reconciler {
                 continue;
             };
             let config = PodConfig { pod_id, ..*config };
+            let new_netns = self.applied.get(key).map(|a| a.netns_cookie) != Some(r.netns_cookie);
             let step = (|| -> anyhow::Result<()> {
                 maps.reset_counters(pod_id)?;
                 maps.install_rules(pod_id, rules)?;
+                if new_netns {
+                    maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
+                }
                 maps.set_pod(r.netns_cookie, &config)
             })();
             if let Err(e) = step {
                 let _ = maps.remove_rules(pod_id, rules);
+                if new_netns
+                    && !self
+                        .applied
+                        .values()
+                        .any(|a| a.netns_cookie == r.netns_cookie)
+                {
+                    let _ = maps.detach_inbound(r.netns_cookie);
+                }
                 report.failed.push((key.clone(), format!("{e:#}")));
                 continue;
             }
@@ -195,6 +210,9 @@ impl Reconciler {
                 if let Err(e) = maps.remove_pod(old.netns_cookie) {
                     log::error!("{e:#}");
                 }
+                if let Err(e) = maps.detach_inbound(old.netns_cookie) {
+                    log::error!("{e:#}");
+                }
             }
             if let Err(e) = maps.remove_rules(old.pod_id, &old.rules) {
                 log::error!("{e:#}");
@@ -216,6 +234,7 @@ mod tests {
         pods: BTreeMap<u64, PodConfig>,
         ports: BTreeSet<(u32, u8, u16)>,
         fail_set_pod: bool,
+        inbound: BTreeSet<u64>,
         log: Vec<String>,
     }
 
@@ -249,6 +268,16 @@ mod tests {
         fn reset_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
+        fn attach_inbound(&mut self, c: u64, _: &NetnsRef) -> anyhow::Result<()> {
+            self.log.push(format!("in+ {c}"));
+            self.inbound.insert(c);
+            Ok(())
+        }
+        fn detach_inbound(&mut self, c: u64) -> anyhow::Result<()> {
+            self.log.push(format!("in- {c}"));
+            self.inbound.remove(&c);
+            Ok(())
+        }
     }
 
     fn node() -> NodeSettings {
@@ -257,6 +286,7 @@ mod tests {
             proxy_gid: 1337,
             outbound_port: 15001,
             inbound_port: 15006,
+            proxy_ports: vec![15001, 15006],
         }
     }
 
@@ -314,10 +344,17 @@ mod tests {
             m.log
         );
 
+        assert_eq!(
+            m.inbound,
+            [10, 20].into(),
+            "an update keeps the inbound link"
+        );
+
         // Remove b.
         let rep = r.reconcile(&[pod("a", 10, &[6379])], &mut m);
         assert_eq!(rep.removed.len(), 1);
         assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![10]);
+        assert_eq!(m.inbound, [10].into(), "a removed pod's inbound link goes");
     }
 
     #[test]
@@ -332,7 +369,13 @@ mod tests {
         m.fail_set_pod = true;
         let rep = r.reconcile(&[pod("a", 10, &[]), pod("c", 30, &[1])], &mut m);
         assert_eq!(rep.failed.len(), 1);
-        assert!(m.ports.is_empty(), "rules of a failed pod are rolled back");
+        let a_id = m.pods[&10].pod_id;
+        assert!(
+            m.ports.iter().all(|(id, _, _)| *id == a_id),
+            "rules of a failed pod are rolled back: {:?}",
+            m.ports
+        );
+        assert!(!m.inbound.contains(&30), "and its inbound link");
         assert!(m.pods.contains_key(&10));
     }
 
@@ -343,6 +386,7 @@ mod tests {
         r.reconcile(&[pod("a", 10, &[])], &mut m);
         r.reconcile(&[pod("a", 11, &[])], &mut m);
         assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![11]);
+        assert_eq!(m.inbound, [11].into());
     }
 
     #[test]

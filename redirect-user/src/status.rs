@@ -67,6 +67,10 @@ pub struct PodReport {
     pub outbound_fail_open: u64,
     pub outbound_fail_closed: u64,
     pub orig_dst_answered: u64,
+    pub inbound_captured: u64,
+    pub inbound_direct: u64,
+    pub inbound_fail_open: u64,
+    pub inbound_fail_closed: u64,
 }
 
 impl PodReport {
@@ -78,6 +82,10 @@ impl PodReport {
             outbound_fail_open: c.outbound_fail_open,
             outbound_fail_closed: c.outbound_fail_closed,
             orig_dst_answered: c.orig_dst_answered,
+            inbound_captured: c.inbound_captured,
+            inbound_direct: c.inbound_direct,
+            inbound_fail_open: c.inbound_fail_open,
+            inbound_fail_closed: c.inbound_fail_closed,
         }
     }
 }
@@ -111,19 +119,37 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
 
 pub fn print(r: &Report) {
     println!(
-        "{:<32} {:>6} {:>10} {:>8} {:>10} {:>12} {:>10}",
-        "POD", "SLOT", "CAPTURED", "DIRECT", "FAIL-OPEN", "FAIL-CLOSED", "ORIG-DST"
+        "{:<28} {:>5} | {:>9} {:>7} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>6} {:>6}",
+        "", "", "OUTBOUND", "", "FAIL", "FAIL", "ORIG-DST", "INBOUND", "", "FAIL", "FAIL"
+    );
+    println!(
+        "{:<28} {:>5} | {:>9} {:>7} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>6} {:>6}",
+        "POD",
+        "SLOT",
+        "CAPTURED",
+        "DIRECT",
+        "OPEN",
+        "CLOSED",
+        "ANSWERED",
+        "CAPTURED",
+        "DIRECT",
+        "OPEN",
+        "CLOSED"
     );
     for p in &r.pods {
         println!(
-            "{:<32} {:>6} {:>10} {:>8} {:>10} {:>12} {:>10}",
+            "{:<28} {:>5} | {:>9} {:>7} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>6} {:>6}",
             format!("{}/{}", p.pod.namespace, p.pod.name),
             p.pod.pod_id,
             p.outbound_captured,
             p.outbound_direct,
             p.outbound_fail_open,
             p.outbound_fail_closed,
-            p.orig_dst_answered
+            p.orig_dst_answered,
+            p.inbound_captured,
+            p.inbound_direct,
+            p.inbound_fail_open,
+            p.inbound_fail_closed
         );
     }
     if let Some(e) = &r.file_error {

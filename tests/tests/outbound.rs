@@ -398,7 +398,8 @@ fn uninstall_leaves_nothing_behind() {
     assert_eq!(lab.sidecar_log(sidecar).len(), 2);
 
     let out = lab.daemon().uninstall().unwrap();
-    assert!(out.contains("detached 6 links"), "{out}");
+    // Six cgroup links and the pod's sk_lookup link.
+    assert!(out.contains("detached 7 links"), "{out}");
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     // The kernel unloads a program once nothing references it; that is asynchronous (RCU).
     let mut alive = ids.clone();

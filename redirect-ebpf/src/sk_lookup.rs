@@ -1,0 +1,94 @@
+//! `sk_lookup`: inbound capture. For a new TCP connection arriving at a mesh pod from outside
+//! it, pick the proxy's inbound listener (`LISTENERS`) with `bpf_sk_assign`, whatever port the
+//! connection is for. The accepted socket's local address is the original destination (as
+//! with TPROXY). Connections from inside the pod (loopback, the pod's own addresses) were
+//! decided at `connect()` and pass untouched.
+
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext, Global};
+use redirect_common::{ListenerKey, PodConfig, POD_FLAG_FAIL_CLOSED};
+use redirect_ebpf::{
+    addr::{ctx_addr6, Endpoint},
+    counters::count,
+    maps::{LISTENERS, MESH_PODS},
+    policy::{inbound, local_to_pod, Inbound},
+};
+
+/// Let the lookup go on (with the socket we assigned, if any).
+const SK_PASS: u32 = 1;
+/// Fail the lookup: TCP answers the SYN with a reset (connection refused).
+const SK_DROP: u32 = 0;
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Netns cookie of the pod this instance is attached to; set by the daemon at load.
+#[unsafe(no_mangle)]
+static POD_NETNS_COOKIE: Global<u64> = Global::new(0);
+
+/// Inbound capture for one pod's network namespace. Minimum kernel: 5.9 (sk_lookup).
+#[sk_lookup]
+pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // Safety: context fields an sk_lookup program may read, one word at a time.
+    let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let netns_cookie = POD_NETNS_COOKIE.load();
+    // Safety: plain-data value, copied out at once.
+    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+        return SK_PASS;
+    };
+    // Safety: as above.
+    let remote = unsafe {
+        if family == AF_INET {
+            Endpoint::v4((*l).remote_ip4, 0)
+        } else {
+            Endpoint::v6(ctx_addr6(&raw const (*l).remote_ip6), 0)
+        }
+    };
+    if local_to_pod(&pod, &remote) {
+        return SK_PASS;
+    }
+    if inbound(&pod, port as u16) == Inbound::Direct {
+        count(pod.pod_id, |c| c.inbound_direct += 1);
+        return SK_PASS;
+    }
+    let key = ListenerKey {
+        netns_cookie,
+        family,
+        _pad: 0,
+    };
+    // An IPv4 connection may also go to a dual-stack IPv6 listener (the kernel refuses a
+    // v6-only one, and that is a failure like no listener).
+    let assigned = LISTENERS.redirect_sk_lookup(&ctx, key, 0).or_else(|_| {
+        let v6 = ListenerKey {
+            family: AF_INET6,
+            ..key
+        };
+        if family == AF_INET {
+            LISTENERS.redirect_sk_lookup(&ctx, v6, 0)
+        } else {
+            Err(-1)
+        }
+    });
+    match assigned {
+        Ok(()) => {
+            count(pod.pod_id, |c| c.inbound_captured += 1);
+            SK_PASS
+        }
+        Err(_) => fail(&pod),
+    }
+}
+
+/// No inbound listener registered for the pod (proxy down or not started yet).
+#[inline(always)]
+fn fail(pod: &PodConfig) -> u32 {
+    if pod.flags & POD_FLAG_FAIL_CLOSED != 0 {
+        count(pod.pod_id, |c| c.inbound_fail_closed += 1);
+        SK_DROP
+    } else {
+        count(pod.pod_id, |c| c.inbound_fail_open += 1);
+        SK_PASS
+    }
+}

@@ -1,0 +1,126 @@
+//! Finds a pod proxy's inbound listening sockets that were already listening before our
+//! `sockops` program could see their `listen()` (the proxy started before the daemon was
+//! installed), and hands the daemon its own reference to each, so they can be registered in
+//! `LISTENERS`. Later restarts of the proxy register themselves at `listen()`.
+//!
+//! How: the processes in the pod's network namespace (`/proc/*/ns/net`), their listening TCP
+//! sockets on the port (`/proc/PID/net/tcp{,6}`), the fd that holds each (`/proc/PID/fd`),
+//! and `pidfd_getfd(2)` (Linux 5.6, CAP_SYS_PTRACE) to duplicate it.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+};
+
+use anyhow::{Context as _, Result};
+use redirect_common::{AF_INET, AF_INET6};
+
+/// `st` of a listening socket in /proc/net/tcp.
+const TCP_LISTEN: &str = "0A";
+
+fn ns_inode(pid: &str) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    let s = link.to_str()?;
+    s.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Listening sockets on `port` by inode, with their family, from /proc/PID/net/tcp{,6}.
+fn listening_inodes(pid: &str, port: u16) -> BTreeMap<u64, u16> {
+    let mut out = BTreeMap::new();
+    for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != TCP_LISTEN {
+                continue;
+            }
+            let local_port = f[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                if let Ok(inode) = f[9].parse() {
+                    out.insert(inode, family);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn pidfd_getfd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    // Safety: plain syscalls; the fds they return are ours to own.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let got = libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        );
+        if got < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as i32))
+    }
+}
+
+/// The listening sockets on `port` in the network namespace `netns`: `(family, socket)`.
+pub fn find(netns: &File, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
+    let ino = netns.metadata().context("stat of the netns file")?.ino();
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|p| ns_inode(p) == Some(ino))
+        .collect();
+    let Some(first) = pids.first() else {
+        return Ok(Vec::new());
+    };
+    let mut wanted = listening_inodes(first, port);
+    let mut found = Vec::new();
+    for pid in &pids {
+        if wanted.is_empty() {
+            break;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in fds.filter_map(|e| e.ok()) {
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            let Some(family) = inode.and_then(|i| wanted.remove(&i)) else {
+                continue;
+            };
+            let (Ok(pid_n), Ok(fd_n)) = (
+                pid.parse::<i32>(),
+                entry.file_name().to_string_lossy().parse::<i32>(),
+            ) else {
+                continue;
+            };
+            match pidfd_getfd(pid_n, fd_n) {
+                Ok(fd) => found.push((family, fd)),
+                Err(e) => log::warn!(
+                    "cannot take the proxy's listener (pid {pid}, fd {fd_n}) to register it: {e} (needs CAP_SYS_PTRACE and Linux 5.6)"
+                ),
+            }
+        }
+    }
+    Ok(found)
+}
