@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     datapath::Datapath,
-    loader::{self, LoadOptions},
+    loader::{self, LoadOptions, ProgramReport},
     mounts, netns,
     pods::{self, Desired},
     reconcile::{NodeSettings, Reconciler, Resolved},
@@ -260,6 +260,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 netns_cookie: a.netns_cookie,
             })
             .collect();
+        if let Some(insns) = datapath.inbound_insns.take() {
+            status.programs.retain(|p| p.name != "rd_sk_lookup");
+            status.programs.push(ProgramReport {
+                name: "rd_sk_lookup".into(),
+                hook: "sk_lookup (per pod)".into(),
+                verified_insns: Some(insns),
+                id: 0,
+            });
+        }
         if let Err(e) = status.write(&opts.status_file) {
             log::error!("{e:#}");
         }

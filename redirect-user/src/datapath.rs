@@ -139,6 +139,8 @@ pub struct Datapath {
     listeners: SockHash<MapData, ListenerKey>,
     pin_dir: PathBuf,
     inbound_port: u16,
+    /// Verifier instruction count of the last per-pod `sk_lookup` program loaded.
+    pub inbound_insns: Option<u32>,
 }
 
 impl Datapath {
@@ -147,6 +149,7 @@ impl Datapath {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             inbound_port,
+            inbound_insns: None,
             listeners: take(ebpf, "LISTENERS")?,
             mesh_pods: take(ebpf, "MESH_PODS")?,
             port_rules: take(ebpf, "PORT_RULES")?,
@@ -160,6 +163,7 @@ impl Datapath {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             inbound_port: 0,
+            inbound_insns: None,
             listeners: pinned(pin_dir, "LISTENERS")?,
             mesh_pods: pinned(pin_dir, "MESH_PODS")?,
             port_rules: pinned(pin_dir, "PORT_RULES")?,
@@ -307,6 +311,7 @@ impl PodMaps for Datapath {
             log::debug!(
                 "attached rd_sk_lookup to {netns_ref}; verifier processed {insns} instructions"
             );
+            self.inbound_insns = Some(insns);
         }
         // A proxy already listening before we were attached never ran our listen() hook.
         for (family, sock) in listeners::find(&file, self.inbound_port)? {

@@ -22,12 +22,16 @@ fn show_sidecar(lab: &Lab, sidecar: usize, from: usize) -> usize {
 }
 
 pub fn demo() -> Result<()> {
-    step("building a lab: pod `client` (in the mesh, with a sidecar as uid 1337) and pod `ext` (a server outside the mesh)");
+    step("building a lab: pods `client` and `web` (in the mesh, each with a sidecar running as uid 1337), pod `ext` (outside the mesh)");
     let mut lab = Lab::new()?;
     lab.add_pod("client")?;
     lab.add_pod("ext")?;
+    lab.add_pod("web")?;
     let sidecar = lab.start_sidecar("client")?;
+    let web_sidecar = lab.start_sidecar("web")?;
     lab.start_server("ext", &[8080, 5432])?;
+    lab.start_server("web", &[8080])?;
+    let web4 = lab.pod("web").v4;
     let (client, ext) = (lab.pod("client"), lab.pod("ext"));
     println!(
         "    client {} / {}   ext {} / {}   (no iptables rule anywhere)",
@@ -35,8 +39,9 @@ pub fn demo() -> Result<()> {
     );
     let (ext4, ext6) = (ext.v4, ext.v6);
     let yaml = format!(
-        "pods:\n{}",
-        client.yaml_entry(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "5432")])
+        "pods:\n{}{}",
+        client.yaml_entry(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "5432")]),
+        lab.pod("web").yaml_entry(&[])
     );
     println!(
         "    pods file:\n{}",
@@ -48,7 +53,7 @@ pub fn demo() -> Result<()> {
 
     step("starting redirectd (attached to the lab's cgroup, pinned under /sys/fs/bpf)");
     lab.start_daemon(&yaml, &[])?;
-    lab.daemon().wait_pods(&["client"])?;
+    lab.daemon().wait_pods(&["client", "web"])?;
     for line in lab
         .daemon()
         .log_text()
@@ -123,6 +128,20 @@ pub fn demo() -> Result<()> {
         "    sidecar saw {} new connections",
         lab.sidecar_log(sidecar).len() - seen
     );
+
+    step("inbound: `ext` (outside the mesh) calls `web`: sk_lookup hands the connection to web's sidecar (15006), which reaches the app from 127.0.0.6");
+    let r = lab.client(Some("ext"), None, &["--target", &format!("{web4}:8080")])?;
+    let reply = r[0].reply.as_ref().context("no reply from web")?;
+    println!("    ext {} -> {web4}:8080: the app saw the connection from {}", r[0].local.as_deref().unwrap_or("?"), reply.peer);
+    show_sidecar(&lab, web_sidecar, 0);
+
+    step("mesh to mesh: `client` calls `web`: client's sidecar (outbound), then web's sidecar (inbound), then the app");
+    let before = lab.sidecar_log(web_sidecar).len();
+    let r = lab.client(Some("client"), None, &["--target", &format!("{web4}:8080")])?;
+    let reply = r[0].reply.as_ref().context("no reply from web")?;
+    seen = show_sidecar(&lab, sidecar, seen);
+    show_sidecar(&lab, web_sidecar, before);
+    println!("    the app saw the connection from {}", reply.peer);
 
     step("sidecar stopped: fail open (the default) sends connections direct and counts them");
     lab.procs[sidecar].kill();
