@@ -39,6 +39,10 @@ pub const POD_FLAG_INCLUDE_ALL_OUTBOUND: u32 = 1 << 1;
 /// [`PodConfig::flags`]: `includeInboundPorts` is `*` (capture every inbound port not excluded).
 pub const POD_FLAG_INCLUDE_ALL_INBOUND: u32 = 1 << 2;
 
+/// [`PodConfig::flags`]: no same-node acceleration for this pod's sockets
+/// (annotation `redirectd.dev/accel: "false"`).
+pub const POD_FLAG_NO_ACCEL: u32 = 1 << 3;
+
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -209,6 +213,36 @@ pub struct PodCounters {
 }
 const _: () = assert!(size_of::<PodCounters>() == 128);
 
+/// Key of `SOCK_PAIRS` (and `ACCEL_FALLBACK`): one local TCP socket seen from itself. Its peer
+/// has the same key with local and remote swapped. The netns cookie is set only when either
+/// address is loopback or the passthrough source (each pod has its own 127.0.0.1); between pod
+/// addresses, unique on the node, it is 0 so that sockets in two pods pair up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// Local address, network byte order; IPv4 in `[0]`, the rest 0.
+    pub local_addr_be: [u32; 4],
+    /// Remote address, network byte order; IPv4 in `[0]`.
+    pub remote_addr_be: [u32; 4],
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
+    /// `AF_INET` or `AF_INET6`, widened.
+    pub family: u32,
+}
+const _: () = assert!(size_of::<SockKey>() == 48);
+
+/// Capacity of `SOCK_PAIRS`: local sockets that can be accelerated at once.
+pub const MAX_SOCK_PAIRS: u32 = 65_536;
+
+/// Key of `NODE_ADDRS`: an address of a mesh pod on this node (network order, IPv4 mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeAddrKey {
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<NodeAddrKey>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -219,4 +253,6 @@ mod user {
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for PodCounters {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for NodeAddrKey {}
 }

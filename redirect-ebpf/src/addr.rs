@@ -1,6 +1,6 @@
 //! Addresses as the programs handle them: network byte order words, IPv4 in word 0.
 
-use redirect_common::{AF_INET, AF_INET6};
+use redirect_common::{SockKey, AF_INET, AF_INET6};
 
 /// `127.0.0.1` in network byte order, as a `u32` read from memory.
 pub const LOCALHOST4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -153,5 +153,57 @@ pub unsafe fn ctx_write_addr6(p: *mut [u32; 4], a: [u32; 4]) {
         core::ptr::write_volatile(w.add(1), a[1]);
         core::ptr::write_volatile(w.add(2), a[2]);
         core::ptr::write_volatile(w.add(3), a[3]);
+    }
+}
+
+/// The [`SockKey`] of a socket from its own addresses (family as the socket reports it;
+/// IPv4-mapped IPv6 connections are keyed as IPv4, like their peers).
+#[inline(always)]
+pub fn sock_key(
+    netns_cookie: u64,
+    family: u32,
+    local: [u32; 4],
+    remote: [u32; 4],
+    local_ip4: u32,
+    remote_ip4: u32,
+    local_port_be: u16,
+    remote_port_be: u16,
+) -> SockKey {
+    let v6 = family == AF_INET6 as u32 && !is_v4_mapped(&remote);
+    let (l, r) = if v6 {
+        (
+            Endpoint::v6(local, local_port_be),
+            Endpoint::v6(remote, remote_port_be),
+        )
+    } else {
+        (
+            Endpoint::v4(local_ip4, local_port_be),
+            Endpoint::v4(remote_ip4, remote_port_be),
+        )
+    };
+    let pod_local = l.is_loopback()
+        || l.is_passthrough_source()
+        || r.is_loopback()
+        || r.is_passthrough_source();
+    SockKey {
+        netns_cookie: if pod_local { netns_cookie } else { 0 },
+        local_addr_be: l.addr_be,
+        remote_addr_be: r.addr_be,
+        local_port_be,
+        remote_port_be,
+        family: if v6 { AF_INET6 as u32 } else { AF_INET as u32 },
+    }
+}
+
+/// The key of `k`'s peer: the same connection seen from the other end.
+#[inline(always)]
+pub fn peer_key(k: &SockKey) -> SockKey {
+    SockKey {
+        netns_cookie: k.netns_cookie,
+        local_addr_be: k.remote_addr_be,
+        remote_addr_be: k.local_addr_be,
+        local_port_be: k.remote_port_be,
+        remote_port_be: k.local_port_be,
+        family: k.family,
     }
 }

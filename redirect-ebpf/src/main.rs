@@ -8,6 +8,7 @@
 
 mod connect;
 mod peername;
+mod sk_msg;
 mod sockops;
 mod sockopt;
 

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    AddrRuleData, ListenerKey, OrigDst, PodConfig, PodCounters, PortRuleKey, TupleKey,
-    MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PortRuleKey, SockKey,
+    TupleKey, MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    MAX_SOCK_PAIRS,
 };
 
 /// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
@@ -53,3 +54,21 @@ pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::pinned(MAX_PODS
 /// closes. Read by `sk_lookup` to steer new inbound connections with `bpf_sk_assign`.
 #[map]
 pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
+
+/// Established local sockets of mesh pods whose peer is on this node ([`SockKey`]). Written by
+/// `sockops` at established; the kernel removes a socket when it closes. `sk_msg` (attached to
+/// this map) moves each send straight to the peer's receive queue.
+#[map]
+pub static SOCK_PAIRS: SockHash<SockKey> = SockHash::pinned(MAX_SOCK_PAIRS, 0);
+
+/// Addresses of the mesh pods on this node. Key: [`NodeAddrKey`]; value: pod id. Written by
+/// the daemon; read by `sockops` to tell whether a connection's peer is local (acceleration).
+#[map]
+pub static NODE_ADDRS: HashMap<NodeAddrKey, u32> = HashMap::pinned(MAX_ADDR_RULES, 0);
+
+/// Sockets whose first send could not be accelerated (the peer was not in `SOCK_PAIRS` yet):
+/// they stay on the normal path for good, or later sends could overtake earlier ones in the
+/// peer's queues. Key: the sender's [`SockKey`]; value unused. Written by `sk_msg`, deleted by
+/// `sockops` at close; LRU so a missed close cannot fill it.
+#[map]
+pub static ACCEL_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);

@@ -7,26 +7,39 @@
 //!   proxy's accepted socket finds it;
 //! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go.
 //!
+//! For acceleration, an established socket of a mesh pod whose peer is on this node (loopback,
+//! the passthrough source, or another mesh pod's address) goes into `SOCK_PAIRS`, where
+//! `sk_msg` finds it as the peer of the other end.
+//!
 //! It also registers the proxy's inbound listener: a socket that starts listening
 //! (`TCP_LISTEN_CB`) on the inbound port goes into `LISTENERS` under its netns cookie, where
 //! `sk_lookup` finds it. A restarted proxy is registered again by its own `listen()`.
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
     EbpfContext, Global,
 };
-use redirect_common::{ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6};
+use redirect_common::{
+    ListenerKey, NodeAddrKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6, POD_FLAG_NO_ACCEL,
+};
 
 use redirect_ebpf::{
-    addr::{ctx_addr6, is_v4_mapped},
-    maps::{LISTENERS, ORIG_BY_COOKIE, ORIG_BY_TUPLE},
+    addr::{ctx_addr6, is_v4_mapped, sock_key, Endpoint},
+    maps::{
+        ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS,
+    },
 };
+
+/// Same-node acceleration on (1) or off (0, `--no-accel`), set by the daemon at load.
+#[unsafe(no_mangle)]
+static ACCEL_ENABLED: Global<u32> = Global::new(1);
 
 /// The proxy's inbound listener port (host order), set by the daemon at load
 /// (`--inbound-port`).
@@ -38,7 +51,11 @@ static INBOUND_PORT: Global<u32> = Global::new(15006);
 pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            on_active_established(&ctx);
+            accelerate(&ctx);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accelerate(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
@@ -75,10 +92,70 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
     }
+    // Safety: helper valid for sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = ACCEL_FALLBACK.remove(own_key(ctx, netns_cookie));
     if let Some((cookie, orig)) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
         let _ = ORIG_BY_TUPLE.remove(key);
         let _ = ORIG_BY_COOKIE.remove(cookie);
+    }
+}
+
+/// Puts an established socket of a mesh pod into `SOCK_PAIRS` when its peer is on this node
+/// and acceleration is on for the node and the pod.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext) {
+    if ACCEL_ENABLED.load() == 0 {
+        return;
+    }
+    // Safety: helper valid for sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Safety: plain-data value, copied out at once.
+    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+        return;
+    };
+    if pod.flags & POD_FLAG_NO_ACCEL != 0 {
+        return;
+    }
+    let key = own_key(ctx, netns_cookie);
+    let remote = Endpoint {
+        addr_be: key.remote_addr_be,
+        port_be: 0,
+        family: key.family as u16,
+    };
+    let peer_local = key.netns_cookie != 0
+        || NODE_ADDRS
+            .get_ptr(NodeAddrKey {
+                addr_be: remote.addr16(),
+            })
+            .is_some();
+    if !peer_local {
+        return;
+    }
+    // Safety: the context is this socket's sock_ops, as the helper requires.
+    if SOCK_PAIRS.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        // Ask for the close callback, which forgets the socket's fallback mark.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// This socket's [`SockKey`].
+#[inline(always)]
+fn own_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
+    let ops = ctx.ops;
+    // Safety: sock_ops context fields, read one word at a time.
+    unsafe {
+        sock_key(
+            netns_cookie,
+            (*ops).family,
+            ctx_addr6(&raw const (*ops).local_ip6),
+            ctx_addr6(&raw const (*ops).remote_ip6),
+            (*ops).local_ip4,
+            (*ops).remote_ip4,
+            ((*ops).local_port as u16).to_be(),
+            ((*ops).remote_port >> 16) as u16,
+        )
     }
 }
 

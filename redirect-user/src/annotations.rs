@@ -22,6 +22,8 @@ pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInbound
 /// Ours: `open` (default) or `closed`: what happens to a connection that should be captured
 /// while the pod's proxy is not listening.
 pub const FAIL_MODE: &str = "redirectd.dev/failMode";
+/// Ours: `"true"` (default) or `"false"`: same-node acceleration (sockmap) for this pod.
+pub const ACCEL: &str = "redirectd.dev/accel";
 
 /// Istio interception annotations we know but do not implement; a pod carrying one gets a
 /// warning (its traffic would be intercepted differently than under istio-iptables).
@@ -136,6 +138,8 @@ pub struct CapturePolicy {
     pub exclude_inbound_ports: BTreeSet<u16>,
     pub include_inbound_ports: PortSelection,
     pub fail_closed: bool,
+    /// Same-node acceleration for this pod's sockets.
+    pub accel: bool,
 }
 
 impl Default for CapturePolicy {
@@ -149,6 +153,7 @@ impl Default for CapturePolicy {
             exclude_inbound_ports: BTreeSet::new(),
             include_inbound_ports: PortSelection::All,
             fail_closed: false,
+            accel: true,
         }
     }
 }
@@ -246,6 +251,13 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
                     _ => return Err(err("expected \"open\" or \"closed\"".into())),
                 }
             }
+            ACCEL => {
+                policy.accel = match value.trim() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(err("expected \"true\" or \"false\"".into())),
+                }
+            }
             k if UNSUPPORTED.contains(&k) => {
                 warnings.push(format!("annotation {k} is not supported and is ignored"))
             }
@@ -324,6 +336,7 @@ mod tests {
             (EXCLUDE_OUTBOUND_RANGES, "300.0.0.0/8"),
             (INCLUDE_OUTBOUND_RANGES, "fd00::/129"),
             (FAIL_MODE, "sometimes"),
+            (ACCEL, "yes"),
         ] {
             let e = parse(&ann(&[(k, v)])).unwrap_err();
             assert_eq!((e.annotation.as_str(), e.value.as_str()), (k, v));

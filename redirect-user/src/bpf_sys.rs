@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -25,6 +26,7 @@ pub mod attach_type {
     pub const CGROUP_GETSOCKOPT: u32 = 21;
     pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
+    pub const SK_MSG_VERDICT: u32 = 7;
 }
 
 /// `union bpf_attr`, as raw words; every command uses a prefix of it and the kernel requires
@@ -100,4 +102,19 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     let mut attr = Attr([0; 32]);
     attr.0[0] = link.as_raw_fd() as u32;
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// `BPF_PROG_ATTACH`: attaches `prog` to `target` (here: an sk_msg verdict program to a
+/// sockhash). Replaces the program already attached, with no gap; it stays attached for as
+/// long as the map lives (the map is pinned).
+pub fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: u32,
+) -> std::io::Result<()> {
+    let mut attr = Attr([0; 32]);
+    attr.0[0] = target.as_raw_fd() as u32;
+    attr.0[1] = prog.as_raw_fd() as u32;
+    attr.0[2] = attach;
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
 }

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub node: NodeSettings,
     /// How often the pods file is checked for changes.
     pub poll: Duration,
+    /// Same-node acceleration (sockmap).
+    pub accel: bool,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
     pub resync: Duration,
 }
@@ -120,6 +122,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         cgroup: &cgroup,
         kernel_log_level: kernel_log_level(),
         inbound_port: opts.node.inbound_port,
+        accel: opts.accel,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {
         Ok(logger) => {

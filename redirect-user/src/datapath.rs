@@ -15,10 +15,11 @@ use aya::{
     Ebpf,
 };
 use redirect_common::{
-    AddrRuleData, ListenerKey, PodConfig, PodCounters, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
-    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND,
-    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PortRuleKey, SockKey,
+    TupleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS,
+    POD_FLAG_FAIL_CLOSED, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND,
+    PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::{
@@ -79,6 +80,9 @@ impl PodRules {
         if policy.fail_closed {
             r.flags |= POD_FLAG_FAIL_CLOSED;
         }
+        if !policy.accel {
+            r.flags |= POD_FLAG_NO_ACCEL;
+        }
         r
     }
 }
@@ -97,6 +101,16 @@ pub fn addr_key(pod_id: u32, kind: u32, cidr: &Cidr) -> Key<AddrRuleData> {
             addr_be,
         },
     )
+}
+
+/// The `NODE_ADDRS` key of a pod address.
+fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
+    NodeAddrKey {
+        addr_be: match cidr.addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        },
+    }
 }
 
 /// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.
@@ -137,6 +151,10 @@ pub struct Datapath {
     addr_rules: LpmTrie<MapData, AddrRuleData, u32>,
     counters: PerCpuArray<MapData, PodCounters>,
     listeners: SockHash<MapData, ListenerKey>,
+    node_addrs: HashMap<MapData, NodeAddrKey, u32>,
+    sock_pairs: SockHash<MapData, SockKey>,
+    orig_by_cookie: HashMap<MapData, u64, OrigDst>,
+    orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     pin_dir: PathBuf,
     inbound_port: u16,
     /// Verifier instruction count of the last per-pod `sk_lookup` program loaded.
@@ -151,6 +169,10 @@ impl Datapath {
             inbound_port,
             inbound_insns: None,
             listeners: take(ebpf, "LISTENERS")?,
+            node_addrs: take(ebpf, "NODE_ADDRS")?,
+            sock_pairs: take(ebpf, "SOCK_PAIRS")?,
+            orig_by_cookie: take(ebpf, "ORIG_BY_COOKIE")?,
+            orig_by_tuple: take(ebpf, "ORIG_BY_TUPLE")?,
             mesh_pods: take(ebpf, "MESH_PODS")?,
             port_rules: take(ebpf, "PORT_RULES")?,
             addr_rules: take(ebpf, "ADDR_RULES")?,
@@ -165,6 +187,10 @@ impl Datapath {
             inbound_port: 0,
             inbound_insns: None,
             listeners: pinned(pin_dir, "LISTENERS")?,
+            node_addrs: pinned(pin_dir, "NODE_ADDRS")?,
+            sock_pairs: pinned(pin_dir, "SOCK_PAIRS")?,
+            orig_by_cookie: pinned(pin_dir, "ORIG_BY_COOKIE")?,
+            orig_by_tuple: pinned(pin_dir, "ORIG_BY_TUPLE")?,
             mesh_pods: pinned(pin_dir, "MESH_PODS")?,
             port_rules: pinned(pin_dir, "PORT_RULES")?,
             addr_rules: pinned(pin_dir, "ADDR_RULES")?,
@@ -193,6 +219,15 @@ impl Datapath {
             sum.accel_bytes += c.accel_bytes;
         }
         Ok(sum)
+    }
+
+    /// How full the connection-tracking maps are: `(SOCK_PAIRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE)`.
+    pub fn fill(&self) -> (usize, usize, usize) {
+        (
+            self.sock_pairs.keys().filter(Result::is_ok).count(),
+            self.orig_by_cookie.keys().filter(Result::is_ok).count(),
+            self.orig_by_tuple.keys().filter(Result::is_ok).count(),
+        )
     }
 
     /// Cookies of the pods in `MESH_PODS` and the pod ids they use.
@@ -243,6 +278,17 @@ impl Datapath {
             self.addr_rules.remove(&k).context("sweeping ADDR_RULES")?;
             n += 1;
         }
+        let stale: Vec<NodeAddrKey> = self
+            .node_addrs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, id)| !pod_ids.contains(id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            self.node_addrs.remove(&k).context("sweeping NODE_ADDRS")?;
+            n += 1;
+        }
         Ok(n)
     }
 }
@@ -266,6 +312,11 @@ impl PodMaps for Datapath {
             self.addr_rules
                 .insert(&addr_key(pod_id, *kind, cidr), 1, 0)
                 .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
+            if *kind == ADDR_POD_IP {
+                self.node_addrs
+                    .insert(node_addr_key(cidr), pod_id, 0)
+                    .with_context(|| format!("writing NODE_ADDRS entry {cidr}"))?;
+            }
         }
         Ok(())
     }
@@ -282,6 +333,11 @@ impl PodMaps for Datapath {
         }
         for (kind, cidr) in &rules.addrs {
             let _ = self.addr_rules.remove(&addr_key(pod_id, *kind, cidr));
+            // Only if still ours: an updated pod has already written its new slot here.
+            let key = node_addr_key(cidr);
+            if *kind == ADDR_POD_IP && self.node_addrs.get(&key, 0).ok() == Some(pod_id) {
+                let _ = self.node_addrs.remove(&key);
+            }
         }
         Ok(())
     }

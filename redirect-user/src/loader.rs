@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
@@ -102,6 +102,8 @@ pub struct LoadOptions<'a> {
     pub kernel_log_level: u8,
     /// The proxy's inbound listener port, registered by `sockops` at `listen()`.
     pub inbound_port: u16,
+    /// Same-node acceleration (sockmap) on.
+    pub accel: bool,
 }
 
 /// The loaded object and what the daemon keeps of it.
@@ -120,6 +122,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
+        .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
         .load(OBJECT)
         .context(
             "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",
@@ -139,6 +142,9 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
     let mut programs = Vec::new();
     let result =
         (|| -> Result<()> {
+            // Acceleration first: sk_msg on the socket-pair map, so that no socket enters
+            // the map before its verdict program is there.
+            programs.push(attach_sk_msg(&mut ebpf)?);
             for def in CGROUP_PROGRAMS {
                 let report = load_one(&mut ebpf, def)?;
                 let prog = ebpf
@@ -175,6 +181,46 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         ebpf,
         programs,
         generation,
+    })
+}
+
+/// Loads `rd_sk_msg` and attaches it to the pinned `SOCK_PAIRS` sockhash.
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
+    let map_fd = {
+        let map = ebpf
+            .map("SOCK_PAIRS")
+            .ok_or_else(|| anyhow!("map SOCK_PAIRS missing from the object"))?;
+        let aya::maps::Map::SockHash(data) = map else {
+            anyhow::bail!("map SOCK_PAIRS is not a sockhash");
+        };
+        data.fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the SOCK_PAIRS fd")?
+    };
+    let prog: &mut SkMsg = ebpf
+        .program_mut("rd_sk_msg")
+        .ok_or_else(|| anyhow!("program rd_sk_msg missing from the object"))?
+        .try_into()?;
+    prog.load()
+        .context("loading rd_sk_msg (sk_msg; needs Linux 5.15)")?;
+    bpf_sys::prog_attach(
+        prog.fd()?.as_fd(),
+        map_fd.as_fd(),
+        attach_type::SK_MSG_VERDICT,
+    )
+    .context("attaching rd_sk_msg to SOCK_PAIRS")?;
+    let info = prog.info().context("reading info of rd_sk_msg")?;
+    log::info!(
+        "attached rd_sk_msg (sk_msg) to SOCK_PAIRS; verifier processed {} instructions",
+        info.verified_instruction_count()
+            .map_or("?".into(), |n| n.to_string())
+    );
+    Ok(ProgramReport {
+        name: "rd_sk_msg".into(),
+        hook: "sk_msg (SOCK_PAIRS)".into(),
+        verified_insns: info.verified_instruction_count(),
+        id: info.id(),
     })
 }
 

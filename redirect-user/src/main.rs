@@ -59,6 +59,9 @@ enum Command {
         /// The proxy's own ports, never captured inbound (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
         proxy_ports: Vec<u16>,
+        /// Turn same-node acceleration (sockmap) off for every pod.
+        #[arg(long)]
+        no_accel: bool,
         /// How often to check the pods file, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         poll_ms: u64,
@@ -108,6 +111,7 @@ fn real_main(cli: Cli) -> Result<()> {
             outbound_port,
             inbound_port,
             mut proxy_ports,
+            no_accel,
             poll_ms,
         } => {
             // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
@@ -131,6 +135,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     inbound_port,
                     proxy_ports,
                 },
+                accel: !no_accel,
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),
             };

@@ -71,6 +71,8 @@ pub struct PodReport {
     pub inbound_direct: u64,
     pub inbound_fail_open: u64,
     pub inbound_fail_closed: u64,
+    pub accel_msgs: u64,
+    pub accel_bytes: u64,
 }
 
 impl PodReport {
@@ -86,6 +88,8 @@ impl PodReport {
             inbound_direct: c.inbound_direct,
             inbound_fail_open: c.inbound_fail_open,
             inbound_fail_closed: c.inbound_fail_closed,
+            accel_msgs: c.accel_msgs,
+            accel_bytes: c.accel_bytes,
         }
     }
 }
@@ -98,6 +102,10 @@ pub struct Report {
     pub warnings: Vec<String>,
     pub file_error: Option<String>,
     pub programs: Vec<ProgramReport>,
+    /// Entries in `SOCK_PAIRS` (accelerated sockets), `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+    pub sock_pairs: usize,
+    pub orig_by_cookie: usize,
+    pub orig_by_tuple: usize,
 }
 
 pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
@@ -108,7 +116,11 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
         let c = dp.counters(p.pod_id)?;
         pods.push(PodReport::new(p, c));
     }
+    let (sock_pairs, orig_by_cookie, orig_by_tuple) = dp.fill();
     Ok(Report {
+        sock_pairs,
+        orig_by_cookie,
+        orig_by_tuple,
         pods,
         rejected: status.rejected,
         warnings: status.warnings,
@@ -152,6 +164,19 @@ pub fn print(r: &Report) {
             p.inbound_fail_closed
         );
     }
+    println!();
+    for p in &r.pods {
+        println!(
+            "accelerated {:<28} {:>10} messages {:>14} bytes",
+            format!("{}/{}", p.pod.namespace, p.pod.name),
+            p.accel_msgs,
+            p.accel_bytes
+        );
+    }
+    println!(
+        "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",
+        r.sock_pairs, r.orig_by_cookie, r.orig_by_tuple
+    );
     if let Some(e) = &r.file_error {
         println!("\npods file unusable (serving its last good version): {e}");
     }

@@ -376,7 +376,7 @@ fn uninstall_leaves_nothing_behind() {
     lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
         .unwrap();
     let st = lab.daemon().wait_pods(&["client"]).unwrap();
-    // The six node-wide programs (the per-pod sk_lookup one is listed with id 0).
+    // The seven node-wide programs (the per-pod sk_lookup one is listed with id 0).
     let ids: Vec<u64> = st["programs"]
         .as_array()
         .unwrap()
@@ -384,7 +384,7 @@ fn uninstall_leaves_nothing_behind() {
         .map(|p| p["id"].as_u64().unwrap())
         .filter(|id| *id != 0)
         .collect();
-    assert_eq!(ids.len(), 6, "{st:#}");
+    assert_eq!(ids.len(), 7, "{st:#}");
     let target = format!("{}:8080", lab.pod("ext").v4);
     lab.client(Some("client"), None, &["--target", &target])
         .unwrap();

@@ -132,14 +132,18 @@ pub fn demo() -> Result<()> {
     step("inbound: `ext` (outside the mesh) calls `web`: sk_lookup hands the connection to web's sidecar (15006), which reaches the app from 127.0.0.6");
     let r = lab.client(Some("ext"), None, &["--target", &format!("{web4}:8080")])?;
     let reply = r[0].reply.as_ref().context("no reply from web")?;
-    println!("    ext {} -> {web4}:8080: the app saw the connection from {}", r[0].local.as_deref().unwrap_or("?"), reply.peer);
+    println!(
+        "    ext {} -> {web4}:8080: the app saw the connection from {}",
+        r[0].local.as_deref().unwrap_or("?"),
+        reply.peer
+    );
     show_sidecar(&lab, web_sidecar, 0);
 
     step("mesh to mesh: `client` calls `web`: client's sidecar (outbound), then web's sidecar (inbound), then the app");
     let before = lab.sidecar_log(web_sidecar).len();
     let r = lab.client(Some("client"), None, &["--target", &format!("{web4}:8080")])?;
     let reply = r[0].reply.as_ref().context("no reply from web")?;
-    seen = show_sidecar(&lab, sidecar, seen);
+    show_sidecar(&lab, sidecar, seen);
     show_sidecar(&lab, web_sidecar, before);
     println!("    the app saw the connection from {}", reply.peer);
 
