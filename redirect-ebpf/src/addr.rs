@@ -156,19 +156,32 @@ pub unsafe fn ctx_write_addr6(p: *mut [u32; 4], a: [u32; 4]) {
     }
 }
 
-/// The [`SockKey`] of a socket from its own addresses (family as the socket reports it;
-/// IPv4-mapped IPv6 connections are keyed as IPv4, like their peers).
+/// A socket's two ends as a program context reports them (both address forms, since an
+/// IPv6 socket may carry an IPv4-mapped connection).
+#[derive(Clone, Copy)]
+pub struct RawEnds {
+    pub family: u32,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
+}
+
+/// The [`SockKey`] of a socket from its own ends (IPv4-mapped IPv6 connections are keyed as
+/// IPv4, like their peers).
 #[inline(always)]
-pub fn sock_key(
-    netns_cookie: u64,
-    family: u32,
-    local: [u32; 4],
-    remote: [u32; 4],
-    local_ip4: u32,
-    remote_ip4: u32,
-    local_port_be: u16,
-    remote_port_be: u16,
-) -> SockKey {
+pub fn sock_key(netns_cookie: u64, ends: &RawEnds) -> SockKey {
+    let RawEnds {
+        family,
+        local,
+        remote,
+        local_ip4,
+        remote_ip4,
+        local_port_be,
+        remote_port_be,
+    } = *ends;
     let v6 = family == AF_INET6 as u32 && !is_v4_mapped(&remote);
     let (l, r) = if v6 {
         (

@@ -30,7 +30,7 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{MESH_PODS, ORIG_BY_COOKIE},
+    maps::{MESH_PODS, ORIG_BY_COOKIE, PROXY_SOCKS},
     policy::{outbound, Outbound},
 };
 
@@ -145,6 +145,12 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     };
     let uid_gid = bpf_get_current_uid_gid();
     let is_proxy = uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid;
+    if is_proxy {
+        // Remember the proxy's own sockets: only they are accelerated (sockops).
+        // Safety: helper valid for sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = PROXY_SOCKS.insert(cookie, 1, 0);
+    }
     let verdict = outbound(&pod, dst, is_proxy, src.is_passthrough_source());
     let (to_loopback, port) = match verdict {
         Outbound::Direct => {

@@ -72,3 +72,17 @@ pub static NODE_ADDRS: HashMap<NodeAddrKey, u32> = HashMap::pinned(MAX_ADDR_RULE
 /// `sockops` at close; LRU so a missed close cannot fill it.
 #[map]
 pub static ACCEL_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
+
+/// Sockets the proxy itself opened with `connect()` (its uid or gid), by socket cookie. Written
+/// by `connect4/6`; read and removed by `sockops` when the socket is established, to decide
+/// acceleration: only the proxy's sockets are accelerated (see `sk_msg.rs`). LRU: a connect
+/// that never completes leaves an entry that ages out.
+#[map]
+pub static PROXY_SOCKS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
+
+/// Connections `sk_lookup` handed to a proxy's inbound listener, by the accepted socket's
+/// [`SockKey`]. Written by `sk_lookup`; read and removed by `sockops` when the accepted socket
+/// is established (it is the proxy's, so it may be accelerated). LRU for handshakes that never
+/// complete.
+#[map]
+pub static STEERED: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);

@@ -5,11 +5,11 @@
 //! decided at `connect()` and pass untouched.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext, Global};
-use redirect_common::{ListenerKey, PodConfig, POD_FLAG_FAIL_CLOSED};
+use redirect_common::{ListenerKey, PodConfig, SockKey, POD_FLAG_FAIL_CLOSED};
 use redirect_ebpf::{
-    addr::{ctx_addr6, Endpoint},
+    addr::{ctx_addr6, sock_key, Endpoint, RawEnds},
     counters::count,
-    maps::{LISTENERS, MESH_PODS},
+    maps::{LISTENERS, MESH_PODS, STEERED},
     policy::{inbound, local_to_pod, Inbound},
 };
 
@@ -74,10 +74,33 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     });
     match assigned {
         Ok(()) => {
+            // The accepted socket will be the proxy's: sockops may accelerate it.
+            let _ = STEERED.insert(steered_key(&ctx, netns_cookie), 1, 0);
             count(pod.pod_id, |c| c.inbound_captured += 1);
             SK_PASS
         }
         Err(_) => fail(&pod),
+    }
+}
+
+/// The [`SockKey`] the accepted socket will have (its own local and remote ends).
+#[inline(always)]
+fn steered_key(ctx: &SkLookupContext, netns_cookie: u64) -> SockKey {
+    let l = ctx.lookup;
+    // Safety: sk_lookup context fields, read one word at a time.
+    unsafe {
+        sock_key(
+            netns_cookie,
+            &RawEnds {
+                family: (*l).family,
+                local: ctx_addr6(&raw const (*l).local_ip6),
+                remote: ctx_addr6(&raw const (*l).remote_ip6),
+                local_ip4: (*l).local_ip4,
+                remote_ip4: (*l).remote_ip4,
+                local_port_be: ((*l).local_port as u16).to_be(),
+                remote_port_be: (*l).remote_port,
+            },
+        )
     }
 }
 

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use redirect_common::SockKey;
 use redirect_ebpf::{
-    addr::{ctx_addr6, peer_key, sock_key},
+    addr::{ctx_addr6, peer_key, sock_key, RawEnds},
     counters::count,
     maps::{ACCEL_FALLBACK, MESH_PODS, SOCK_PAIRS},
 };
@@ -53,13 +53,15 @@ fn own_key(ctx: &SkMsgContext, netns_cookie: u64) -> SockKey {
     unsafe {
         sock_key(
             netns_cookie,
-            (*m).family,
-            ctx_addr6(&raw const (*m).local_ip6),
-            ctx_addr6(&raw const (*m).remote_ip6),
-            (*m).local_ip4,
-            (*m).remote_ip4,
-            ((*m).local_port as u16).to_be(),
-            ((*m).remote_port >> 16) as u16,
+            &RawEnds {
+                family: (*m).family,
+                local: ctx_addr6(&raw const (*m).local_ip6),
+                remote: ctx_addr6(&raw const (*m).remote_ip6),
+                local_ip4: (*m).local_ip4,
+                remote_ip4: (*m).remote_ip4,
+                local_port_be: ((*m).local_port as u16).to_be(),
+                remote_port_be: ((*m).remote_port >> 16) as u16,
+            },
         )
     }
 }

@@ -31,9 +31,10 @@ use redirect_common::{
 };
 
 use redirect_ebpf::{
-    addr::{ctx_addr6, is_v4_mapped, sock_key, Endpoint},
+    addr::{ctx_addr6, is_v4_mapped, sock_key, Endpoint, RawEnds},
     maps::{
-        ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS,
+        ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
+        PROXY_SOCKS, SOCK_PAIRS, STEERED,
     },
 };
 
@@ -53,9 +54,9 @@ pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             on_active_established(&ctx);
-            accelerate(&ctx);
+            accelerate(&ctx, true);
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accelerate(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => accelerate(&ctx, false),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
@@ -102,15 +103,35 @@ fn on_state_change(ctx: &SockOpsContext) {
     }
 }
 
-/// Puts an established socket of a mesh pod into `SOCK_PAIRS` when its peer is on this node
-/// and acceleration is on for the node and the pod.
+/// Puts an established socket into `SOCK_PAIRS` when it is a proxy's socket (one the proxy
+/// connected, or one `sk_lookup` steered to its inbound listener), its peer is another mesh
+/// pod on this node, and acceleration is on for the node and the pod. Application sockets are
+/// never put in the map: a socket in a sockmap reads through `tcp_bpf_recvmsg`, which returns
+/// `EAGAIN` to a *blocking* reader on a spurious wakeup or at a FIN (seen on 6.18), and
+/// applications may block; proxies (Envoy) use non-blocking sockets.
 #[inline(always)]
-fn accelerate(ctx: &SockOpsContext) {
+fn accelerate(ctx: &SockOpsContext, active: bool) {
     if ACCEL_ENABLED.load() == 0 {
         return;
     }
     // Safety: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = own_key(ctx, netns_cookie);
+    let proxy_owned = if active {
+        // Safety: helper valid for sock_ops programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let owned = PROXY_SOCKS.get_ptr(cookie).is_some();
+        let _ = PROXY_SOCKS.remove(cookie);
+        owned
+    } else {
+        let owned = STEERED.get_ptr(key).is_some();
+        let _ = STEERED.remove(key);
+        owned
+    };
+    if !proxy_owned || key.netns_cookie != 0 {
+        // Not the proxy's, or a connection inside the pod (to or from an application).
+        return;
+    }
     // Safety: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
         return;
@@ -148,13 +169,15 @@ fn own_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
     unsafe {
         sock_key(
             netns_cookie,
-            (*ops).family,
-            ctx_addr6(&raw const (*ops).local_ip6),
-            ctx_addr6(&raw const (*ops).remote_ip6),
-            (*ops).local_ip4,
-            (*ops).remote_ip4,
-            ((*ops).local_port as u16).to_be(),
-            ((*ops).remote_port >> 16) as u16,
+            &RawEnds {
+                family: (*ops).family,
+                local: ctx_addr6(&raw const (*ops).local_ip6),
+                remote: ctx_addr6(&raw const (*ops).remote_ip6),
+                local_ip4: (*ops).local_ip4,
+                remote_ip4: (*ops).remote_ip4,
+                local_port_be: ((*ops).local_port as u16).to_be(),
+                remote_port_be: ((*ops).remote_port >> 16) as u16,
+            },
         )
     }
 }

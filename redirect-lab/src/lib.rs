@@ -7,6 +7,7 @@
 //! unique per lab (`rlab-<pid>-<n>`), so labs can run side by side, and nothing touches the
 //! host's own interfaces: the bridge lives in a "node" namespace of the lab's own.
 
+pub mod echo;
 pub mod wire;
 
 use std::{
@@ -541,6 +542,56 @@ impl Lab {
             self.wait_listening(pod, *p)?;
         }
         Ok(i)
+    }
+
+    /// Starts the echo server in a pod and waits until it listens.
+    pub fn start_echo_server(
+        &mut self,
+        pod: &str,
+        port: u16,
+        reset_after: Option<u64>,
+    ) -> Result<usize> {
+        let port_s = port.to_string();
+        let mut args = vec!["echo-server", "--port", &port_s];
+        let reset;
+        if let Some(r) = reset_after {
+            reset = r.to_string();
+            args.extend(["--reset-after", &reset]);
+        }
+        let i = self.spawn_in(pod, None, &format!("echo{port}"), &args)?;
+        self.wait_listening(pod, port)?;
+        Ok(i)
+    }
+
+    /// Runs the echo client in a pod; one result per stream.
+    pub fn echo(&self, pod: &str, args: &[&str]) -> Result<Vec<echo::EchoResult>> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("echo-client-{n}.log"));
+        let mut all = vec!["echo-client"];
+        all.extend_from_slice(args);
+        let mut p = spawn(self.pod(pod).placement(), &log, &bin("redirect-lab"), &all)?;
+        let status = p.child.wait()?;
+        let text = p.log_text();
+        if !status.success() {
+            bail!("echo-client {args:?} failed ({status}): {text}");
+        }
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("echo-client output {l:?}")))
+            .collect()
+    }
+
+    /// Packets sent and received so far on `dev` in a namespace (`ip -s -j link`).
+    pub fn link_packets(ns: &Netns, dev: &str) -> Result<u64> {
+        let out = run(
+            "ip",
+            &["-n", &ns.name, "-s", "-j", "link", "show", "dev", dev],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let stats = &v[0]["stats64"];
+        let n = stats["rx"]["packets"].as_u64().context("no rx packets")?
+            + stats["tx"]["packets"].as_u64().context("no tx packets")?;
+        Ok(n)
     }
 
     /// Waits until something in the pod listens on TCP `port`.

@@ -44,6 +44,28 @@ enum Cmd {
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
     },
+    /// Echoes every byte back; half-closes after the client's FIN.
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+        /// Read this many bytes, then abort the connection with a reset.
+        #[arg(long)]
+        reset_after: Option<u64>,
+    },
+    /// Streams pseudo-random bytes through an echo and checks they come back intact.
+    EchoClient {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        size: u64,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        mode: redirect_lab::echo::SendMode,
+        /// Sleep this long after every 16 KiB read (a slow reader).
+        #[arg(long)]
+        slow_read_us: Option<u64>,
+    },
     /// A client: `count` connections spread over the targets, `concurrency` at a time.
     Client {
         #[arg(long = "target", required = true)]
@@ -464,25 +486,35 @@ async fn client(
 
 fn main() -> Result<()> {
     raise_nofile();
-    let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        match cli.cmd {
-            Cmd::Proxy {
-                outbound_port,
-                inbound_port,
-            } => proxy(outbound_port, inbound_port).await,
-            Cmd::Server { ports } => server(ports).await,
-            Cmd::Client {
-                targets,
-                count,
-                concurrency,
-                hold,
-                timeout_ms,
-            } => client(targets, count, concurrency, hold, timeout_ms).await,
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    match Cli::parse().cmd {
+        Cmd::Proxy {
+            outbound_port,
+            inbound_port,
+        } => rt()?.block_on(proxy(outbound_port, inbound_port)),
+        Cmd::Server { ports } => rt()?.block_on(server(ports)),
+        Cmd::Client {
+            targets,
+            count,
+            concurrency,
+            hold,
+            timeout_ms,
+        } => rt()?.block_on(client(targets, count, concurrency, hold, timeout_ms)),
+        Cmd::EchoServer { port, reset_after } => redirect_lab::echo::server(port, reset_after),
+        Cmd::EchoClient {
+            target,
+            size,
+            streams,
+            mode,
+            slow_read_us,
+        } => {
+            let slow = slow_read_us.map(Duration::from_micros);
+            redirect_lab::echo::client(target, size, streams, mode, slow)
         }
-    })
+    }
 }

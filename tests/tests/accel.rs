@@ -1,0 +1,223 @@
+//! Same-node acceleration (sockmap) on the real kernel: byte-exact through the full mesh
+//! path (app, sidecar, sidecar, app), proven to bypass the stack, and leak-free.
+
+use redirect_lab::{echo::EchoResult, Lab};
+use redirect_tests::{lab, pods_yaml};
+
+/// A lab with mesh pods `a` (client app + sidecar) and `b` (echo server app on 7000 +
+/// sidecar); `b_annotations` go on both pods.
+fn mesh(annotations: &[(&str, &str)]) -> Lab {
+    let mut lab = lab();
+    lab.add_pod("a").unwrap();
+    lab.add_pod("b").unwrap();
+    lab.start_sidecar("a").unwrap();
+    lab.start_sidecar("b").unwrap();
+    lab.start_echo_server("b", 7000, None).unwrap();
+    let yaml = pods_yaml(&[
+        lab.pod("a").yaml_entry(annotations),
+        lab.pod("b").yaml_entry(annotations),
+    ]);
+    lab.start_daemon(&yaml, &[]).unwrap();
+    lab.daemon().wait_pods(&["a", "b"]).unwrap();
+    lab
+}
+
+fn target(lab: &Lab, port: u16) -> String {
+    format!("{}:{port}", lab.pod("b").v4)
+}
+
+fn accel_bytes(lab: &mut Lab) -> u64 {
+    let d = lab.daemon();
+    ["a", "b"]
+        .iter()
+        .map(|p| d.pod_status(p).unwrap()["accel_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+fn assert_intact(results: &[EchoResult], streams: usize, size: u64) {
+    assert_eq!(results.len(), streams);
+    for r in results {
+        assert!(
+            r.intact && r.outcome == "ok",
+            "stream {} of {size} bytes: {r:?}",
+            r.stream
+        );
+        assert_eq!(r.received, size);
+    }
+}
+
+/// Echo through the full mesh path, sizes 1 B to 64 MiB, random bytes: what comes back hashes
+/// equal; then 200 concurrent streams; the acceleration counters moved.
+#[test]
+fn echo_is_byte_exact_through_the_accelerated_mesh() {
+    let mut lab = mesh(&[]);
+    let t = target(&lab, 7000);
+    for size in [1u64, 1024, 64 * 1024, 1 << 20, 64 << 20] {
+        let s = size.to_string();
+        let r = lab.echo("a", &["--target", &t, "--size", &s]).unwrap();
+        assert_intact(&r, 1, size);
+    }
+    let r = lab
+        .echo(
+            "a",
+            &["--target", &t, "--size", "262144", "--streams", "200"],
+        )
+        .unwrap();
+    assert_intact(&r, 200, 262_144);
+    // The sidecar-to-sidecar hop is accelerated, both ways.
+    let moved = accel_bytes(&mut lab);
+    assert!(moved >= 2 * (64 << 20), "only {moved} bytes accelerated");
+}
+
+/// sendfile(2) and splice(2) senders, and a slow reader, through the accelerated path.
+#[test]
+fn sendfile_splice_and_slow_reader() {
+    let lab = mesh(&[]);
+    let t = target(&lab, 7000);
+    for mode in ["sendfile", "splice"] {
+        let r = lab
+            .echo(
+                "a",
+                &[
+                    "--target",
+                    &t,
+                    "--size",
+                    "4194304",
+                    "--streams",
+                    "4",
+                    "--mode",
+                    mode,
+                ],
+            )
+            .unwrap();
+        assert_intact(&r, 4, 4 << 20);
+    }
+    let r = lab
+        .echo(
+            "a",
+            &["--target", &t, "--size", "8388608", "--slow-read-us", "300"],
+        )
+        .unwrap();
+    assert_intact(&r, 1, 8 << 20);
+}
+
+/// A reset on the server side reaches the client as a failed stream (a reset or an early EOF,
+/// never a complete one), with acceleration as without it. Through two proxies which of the
+/// two the client sees depends on timing either way (both seen without acceleration too).
+#[test]
+fn reset_is_seen_as_a_failure_with_and_without_acceleration() {
+    let outcome = |annotations: &[(&str, &str)]| {
+        let mut lab = mesh(annotations);
+        lab.start_echo_server("b", 7001, Some(100_000)).unwrap();
+        let t = target(&lab, 7001);
+        let r = lab
+            .echo(
+                "a",
+                &["--target", &t, "--size", "1048576", "--streams", "4"],
+            )
+            .unwrap();
+        assert!(r.iter().all(|r| !r.intact && r.received < 1 << 20), "{r:?}");
+        let mut outcomes: Vec<String> = r.iter().map(|r| r.outcome.clone()).collect();
+        outcomes.sort();
+        outcomes.dedup();
+        outcomes
+    };
+    let failed = |o: &Vec<String>| o.iter().all(|o| o == "reset" || o == "eof-early");
+    let plain = outcome(&[("redirectd.dev/accel", "false")]);
+    assert!(failed(&plain), "without acceleration: {plain:?}");
+    let accel = outcome(&[]);
+    assert!(failed(&accel), "accelerated: {accel:?}");
+}
+
+/// Proof: with acceleration the payload does not cross the pods' veths between the two
+/// sidecars (their packet counters grow by a handful, not by the payload) and the sk_msg
+/// counters moved; with acceleration off for the pods, the same transfer does show up in the
+/// counters. (Application-to-sidecar hops are not accelerated; see README.)
+#[test]
+fn acceleration_really_bypasses_the_stack() {
+    let packets_for = |annotations: &[(&str, &str)]| {
+        let mut lab = mesh(annotations);
+        let t = target(&lab, 7000);
+        let count = |lab: &Lab| -> u64 {
+            let (a, b) = (&lab.pod("a").netns, &lab.pod("b").netns);
+            [(a, "eth0"), (b, "eth0")]
+                .iter()
+                .map(|(ns, dev)| Lab::link_packets(ns, dev).unwrap())
+                .sum()
+        };
+        let before = count(&lab);
+        let bytes_before = accel_bytes(&mut lab);
+        let r = lab
+            .echo("a", &["--target", &t, "--size", "67108864"])
+            .unwrap();
+        assert_intact(&r, 1, 64 << 20);
+        (count(&lab) - before, accel_bytes(&mut lab) - bytes_before)
+    };
+    let (plain_packets, plain_bytes) = packets_for(&[("redirectd.dev/accel", "false")]);
+    let (accel_packets, accel_bytes) = packets_for(&[]);
+    println!("64 MiB echo: {plain_packets} packets without acceleration, {accel_packets} with");
+    assert_eq!(
+        plain_bytes, 0,
+        "acceleration off, yet sk_msg moved {plain_bytes} bytes"
+    );
+    assert!(
+        plain_packets > 2000,
+        "the measurement cannot see the payload: {plain_packets} packets"
+    );
+    assert!(
+        accel_packets < 200,
+        "{accel_packets} packets crossed the veths with acceleration on"
+    );
+    assert!(
+        accel_bytes >= 2 * (64 << 20),
+        "only {accel_bytes} bytes accelerated"
+    );
+}
+
+/// After 10,000 short connections through the mesh the socket map and the
+/// original-destination maps are back to their starting size.
+#[test]
+fn no_leak_after_ten_thousand_connections() {
+    let mut lab = mesh(&[]);
+    lab.start_server("b", &[8080]).unwrap();
+    let st = lab.daemon().status().unwrap();
+    let start = (
+        st["sock_pairs"].as_u64(),
+        st["orig_by_cookie"].as_u64(),
+        st["orig_by_tuple"].as_u64(),
+    );
+    let t = target(&lab, 8080);
+    let r = lab
+        .client(
+            Some("a"),
+            None,
+            &["--target", &t, "--count", "10000", "--concurrency", "50"],
+        )
+        .unwrap();
+    let failed: Vec<_> = r.iter().filter(|r| r.error.is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let st = lab
+        .daemon()
+        .wait_status("maps back to their starting size", |s| {
+            (
+                s["sock_pairs"].as_u64(),
+                s["orig_by_cookie"].as_u64(),
+                s["orig_by_tuple"].as_u64(),
+            ) == start
+        })
+        .unwrap();
+    let a = &st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a["outbound_captured"].as_u64(), Some(10_000));
+    assert!(a["accel_msgs"].as_u64().unwrap() >= 10_000, "{a:#}");
+}
