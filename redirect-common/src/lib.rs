@@ -43,6 +43,13 @@ pub const POD_FLAG_INCLUDE_ALL_INBOUND: u32 = 1 << 2;
 /// (annotation `redirectd.dev/accel: "false"`).
 pub const POD_FLAG_NO_ACCEL: u32 = 1 << 3;
 
+/// [`PodConfig::flags`]: the pod has `excludeOutboundIPRanges` (skip the trie otherwise).
+pub const POD_FLAG_HAS_EXCLUDE_RANGES: u32 = 1 << 4;
+/// [`PodConfig::flags`]: the pod has an `includeOutboundIPRanges` list.
+pub const POD_FLAG_HAS_INCLUDE_RANGES: u32 = 1 << 5;
+/// [`PodConfig::flags`]: the pod has `includeOutboundPorts`.
+pub const POD_FLAG_HAS_INCLUDE_PORTS: u32 = 1 << 6;
+
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -116,8 +123,8 @@ const _: () = assert!(size_of::<PortRuleKey>() == 8);
 pub const ADDR_EXCLUDE_OUTBOUND: u32 = 1;
 /// [`AddrRuleData::kind`]: `includeOutboundIPRanges` when it is a list.
 pub const ADDR_INCLUDE_OUTBOUND: u32 = 2;
-/// [`AddrRuleData::kind`]: one of the pod's own addresses (a /32 or /128), for Istio's
-/// "over lo" rules.
+/// A pod's own address (a /32 or /128) in [`PodRules`-style rule lists]; the daemon writes
+/// these to `NODE_ADDRS` (exact match), not to the trie.
 pub const ADDR_POD_IP: u32 = 3;
 
 /// Number of leading bits of [`AddrRuleData`] that every rule matches exactly

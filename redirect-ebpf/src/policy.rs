@@ -3,15 +3,16 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use redirect_common::{
-    AddrRuleData, PodConfig, PortRuleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, HBONE_PORT, POD_FLAG_INCLUDE_ALL_INBOUND,
+    AddrRuleData, NodeAddrKey, PodConfig, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_RULE_FIXED_BITS, HBONE_PORT, POD_FLAG_HAS_EXCLUDE_RANGES,
+    POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
     POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
     PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::{
     addr::Endpoint,
-    maps::{ADDR_RULES, PORT_RULES},
+    maps::{ADDR_RULES, NODE_ADDRS, PORT_RULES},
 };
 
 /// What to do with an outbound `connect()`.
@@ -56,13 +57,18 @@ pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
     ADDR_RULES.get(&key).is_some()
 }
 
+/// One of the pod's own addresses (`NODE_ADDRS` maps each mesh pod address to its pod).
+#[inline(always)]
+pub fn is_pod_addr(pod: &PodConfig, addr16: [u8; 16]) -> bool {
+    // Safety: plain-data value, read at once.
+    unsafe { NODE_ADDRS.get(NodeAddrKey { addr_be: addr16 }) }.is_some_and(|id| *id == pod.pod_id)
+}
+
 /// Is `addr` local to the pod: loopback, the proxy's passthrough source (`::6` is not in
 /// `::1`'s loopback range) or one of the pod's own addresses ("over lo")?
 #[inline(always)]
 pub fn local_to_pod(pod: &PodConfig, addr: &Endpoint) -> bool {
-    addr.is_loopback()
-        || addr.is_passthrough_source()
-        || has_addr_rule(pod.pod_id, ADDR_POD_IP, addr.addr16())
+    addr.is_loopback() || addr.is_passthrough_source() || is_pod_addr(pod, addr.addr16())
 }
 
 /// The outbound rules of INTERCEPTION_SPEC.md, first match wins. `is_proxy`: the caller runs
@@ -80,7 +86,7 @@ pub fn outbound(
         return Outbound::Direct;
     }
     let addr16 = dst.addr16();
-    let over_lo = dst.is_loopback() || has_addr_rule(pod.pod_id, ADDR_POD_IP, addr16);
+    let over_lo = dst.is_loopback() || is_pod_addr(pod, addr16);
     if over_lo {
         // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
         // resolving to itself) goes through inbound. 4: an app calling itself.
@@ -95,13 +101,17 @@ pub fn outbound(
     }
     // 7: 127.0.0.1 is covered by over_lo above.
     // 8: excluded ranges.
-    if has_addr_rule(pod.pod_id, ADDR_EXCLUDE_OUTBOUND, addr16) {
+    if pod.flags & POD_FLAG_HAS_EXCLUDE_RANGES != 0
+        && has_addr_rule(pod.pod_id, ADDR_EXCLUDE_OUTBOUND, addr16)
+    {
         return Outbound::Direct;
     }
     // 9: included ports or ranges.
     if pod.flags & POD_FLAG_INCLUDE_ALL_OUTBOUND != 0
-        || has_port_rule(pod.pod_id, port, PORT_INCLUDE_OUTBOUND)
-        || has_addr_rule(pod.pod_id, ADDR_INCLUDE_OUTBOUND, addr16)
+        || (pod.flags & POD_FLAG_HAS_INCLUDE_PORTS != 0
+            && has_port_rule(pod.pod_id, port, PORT_INCLUDE_OUTBOUND))
+        || (pod.flags & POD_FLAG_HAS_INCLUDE_RANGES != 0
+            && has_addr_rule(pod.pod_id, ADDR_INCLUDE_OUTBOUND, addr16))
     {
         return Outbound::Capture;
     }

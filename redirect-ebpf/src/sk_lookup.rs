@@ -34,6 +34,19 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
+    // Loopback destinations (including the listener probes of connect4's
+    // bpf_sk_lookup_tcp) are never ours: return before any map lookup.
+    // Safety: as above.
+    let local_loopback = unsafe {
+        if family == AF_INET {
+            Endpoint::v4((*l).local_ip4, 0).is_loopback()
+        } else {
+            Endpoint::v6(ctx_addr6(&raw const (*l).local_ip6), 0).is_loopback()
+        }
+    };
+    if local_loopback {
+        return SK_PASS;
+    }
     let netns_cookie = POD_NETNS_COOKIE.load();
     // Safety: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {

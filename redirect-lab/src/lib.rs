@@ -8,6 +8,7 @@
 //! host's own interfaces: the bridge lives in a "node" namespace of the lab's own.
 
 pub mod echo;
+pub mod perf;
 pub mod wire;
 
 use std::{
@@ -579,6 +580,25 @@ impl Lab {
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str(l).with_context(|| format!("echo-client output {l:?}")))
             .collect()
+    }
+
+    /// Runs one benchmark workload (`perf-client`) in a pod.
+    pub fn perf(&self, pod: &str, args: &[&str]) -> Result<perf::Measured> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("perf-client-{n}.log"));
+        let mut all = vec!["perf-client"];
+        all.extend_from_slice(args);
+        let mut p = spawn(self.pod(pod).placement(), &log, &bin("redirect-lab"), &all)?;
+        let status = p.child.wait()?;
+        let text = p.log_text();
+        if !status.success() {
+            bail!("perf-client {args:?} failed ({status}): {text}");
+        }
+        let line = text
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("perf-client printed no result: {text}"))?;
+        serde_json::from_str(line).with_context(|| format!("perf-client output {line:?}"))
     }
 
     /// Packets sent and received so far on `dev` in a namespace (`ip -s -j link`).

@@ -66,6 +66,24 @@ enum Cmd {
         #[arg(long)]
         slow_read_us: Option<u64>,
     },
+    /// Benchmark server: 1 KiB request/response on one port, a sink on another.
+    PerfServer {
+        #[arg(long, default_value_t = 9001)]
+        rr_port: u16,
+        #[arg(long, default_value_t = 9002)]
+        sink_port: u16,
+    },
+    /// Benchmark client: one workload, one JSON line.
+    PerfClient {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, value_enum)]
+        workload: redirect_lab::perf::Workload,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+    },
     /// A client: `count` connections spread over the targets, `concurrency` at a time.
     Client {
         #[arg(long = "target", required = true)]
@@ -505,6 +523,15 @@ fn main() -> Result<()> {
             hold,
             timeout_ms,
         } => rt()?.block_on(client(targets, count, concurrency, hold, timeout_ms)),
+        Cmd::PerfServer { rr_port, sink_port } => redirect_lab::perf::server(rr_port, sink_port),
+        Cmd::PerfClient {
+            target,
+            workload,
+            duration_ms,
+            conns,
+        } => {
+            redirect_lab::perf::client(target, workload, Duration::from_millis(duration_ms), conns)
+        }
         Cmd::EchoServer { port, reset_after } => redirect_lab::echo::server(port, reset_after),
         Cmd::EchoClient {
             target,

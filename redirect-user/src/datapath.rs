@@ -17,7 +17,8 @@ use aya::{
 use redirect_common::{
     AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PortRuleKey, SockKey,
     TupleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS,
-    POD_FLAG_FAIL_CLOSED, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS,
+    POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
     POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND,
     PORT_INCLUDE_OUTBOUND,
 };
@@ -82,6 +83,17 @@ impl PodRules {
         }
         if !policy.accel {
             r.flags |= POD_FLAG_NO_ACCEL;
+        }
+        // Let the programs skip lookups a pod has no rules for.
+        let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
+        if has(ADDR_EXCLUDE_OUTBOUND) {
+            r.flags |= POD_FLAG_HAS_EXCLUDE_RANGES;
+        }
+        if has(ADDR_INCLUDE_OUTBOUND) {
+            r.flags |= POD_FLAG_HAS_INCLUDE_RANGES;
+        }
+        if !policy.include_outbound_ports.is_empty() {
+            r.flags |= POD_FLAG_HAS_INCLUDE_PORTS;
         }
         r
     }
@@ -309,14 +321,16 @@ impl PodMaps for Datapath {
             })?;
         }
         for (kind, cidr) in &rules.addrs {
-            self.addr_rules
-                .insert(&addr_key(pod_id, *kind, cidr), 1, 0)
-                .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
             if *kind == ADDR_POD_IP {
+                // The pod's own addresses: an exact-match map, shared by the node.
                 self.node_addrs
                     .insert(node_addr_key(cidr), pod_id, 0)
                     .with_context(|| format!("writing NODE_ADDRS entry {cidr}"))?;
+                continue;
             }
+            self.addr_rules
+                .insert(&addr_key(pod_id, *kind, cidr), 1, 0)
+                .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
         }
         Ok(())
     }
@@ -332,10 +346,13 @@ impl PodMaps for Datapath {
             let _ = self.port_rules.remove(&key);
         }
         for (kind, cidr) in &rules.addrs {
-            let _ = self.addr_rules.remove(&addr_key(pod_id, *kind, cidr));
+            if *kind != ADDR_POD_IP {
+                let _ = self.addr_rules.remove(&addr_key(pod_id, *kind, cidr));
+                continue;
+            }
             // Only if still ours: an updated pod has already written its new slot here.
             let key = node_addr_key(cidr);
-            if *kind == ADDR_POD_IP && self.node_addrs.get(&key, 0).ok() == Some(pod_id) {
+            if self.node_addrs.get(&key, 0).ok() == Some(pod_id) {
                 let _ = self.node_addrs.remove(&key);
             }
         }

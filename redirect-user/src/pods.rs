@@ -117,6 +117,7 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     let mut desired = Desired::default();
     let mut seen_keys = BTreeSet::new();
     let mut seen_netns = BTreeMap::new();
+    let mut seen_ips: BTreeMap<IpAddr, PodKey> = BTreeMap::new();
     for (i, entry) in entries.iter().enumerate() {
         match parse_entry(i, entry) {
             Ok((spec, warnings)) => {
@@ -132,12 +133,26 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                     ));
                     continue;
                 }
+                if let Some((ip, other)) = spec
+                    .ips
+                    .iter()
+                    .find_map(|ip| seen_ips.get(ip).map(|o: &PodKey| (ip, o.clone())))
+                {
+                    desired.rejected.push(reject(
+                        "ips",
+                        format!("{ip} is already pod {other}'s address"),
+                    ));
+                    continue;
+                }
                 if let Some(other) = seen_netns.insert(spec.netns.clone(), spec.key.clone()) {
                     desired.rejected.push(reject(
                         "netns",
                         format!("{} is already pod {other}'s", spec.netns),
                     ));
                     continue;
+                }
+                for ip in &spec.ips {
+                    seen_ips.insert(*ip, spec.key.clone());
                 }
                 desired.warnings.extend(
                     warnings
@@ -292,10 +307,16 @@ pods:
     netns: relative/path
   - name: "bad/name"
     netns: /var/run/netns/e
+  - name: sameip
+    netns: /var/run/netns/f
+    ips: ["10.0.0.9"]
+  - name: sameip2
+    netns: /var/run/netns/g
+    ips: ["10.0.0.9"]
 "#,
         )
         .unwrap();
-        assert_eq!(d.pods.len(), 1);
+        assert_eq!(d.pods.len(), 2);
         let got: Vec<(String, String)> = d
             .rejected
             .iter()
@@ -316,6 +337,7 @@ pods:
             ("default/samens", "netns"),
             ("default/rel", "netns"),
             ("default/bad/name", "name"),
+            ("default/sameip2", "ips"),
         ];
         let want: Vec<(String, String)> = want
             .iter()

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the dev-box tasks. Every task installs what is missing first.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -37,6 +38,12 @@ enum Task {
     /// The main job on a dev box: a small lab, the redirector, real traffic, what the sidecar
     /// saw and the capture counters; then everything is torn down.
     Demo,
+    /// Benchmark direct / iptables (Istio's rules) / ebpf / ebpf+sockmap, side by side.
+    Bench {
+        /// A short run (under 2 minutes); does not update docs/benchmarks.md.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Unit tests and integration tests on the real kernel (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -141,6 +148,12 @@ fn main() -> Result<()> {
             build(false)?;
             sweep_leftovers()?;
             demo::demo()
+        }
+        Task::Bench { quick } => {
+            require_root("the benchmark")?;
+            build(true)?;
+            sweep_leftovers()?;
+            bench::bench(quick, &root())
         }
         Task::Test { args } => {
             require_root("the tests")?;
