@@ -53,7 +53,8 @@ pub const POD_FLAG_HAS_INCLUDE_PORTS: u32 = 1 << 6;
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;
 
-/// Key of `LISTENERS`: the proxy's inbound listener of one network namespace and family.
+/// Key of `LISTENERS`: a proxy listener (inbound or outbound port) of one network namespace
+/// and family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
@@ -61,8 +62,8 @@ pub struct ListenerKey {
     pub netns_cookie: u64,
     /// `AF_INET` or `AF_INET6`, widened.
     pub family: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// The listening port, host order, widened.
+    pub port: u32,
 }
 const _: () = assert!(size_of::<ListenerKey>() == 16);
 

@@ -14,7 +14,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_uid_gid,
         generated::{
-            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_lookup_tcp,
+            bpf_sk_release,
         },
     },
     macros::cgroup_sock_addr,
@@ -22,7 +23,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use redirect_common::{OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
+use redirect_common::{ListenerKey, OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
 
 use redirect_ebpf::{
     addr::{
@@ -30,7 +31,7 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{MESH_PODS, ORIG_BY_COOKIE, PROXY_SOCKS},
+    maps::{LISTENERS, MESH_PODS, ORIG_BY_COOKIE, PROXY_SOCKS},
     policy::{outbound, Outbound},
 };
 
@@ -160,8 +161,11 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
         Outbound::Capture => (true, pod.outbound_port),
         Outbound::CaptureInbound => (false, pod.inbound_port),
     };
-    let listener_addr = if to_loopback { None } else { Some(dst) };
-    if !proxy_listening(ctx, dst.family, listener_addr, port) {
+    // Fast path: the listener registered in LISTENERS (at its listen(), or adopted by the
+    // daemon); else a socket lookup, so an unregistered proxy is still seen.
+    let listening = listener_registered(netns_cookie, dst.family, port)
+        || proxy_listening(ctx, dst.family, (!to_loopback).then_some(dst), port);
+    if !listening {
         return fail(ctx, &pod, to_loopback);
     }
     // Safety: helper valid for sock_addr programs.
@@ -218,6 +222,29 @@ fn fail(ctx: &SockAddrContext, pod: &PodConfig, outbound: bool) -> Decision {
         );
         Decision::Direct
     }
+}
+
+/// Is a proxy listener for `port` registered in `LISTENERS` for this netns and family?
+#[inline(always)]
+fn listener_registered(netns_cookie: u64, family: u16, port: u16) -> bool {
+    let key = ListenerKey {
+        netns_cookie,
+        family: family.into(),
+        port: port.into(),
+    };
+    // Safety: `LISTENERS` is a repr(transparent) map definition, so its address is the map
+    // the verifier relocates; a socket found is a reference released right away.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            (&raw const LISTENERS).cast_mut().cast(),
+            (&raw const key).cast(),
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
 }
 
 /// Is something listening on `addr` (loopback if None):`port` (host order) in the caller's

@@ -48,10 +48,12 @@ pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX
 #[map]
 pub static POD_COUNTERS: PerCpuArray<PodCounters> = PerCpuArray::pinned(MAX_PODS, 0);
 
-/// The proxy's inbound listener of each network namespace and family ([`ListenerKey`]).
-/// Written by `sockops` when a socket starts listening on the inbound port (so a restarted
-/// proxy is registered again at its `listen()`); the kernel removes an entry when its socket
-/// closes. Read by `sk_lookup` to steer new inbound connections with `bpf_sk_assign`.
+/// The proxy's listeners, inbound and outbound port, of each network namespace and family
+/// ([`ListenerKey`]). Written by `sockops` when a socket starts listening on either port (so a
+/// restarted proxy is registered again at its `listen()`), and by the daemon for a proxy that
+/// was listening before it; the kernel removes an entry when its socket closes, so an entry
+/// means "listening now". Read by `sk_lookup` (steer inbound connections with
+/// `bpf_sk_assign`) and by `connect4/6` (is the proxy listening?).
 #[map]
 pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
 

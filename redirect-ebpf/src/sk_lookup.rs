@@ -70,7 +70,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     let key = ListenerKey {
         netns_cookie,
         family,
-        _pad: 0,
+        port: pod.inbound_port.into(),
     };
     // An IPv4 connection may also go to a dual-stack IPv6 listener (the kernel refuses a
     // v6-only one, and that is a failure like no listener).

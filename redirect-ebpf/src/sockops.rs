@@ -47,6 +47,11 @@ static ACCEL_ENABLED: Global<u32> = Global::new(1);
 #[unsafe(no_mangle)]
 static INBOUND_PORT: Global<u32> = Global::new(15006);
 
+/// The proxy's outbound listener port (host order), set by the daemon at load
+/// (`--outbound-port`).
+#[unsafe(no_mangle)]
+static OUTBOUND_PORT: Global<u32> = Global::new(15001);
+
 /// Socket lifecycle hook, attached at the cgroup. Minimum kernel: 5.15.
 #[sock_ops]
 pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
@@ -184,14 +189,15 @@ fn own_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
 
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
-    if ctx.local_port() != INBOUND_PORT.load() {
+    let port = ctx.local_port();
+    if port != INBOUND_PORT.load() && port != OUTBOUND_PORT.load() {
         return;
     }
     let key = ListenerKey {
         // Safety: helper valid for sock_ops programs.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         family: ctx.family(),
-        _pad: 0,
+        port,
     };
     // Safety: the context is the listening socket's sock_ops, as the helper requires.
     let _ = LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);

@@ -122,6 +122,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         cgroup: &cgroup,
         kernel_log_level: kernel_log_level(),
         inbound_port: opts.node.inbound_port,
+        outbound_port: opts.node.outbound_port,
         accel: opts.accel,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {
@@ -130,8 +131,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         Err(e) => log::warn!("kernel log records will not be shown: {e}"),
     }
-    let mut datapath =
-        Datapath::from_ebpf(&mut loaded.ebpf, &opts.pin_dir, opts.node.inbound_port)?;
+    let mut datapath = Datapath::from_ebpf(
+        &mut loaded.ebpf,
+        &opts.pin_dir,
+        opts.node.inbound_port,
+        opts.node.outbound_port,
+    )?;
     let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;
     reconciler.reserve(previous.iter().map(|(_, c)| c.pod_id));

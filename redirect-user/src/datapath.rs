@@ -169,16 +169,23 @@ pub struct Datapath {
     orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     pin_dir: PathBuf,
     inbound_port: u16,
+    outbound_port: u16,
     /// Verifier instruction count of the last per-pod `sk_lookup` program loaded.
     pub inbound_insns: Option<u32>,
 }
 
 impl Datapath {
     /// Takes the maps out of a freshly loaded object.
-    pub fn from_ebpf(ebpf: &mut Ebpf, pin_dir: &Path, inbound_port: u16) -> Result<Self> {
+    pub fn from_ebpf(
+        ebpf: &mut Ebpf,
+        pin_dir: &Path,
+        inbound_port: u16,
+        outbound_port: u16,
+    ) -> Result<Self> {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             inbound_port,
+            outbound_port,
             inbound_insns: None,
             listeners: take(ebpf, "LISTENERS")?,
             node_addrs: take(ebpf, "NODE_ADDRS")?,
@@ -197,6 +204,7 @@ impl Datapath {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             inbound_port: 0,
+            outbound_port: 0,
             inbound_insns: None,
             listeners: pinned(pin_dir, "LISTENERS")?,
             node_addrs: pinned(pin_dir, "NODE_ADDRS")?,
@@ -231,6 +239,31 @@ impl Datapath {
             sum.accel_bytes += c.accel_bytes;
         }
         Ok(sum)
+    }
+
+    /// Registers in `LISTENERS` the proxy sockets already listening on `port` in a pod's
+    /// namespace (a proxy that started before us never ran our `listen()` hook).
+    fn adopt_listeners(
+        &mut self,
+        netns_cookie: u64,
+        netns: &std::fs::File,
+        port: u16,
+        netns_ref: &NetnsRef,
+    ) -> Result<()> {
+        for (family, sock) in listeners::find(netns, port)? {
+            let key = ListenerKey {
+                netns_cookie,
+                family: family.into(),
+                port: port.into(),
+            };
+            if self.listeners.get(&key, 0).is_err() {
+                self.listeners.insert(key, sock, 0).with_context(|| {
+                    format!("registering the proxy listener on port {port} of {netns_ref}")
+                })?;
+                log::info!("registered the already-running proxy's listener on port {port} in {netns_ref} (family {family})");
+            }
+        }
+        Ok(())
     }
 
     /// How full the connection-tracking maps are: `(SOCK_PAIRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE)`.
@@ -387,20 +420,8 @@ impl PodMaps for Datapath {
             self.inbound_insns = Some(insns);
         }
         // A proxy already listening before we were attached never ran our listen() hook.
-        for (family, sock) in listeners::find(&file, self.inbound_port)? {
-            let key = ListenerKey {
-                netns_cookie,
-                family: family.into(),
-                _pad: 0,
-            };
-            if self.listeners.get(&key, 0).is_err() {
-                self.listeners
-                    .insert(key, sock, 0)
-                    .with_context(|| format!("registering the proxy listener of {netns_ref}"))?;
-                log::info!(
-                    "registered the already-running proxy's inbound listener in {netns_ref} (family {family})"
-                );
-            }
+        for port in [self.inbound_port, self.outbound_port] {
+            self.adopt_listeners(netns_cookie, &file, port, netns_ref)?;
         }
         Ok(())
     }

@@ -102,6 +102,8 @@ pub struct LoadOptions<'a> {
     pub kernel_log_level: u8,
     /// The proxy's inbound listener port, registered by `sockops` at `listen()`.
     pub inbound_port: u16,
+    /// The proxy's outbound listener port, registered likewise (fast listening check).
+    pub outbound_port: u16,
     /// Same-node acceleration (sockmap) on.
     pub accel: bool,
 }
@@ -122,6 +124,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
+        .override_global("OUTBOUND_PORT", &u32::from(opts.outbound_port), true)
         .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
         .load(OBJECT)
         .context(

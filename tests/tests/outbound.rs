@@ -299,6 +299,19 @@ fn proxy_down_fails_open_or_closed() {
         .unwrap();
     assert!(r[0].error.is_none(), "{r:?}");
     assert_eq!(lab.sidecar_log(sidecar).len(), 1);
+
+    // The proxy dies: the very next connection sees it (the listener's registration went
+    // with its socket) and is refused again, not sent to a dead port.
+    lab.procs[sidecar].kill();
+    let r = lab
+        .client(Some("closed"), None, &["--target", &target])
+        .unwrap();
+    let err = r[0].error.as_deref().unwrap_or_default();
+    assert!(err.contains("Operation not permitted"), "{r:?}");
+    assert_eq!(
+        lab.daemon().pod_status("closed").unwrap()["outbound_fail_closed"].as_u64(),
+        Some(2)
+    );
 }
 
 /// The pods file edited while the daemon runs: a pod added starts being captured, a pod
