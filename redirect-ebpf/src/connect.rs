@@ -23,7 +23,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use redirect_common::{ListenerKey, OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED};
+use redirect_common::{
+    ListenerKey, NodeAddrKey, OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED, POD_FLAG_NO_ACCEL,
+};
 
 use redirect_ebpf::{
     addr::{
@@ -31,7 +33,7 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{LISTENERS, MESH_PODS, ORIG_BY_COOKIE, PROXY_SOCKS},
+    maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, PROXY_SOCKS},
     policy::{outbound, Outbound},
 };
 
@@ -146,8 +148,9 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     };
     let uid_gid = bpf_get_current_uid_gid();
     let is_proxy = uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid;
-    if is_proxy {
-        // Remember the proxy's own sockets: only they are accelerated (sockops).
+    if is_proxy && pod.flags & POD_FLAG_NO_ACCEL == 0 && is_node_pod_addr(dst) {
+        // Remember the proxy's own sockets to other pods of this node: only they are
+        // accelerated (sockops).
         // Safety: helper valid for sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = PROXY_SOCKS.insert(cookie, 1, 0);
@@ -222,6 +225,16 @@ fn fail(ctx: &SockAddrContext, pod: &PodConfig, outbound: bool) -> Decision {
         );
         Decision::Direct
     }
+}
+
+/// Is `addr` a mesh pod of this node (a candidate peer for acceleration)?
+#[inline(always)]
+fn is_node_pod_addr(addr: &Endpoint) -> bool {
+    NODE_ADDRS
+        .get_ptr(NodeAddrKey {
+            addr_be: addr.addr16(),
+        })
+        .is_some()
 }
 
 /// Is a proxy listener for `port` registered in `LISTENERS` for this netns and family?
