@@ -566,39 +566,37 @@ impl Lab {
 
     /// Runs the echo client in a pod; one result per stream.
     pub fn echo(&self, pod: &str, args: &[&str]) -> Result<Vec<echo::EchoResult>> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let log = self.dir.join(format!("echo-client-{n}.log"));
-        let mut all = vec!["echo-client"];
-        all.extend_from_slice(args);
-        let mut p = spawn(self.pod(pod).placement(), &log, &bin("redirect-lab"), &all)?;
-        let status = p.child.wait()?;
-        let text = p.log_text();
-        if !status.success() {
-            bail!("echo-client {args:?} failed ({status}): {text}");
-        }
-        text.lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).with_context(|| format!("echo-client output {l:?}")))
-            .collect()
+        self.tool(self.pod(pod).placement(), "echo-client", args)
     }
 
     /// Runs one benchmark workload (`perf-client`) in a pod.
     pub fn perf(&self, pod: &str, args: &[&str]) -> Result<perf::Measured> {
+        let mut results = self.tool(self.pod(pod).placement(), "perf-client", args)?;
+        results.pop().context("perf-client printed no result")
+    }
+
+    /// Runs `redirect-lab <subcommand> <args>` at `placement` to completion and parses the
+    /// JSON object it prints on each line.
+    fn tool<T: serde::de::DeserializeOwned>(
+        &self,
+        placement: Placement<'_>,
+        subcommand: &str,
+        args: &[&str],
+    ) -> Result<Vec<T>> {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let log = self.dir.join(format!("perf-client-{n}.log"));
-        let mut all = vec!["perf-client"];
+        let log = self.dir.join(format!("{subcommand}-{n}.log"));
+        let mut all = vec![subcommand];
         all.extend_from_slice(args);
-        let mut p = spawn(self.pod(pod).placement(), &log, &bin("redirect-lab"), &all)?;
+        let mut p = spawn(placement, &log, &bin("redirect-lab"), &all)?;
         let status = p.child.wait()?;
         let text = p.log_text();
         if !status.success() {
-            bail!("perf-client {args:?} failed ({status}): {text}");
+            bail!("{subcommand} {args:?} failed ({status}): {text}");
         }
-        let line = text
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .with_context(|| format!("perf-client printed no result: {text}"))?;
-        serde_json::from_str(line).with_context(|| format!("perf-client output {line:?}"))
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{subcommand} output {l:?}")))
+            .collect()
     }
 
     /// Packets sent and received so far on `dev` in a namespace (`ip -s -j link`).
@@ -656,20 +654,7 @@ impl Lab {
         placement: Placement<'_>,
         args: &[&str],
     ) -> Result<Vec<wire::ClientResult>> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let log = self.dir.join(format!("client-{n}.log"));
-        let mut all = vec!["client"];
-        all.extend_from_slice(args);
-        let mut p = spawn(placement, &log, &bin("redirect-lab"), &all)?;
-        let status = p.child.wait()?;
-        let text = p.log_text();
-        if !status.success() {
-            bail!("client {args:?} failed ({status}): {text}");
-        }
-        text.lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).with_context(|| format!("client output {l:?}")))
-            .collect()
+        self.tool(placement, "client", args)
     }
 
     /// Runs any program in a pod's cgroup and netns (as `uid`, if given) to completion and
