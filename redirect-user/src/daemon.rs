@@ -139,7 +139,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     )?;
     let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;
-    reconciler.reserve(previous.iter().map(|(_, c)| c.pod_id));
+    reconciler.take_over(previous.iter().copied());
     if !previous.is_empty() {
         log::info!(
             "found {} pods of a previous run in the maps; taking over",
@@ -230,6 +230,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         for k in &report.added {
             log::info!("pod {k}: in the mesh (outbound and inbound capture on)");
+        }
+        for k in &report.adopted {
+            log::info!("pod {k}: taken over from the previous run unchanged");
         }
         for k in &report.updated {
             log::info!("pod {k}: configuration updated");

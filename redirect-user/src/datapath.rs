@@ -99,6 +99,24 @@ impl PodRules {
     }
 }
 
+/// The rule an `ADDR_RULES` key stands for: `(kind, network)`.
+fn rule_of_key(key: &Key<AddrRuleData>) -> (u32, Cidr) {
+    let data = key.data();
+    let bits = key.prefix_len().saturating_sub(ADDR_RULE_FIXED_BITS);
+    let v6 = std::net::Ipv6Addr::from(data.addr_be);
+    let cidr = match v6.to_ipv4_mapped() {
+        Some(v4) if bits >= 96 => Cidr {
+            addr: IpAddr::V4(v4),
+            prefix_len: (bits - 96) as u8,
+        },
+        _ => Cidr {
+            addr: IpAddr::V6(v6),
+            prefix_len: bits as u8,
+        },
+    };
+    (data.kind, cidr)
+}
+
 /// The LPM key of an address rule.
 pub fn addr_key(pod_id: u32, kind: u32, cidr: &Cidr) -> Key<AddrRuleData> {
     let (addr_be, bits) = match cidr.addr {
@@ -135,6 +153,8 @@ pub trait PodMaps {
     /// Attaches (or adopts) the pod's inbound `sk_lookup` program in its network namespace.
     fn attach_inbound(&mut self, netns_cookie: u64, netns: &NetnsRef) -> Result<()>;
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()>;
+    /// The rules the maps hold for slot `pod_id` (with `flags` from its `MESH_PODS` entry).
+    fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules>;
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
@@ -428,6 +448,34 @@ impl PodMaps for Datapath {
 
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {
         loader::detach_inbound(&self.pin_dir, netns_cookie)
+    }
+
+    fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules> {
+        let mut rules = PodRules {
+            flags,
+            ..Default::default()
+        };
+        for k in self.port_rules.keys() {
+            let k = k.context("reading PORT_RULES")?;
+            if k.pod_id == pod_id {
+                rules.ports.insert((k.kind, k.port));
+            }
+        }
+        for k in self.addr_rules.keys() {
+            let k = k.context("reading ADDR_RULES")?;
+            if k.data().pod_id == pod_id {
+                rules.addrs.insert(rule_of_key(&k));
+            }
+        }
+        for entry in self.node_addrs.iter() {
+            let (k, id) = entry.context("reading NODE_ADDRS")?;
+            if id == pod_id {
+                let ip = std::net::Ipv6Addr::from(k.addr_be);
+                let addr = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+                rules.addrs.insert((ADDR_POD_IP, Cidr::host(addr)));
+            }
+        }
+        Ok(rules)
     }
 
     fn reset_counters(&mut self, pod_id: u32) -> Result<()> {

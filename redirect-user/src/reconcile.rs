@@ -49,6 +49,8 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct Report {
     pub added: Vec<PodKey>,
+    /// Pods a previous run had applied exactly so, taken over without a write.
+    pub adopted: Vec<PodKey>,
     pub updated: Vec<PodKey>,
     pub removed: Vec<PodKey>,
     /// Pods that could not be applied, with the reason.
@@ -67,6 +69,9 @@ pub struct Reconciler {
     applied: BTreeMap<PodKey, Applied>,
     /// Slots that must not be handed out (used by a previous run's entries until swept).
     reserved: BTreeSet<u32>,
+    /// `MESH_PODS` as a previous run left it, by netns cookie: a desired pod found there with
+    /// the same configuration and rules is adopted as it is, nothing rewritten.
+    previous: BTreeMap<u64, PodConfig>,
 }
 
 impl Reconciler {
@@ -75,16 +80,45 @@ impl Reconciler {
             node,
             applied: BTreeMap::new(),
             reserved: BTreeSet::new(),
+            previous: BTreeMap::new(),
         }
     }
 
-    /// Keeps slots a previous run is still using out of allocation until [`Self::release_reserved`].
-    pub fn reserve(&mut self, ids: impl IntoIterator<Item = u32>) {
-        self.reserved.extend(ids);
+    /// Takes over what a previous run left in `MESH_PODS`: its slots are kept out of
+    /// allocation until [`Self::release_reserved`], and its pods may be adopted.
+    pub fn take_over(&mut self, previous: impl IntoIterator<Item = (u64, PodConfig)>) {
+        for (cookie, config) in previous {
+            self.reserved.insert(config.pod_id);
+            self.previous.insert(cookie, config);
+        }
     }
 
+    /// Ends the take-over: slots not adopted may be reused (their entries are swept).
     pub fn release_reserved(&mut self) {
         self.reserved.clear();
+        self.previous.clear();
+    }
+
+    /// A previous run's entry for this pod, if its configuration and rules are what we would
+    /// write: then the pod is adopted with its slot and counters, and not one map entry
+    /// changes (a daemon restart or upgrade is invisible to the data path).
+    fn adoptable(
+        &self,
+        r: &Resolved,
+        config: &PodConfig,
+        rules: &PodRules,
+        maps: &impl PodMaps,
+    ) -> Option<PodConfig> {
+        let prev = *self.previous.get(&r.netns_cookie)?;
+        if self.applied.values().any(|a| a.pod_id == prev.pod_id) {
+            return None;
+        }
+        let same_config = PodConfig {
+            pod_id: prev.pod_id,
+            ..*config
+        } == prev;
+        let existing = maps.existing_rules(prev.pod_id, prev.flags).ok()?;
+        (same_config && existing == *rules).then_some(prev)
     }
 
     pub fn applied(&self) -> &BTreeMap<PodKey, Applied> {
@@ -138,6 +172,26 @@ impl Reconciler {
                     ..*config
                 } == a.config;
                 if a.netns_cookie == r.netns_cookie && same_config && a.rules == *rules {
+                    continue;
+                }
+            }
+            if !self.applied.contains_key(key) {
+                if let Some(prev) = self.adoptable(r, config, rules, maps) {
+                    // Re-arm inbound capture (adopts the pinned link; registers listeners).
+                    if let Err(e) = maps.attach_inbound(r.netns_cookie, &r.spec.netns) {
+                        report.failed.push((key.clone(), format!("{e:#}")));
+                        continue;
+                    }
+                    self.applied.insert(
+                        key.clone(),
+                        Applied {
+                            pod_id: prev.pod_id,
+                            netns_cookie: r.netns_cookie,
+                            config: prev,
+                            rules: rules.clone(),
+                        },
+                    );
+                    report.adopted.push(key.clone());
                     continue;
                 }
             }
@@ -268,6 +322,18 @@ mod tests {
         fn reset_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
+        fn existing_rules(&self, pod_id: u32, flags: u32) -> anyhow::Result<PodRules> {
+            Ok(PodRules {
+                ports: self
+                    .ports
+                    .iter()
+                    .filter(|(id, _, _)| *id == pod_id)
+                    .map(|(_, k, p)| (*k, *p))
+                    .collect(),
+                addrs: Default::default(),
+                flags,
+            })
+        }
         fn attach_inbound(&mut self, c: u64, _: &NetnsRef) -> anyhow::Result<()> {
             self.log.push(format!("in+ {c}"));
             self.inbound.insert(c);
@@ -390,11 +456,35 @@ mod tests {
     }
 
     #[test]
-    fn reserved_slots_are_not_reused() {
-        let mut r = Reconciler::new(node());
-        r.reserve([0, 1]);
+    fn a_restart_adopts_what_is_unchanged_and_rewrites_the_rest() {
         let mut m = FakeMaps::default();
-        r.reconcile(&[pod("a", 10, &[])], &mut m);
-        assert_eq!(m.pods[&10].pod_id, 2);
+        let mut first = Reconciler::new(node());
+        first.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[1])], &mut m);
+        let before = m.pods.clone();
+
+        // A new daemon: a is unchanged, b's annotations changed while it was down, c is new.
+        let mut r = Reconciler::new(node());
+        r.take_over(m.pods.clone());
+        m.log.clear();
+        let rep = r.reconcile(
+            &[pod("a", 10, &[5432]), pod("b", 20, &[2]), pod("c", 30, &[])],
+            &mut m,
+        );
+        assert_eq!(rep.adopted.len(), 1);
+        assert_eq!(m.pods[&10], before[&10], "a adopted with its slot");
+        assert!(
+            !m.log.iter().any(|l| l.starts_with("pod+ 10")
+                || l.starts_with("rules+ ") && l.ends_with(&format!(" {}", before[&10].pod_id))),
+            "{:?}",
+            m.log
+        );
+        assert_ne!(
+            m.pods[&20].pod_id, before[&20].pod_id,
+            "b rewritten in a fresh slot"
+        );
+        assert!(
+            ![before[&10].pod_id, before[&20].pod_id].contains(&m.pods[&30].pod_id),
+            "reserved slots are not reused"
+        );
     }
 }
