@@ -7,11 +7,13 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
+use redirect_common::{MAX_ORIG_DST, MAX_SOCK_PAIRS};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -20,6 +22,7 @@ use tokio::{
 use crate::{
     datapath::Datapath,
     loader::{self, LoadOptions, ProgramReport},
+    metrics::{self, Snapshot},
     mounts, netns,
     pods::{self, Desired},
     reconcile::{NodeSettings, Reconciler, Resolved},
@@ -37,6 +40,8 @@ pub struct RunOptions {
     pub poll: Duration,
     /// Same-node acceleration (sockmap).
     pub accel: bool,
+    /// Where to serve /metrics, /healthz and /readyz.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
     pub resync: Duration,
 }
@@ -109,6 +114,30 @@ fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
     (resolved, pending)
 }
 
+/// The metrics snapshot after a pass.
+fn snapshot(datapath: &Datapath, status: &StatusFile, reconcile_errors: u64) -> Snapshot {
+    let pods = status
+        .pods
+        .iter()
+        .map(|p| {
+            let c = datapath.counters(p.pod_id).unwrap_or_default();
+            (p.namespace.clone(), p.name.clone(), c)
+        })
+        .collect();
+    let (pairs, by_cookie, by_tuple) = datapath.fill();
+    Snapshot {
+        ready: true,
+        pods,
+        rejected_pods: status.rejected.len(),
+        reconcile_errors,
+        maps: vec![
+            ("SOCK_PAIRS", pairs, MAX_SOCK_PAIRS),
+            ("ORIG_BY_COOKIE", by_cookie, MAX_ORIG_DST),
+            ("ORIG_BY_TUPLE", by_tuple, MAX_ORIG_DST),
+        ],
+    }
+}
+
 /// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
 /// flowing; the next `run` takes over, `uninstall` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -160,6 +189,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut last_resync = Instant::now();
     let mut first_pass = true;
     let mut last_problems: BTreeSet<String> = BTreeSet::new();
+
+    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    if let Some(addr) = opts.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics_rx).await {
+                log::error!("{e:#}; metrics, /healthz and /readyz are not served");
+            }
+        });
+    }
+    let mut reconcile_errors = 0u64;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -279,6 +318,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 verified_insns: Some(insns),
                 id: 0,
             });
+        }
+        reconcile_errors += report.failed.len() as u64;
+        if opts.metrics_addr.is_some() {
+            let snapshot = snapshot(&datapath, &status, reconcile_errors);
+            metrics_tx.send_replace(Arc::new(snapshot));
         }
         if let Err(e) = status.write(&opts.status_file) {
             log::error!("{e:#}");

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod listeners;
 pub mod loader;
+pub mod metrics;
 pub mod mounts;
 pub mod netns;
 pub mod pods;

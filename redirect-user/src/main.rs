@@ -59,6 +59,10 @@ enum Command {
         /// The proxy's own ports, never captured inbound (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
         proxy_ports: Vec<u16>,
+        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
+        /// (e.g. 127.0.0.1:15080).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Turn same-node acceleration (sockmap) off for every pod.
         #[arg(long)]
         no_accel: bool,
@@ -112,6 +116,7 @@ fn real_main(cli: Cli) -> Result<()> {
             inbound_port,
             mut proxy_ports,
             no_accel,
+            metrics_addr,
             poll_ms,
         } => {
             // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
@@ -136,6 +141,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     proxy_ports,
                 },
                 accel: !no_accel,
+                metrics_addr,
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),
             };

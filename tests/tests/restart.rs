@@ -11,7 +11,11 @@ use redirect_tests::{lab, pods_yaml};
 
 fn dump(pin_dir: &std::path::Path, map: &str) -> String {
     let path = pin_dir.join("maps").join(map);
-    redirect_lab::run("bpftool", &["-j", "map", "dump", "pinned", path.to_str().unwrap()]).unwrap()
+    redirect_lab::run(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", path.to_str().unwrap()],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -25,7 +29,8 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
     lab.start_server("ext", &[8080]).unwrap();
     lab.start_server("srv", &[8080]).unwrap();
     let yaml = pods_yaml(&[
-        lab.pod("client").yaml_entry(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "5432")]),
+        lab.pod("client")
+            .yaml_entry(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "5432")]),
         lab.pod("srv").yaml_entry(&[]),
     ]);
     lab.start_daemon(&yaml, &[]).unwrap();
@@ -33,7 +38,10 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
     let mut daemon = lab.daemon.take().unwrap();
     let maps = ["MESH_PODS", "PORT_RULES", "ADDR_RULES", "NODE_ADDRS"];
     let before: Vec<String> = maps.iter().map(|m| dump(&daemon.pin_dir, m)).collect();
-    let targets = [format!("{}:8080", lab.pod("ext").v4), format!("{}:8080", lab.pod("srv").v4)];
+    let targets = [
+        format!("{}:8080", lab.pod("ext").v4),
+        format!("{}:8080", lab.pod("srv").v4),
+    ];
 
     let stop = AtomicBool::new(false);
     let results: Vec<ClientResult> = std::thread::scope(|s| {
@@ -41,7 +49,20 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
             let mut all = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 let r = lab
-                    .client(Some("client"), None, &["--target", &targets[0], "--target", &targets[1], "--count", "20", "--concurrency", "5"])
+                    .client(
+                        Some("client"),
+                        None,
+                        &[
+                            "--target",
+                            &targets[0],
+                            "--target",
+                            &targets[1],
+                            "--count",
+                            "20",
+                            "--concurrency",
+                            "5",
+                        ],
+                    )
                     .unwrap();
                 all.extend(r);
             }
@@ -58,12 +79,33 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
         traffic.join().unwrap()
     });
     assert!(results.len() >= 100, "only {} requests", results.len());
-    let failed: Vec<_> = results.iter().filter(|r| r.error.is_some() || r.reply.is_none()).collect();
-    assert!(failed.is_empty(), "{} of {} failed, e.g. {:?}", failed.len(), results.len(), failed[0]);
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| r.error.is_some() || r.reply.is_none())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed, e.g. {:?}",
+        failed.len(),
+        results.len(),
+        failed[0]
+    );
     // Every one went through the sidecar: none escaped capture while the daemon was away.
     let records = lab.sidecar_log(sidecar);
-    assert_eq!(records.len(), results.len(), "sidecar saw {} of {}", records.len(), results.len());
+    assert_eq!(
+        records.len(),
+        results.len(),
+        "sidecar saw {} of {}",
+        records.len(),
+        results.len()
+    );
     let after: Vec<String> = maps.iter().map(|m| dump(&daemon.pin_dir, m)).collect();
     assert_eq!(before, after, "maps changed across the restart");
-    assert!(daemon.log_text().contains("taken over from the previous run unchanged"), "{}", daemon.log_text());
+    assert!(
+        daemon
+            .log_text()
+            .contains("taken over from the previous run unchanged"),
+        "{}",
+        daemon.log_text()
+    );
 }

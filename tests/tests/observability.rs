@@ -1,0 +1,51 @@
+//! The metrics endpoint: Prometheus text with the capture counters, /healthz, /readyz.
+
+use redirect_tests::{lab, pods_yaml};
+
+fn get(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn metrics_healthz_readyz() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &["--metrics-addr", &addr])
+        .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    for _ in 0..3 {
+        lab.client(Some("client"), None, &["--target", &target]).unwrap();
+    }
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    // Counters are published after each pass (at least every second).
+    let want = r#"redirect_connections_total{namespace="lab",pod="client",direction="outbound",result="captured"} 3"#;
+    let mut body = String::new();
+    for _ in 0..40 {
+        let (code, b) = get(&format!("{base}/metrics"));
+        assert_eq!(code, 200);
+        body = b;
+        if body.contains(want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(body.contains(want), "{body}");
+    assert!(body.contains("redirect_ready 1"));
+    assert!(body.contains(r#"redirect_pods{state="applied"} 1"#));
+    assert!(!body.contains("10.201."), "addresses leak into metrics: {body}");
+    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    assert_eq!(get(&format!("{base}/nope")).0, 404);
+}
