@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::atomic::AtomicU64,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,6 +22,7 @@ use tokio::{
 
 use crate::{
     datapath::Datapath,
+    kube_source::{self, KubeOptions},
     loader::{self, LoadOptions, ProgramReport},
     metrics::{self, Snapshot},
     mounts, netns,
@@ -29,9 +31,17 @@ use crate::{
     status::{PodStatus, StatusFile},
 };
 
+/// Where the desired pods come from.
+pub enum PodSource {
+    /// A YAML pods file, followed while running.
+    File(PathBuf),
+    /// The Kubernetes API server (this node's pods).
+    Kubernetes(KubeOptions),
+}
+
 /// Everything `run` needs.
 pub struct RunOptions {
-    pub pods_file: PathBuf,
+    pub source: PodSource,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub status_file: PathBuf,
@@ -114,8 +124,26 @@ fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
     (resolved, pending)
 }
 
+/// Resolves when the Kubernetes source published a new desired set; never without one.
+async fn source_changed(rx: &mut Option<tokio::sync::watch::Receiver<Option<Desired>>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                // The source task ended (and said why); keep serving what we have.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The metrics snapshot after a pass.
-fn snapshot(datapath: &Datapath, status: &StatusFile, reconcile_errors: u64) -> Snapshot {
+fn snapshot(
+    datapath: &Datapath,
+    status: &StatusFile,
+    reconcile_errors: u64,
+    watch_restarts: u64,
+) -> Snapshot {
     let pods = status
         .pods
         .iter()
@@ -130,6 +158,7 @@ fn snapshot(datapath: &Datapath, status: &StatusFile, reconcile_errors: u64) -> 
         pods,
         rejected_pods: status.rejected.len(),
         reconcile_errors,
+        watch_restarts,
         maps: vec![
             ("SOCK_PAIRS", pairs, MAX_SOCK_PAIRS),
             ("ORIG_BY_COOKIE", by_cookie, MAX_ORIG_DST),
@@ -178,7 +207,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let mut status = StatusFile {
         pid: std::process::id(),
-        pods_file: opts.pods_file.display().to_string(),
+        pods_file: match &opts.source {
+            PodSource::File(p) => p.display().to_string(),
+            PodSource::Kubernetes(k) => format!("kubernetes (node {})", k.node_name),
+        },
         cgroup: cgroup.display().to_string(),
         pin_dir: opts.pin_dir.display().to_string(),
         programs: loaded.programs.clone(),
@@ -200,32 +232,70 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut reconcile_errors = 0u64;
 
+    let watch_restarts = Arc::new(AtomicU64::new(0));
+    let (file, mut kube_rx) = match opts.source {
+        PodSource::File(path) => (Some(path), None),
+        PodSource::Kubernetes(k) => {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let restarts = watch_restarts.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kube_source::run(k, tx, restarts).await {
+                    log::error!("Kubernetes pod source stopped: {e:#}");
+                }
+            });
+            (None, Some(rx))
+        }
+    };
+    // No first pass (and no sweep of a previous run's entries) before the source has given
+    // its first full desired set: a file is read at once, Kubernetes after its first list.
+    let mut have_desired = file.is_some();
+
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     log::info!(
         "serving pods from {} (cgroup {}, pins {})",
-        opts.pods_file.display(),
+        status.pods_file,
         cgroup.display(),
         opts.pin_dir.display()
     );
     loop {
+        let mut kube_event = false;
         tokio::select! {
             _ = tick.tick() => {}
+            _ = source_changed(&mut kube_rx) => kube_event = true,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
-        let mut changed = first_pass;
-        match std::fs::read(&opts.pods_file) {
-            Ok(bytes) if last_bytes.as_deref() != Some(bytes.as_slice()) => {
+        let mut changed = first_pass && have_desired;
+        if let Some(rx) = kube_rx.as_mut() {
+            if kube_event || rx.has_changed().unwrap_or(false) {
+                if let Some(d) = rx.borrow_and_update().clone() {
+                    desired = d;
+                    have_desired = true;
+                    changed = true;
+                }
+            }
+        }
+        if !have_desired {
+            continue;
+        }
+        let file_read = match &file {
+            Some(path) => std::fs::read(path).map(Some),
+            None => Ok(None),
+        };
+        let pods_file = file.as_deref().unwrap_or(Path::new("-"));
+        match file_read {
+            Ok(None) => {}
+            Ok(Some(bytes)) if last_bytes.as_deref() != Some(bytes.as_slice()) => {
                 match pods::parse_file(&bytes) {
                     Ok(d) => {
                         desired = d;
                         status.file_error = None;
                     }
                     Err(e) => {
-                        let msg = format!("pods file {}: {e}", opts.pods_file.display());
+                        let msg = format!("pods file {}: {e}", pods_file.display());
                         if status.file_error.as_deref() != Some(msg.as_str()) {
                             log::error!("{msg}; still serving its last good version");
                         }
@@ -235,9 +305,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 last_bytes = Some(bytes);
                 changed = true;
             }
-            Ok(_) => {}
+            Ok(Some(_)) => {}
             Err(e) => {
-                let msg = format!("pods file {}: {e}", opts.pods_file.display());
+                let msg = format!("pods file {}: {e}", pods_file.display());
                 if status.file_error.as_deref() != Some(msg.as_str()) {
                     log::error!("{msg}; still serving its last good version");
                     status.file_error = Some(msg);
@@ -321,7 +391,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         reconcile_errors += report.failed.len() as u64;
         if opts.metrics_addr.is_some() {
-            let snapshot = snapshot(&datapath, &status, reconcile_errors);
+            let snapshot = snapshot(
+                &datapath,
+                &status,
+                reconcile_errors,
+                watch_restarts.load(std::sync::atomic::Ordering::Relaxed),
+            );
             metrics_tx.send_replace(Arc::new(snapshot));
         }
         if let Err(e) = status.write(&opts.status_file) {

@@ -6,6 +6,7 @@ pub mod annotations;
 pub mod bpf_sys;
 pub mod daemon;
 pub mod datapath;
+pub mod kube_source;
 pub mod listeners;
 pub mod loader;
 pub mod metrics;

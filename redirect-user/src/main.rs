@@ -5,7 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use redirect_user::{
-    daemon::{self, RunOptions},
+    daemon::{self, PodSource, RunOptions},
+    kube_source::KubeOptions,
     loader,
     reconcile::NodeSettings,
     status,
@@ -33,8 +34,22 @@ enum Command {
     /// Load and attach the programs, then keep the maps in step with the pods file.
     Run {
         /// YAML file of mesh pods (see README); followed while running.
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        pods: Option<PathBuf>,
+        /// Take the mesh pods of this node from the Kubernetes API server.
         #[arg(long)]
-        pods: PathBuf,
+        kubernetes: bool,
+        /// This node's name (Kubernetes source).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// The API server's URL, unauthenticated (tests, `kubectl proxy`); default: in-cluster
+        /// service account or kubeconfig.
+        #[arg(long)]
+        kube_api_url: Option<String>,
         /// Cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -107,6 +122,9 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             pods,
+            kubernetes,
+            node_name,
+            kube_api_url,
             cgroup,
             pin_dir,
             status_file,
@@ -128,8 +146,20 @@ fn real_main(cli: Cli) -> Result<()> {
                     "--outbound-port and --inbound-port are both {outbound_port}; they must differ"
                 );
             }
+            let source = match (pods, kubernetes) {
+                (Some(path), false) => PodSource::File(path),
+                (None, true) => PodSource::Kubernetes(KubeOptions {
+                    node_name: node_name.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--kubernetes needs --node-name (or NODE_NAME from the downward API)"
+                        )
+                    })?,
+                    api_url: kube_api_url,
+                }),
+                _ => bail!("give exactly one of --pods FILE and --kubernetes"),
+            };
             let opts = RunOptions {
-                pods_file: pods,
+                source,
                 cgroup,
                 pin_dir,
                 status_file,

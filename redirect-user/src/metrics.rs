@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub pods: Vec<(String, String, PodCounters)>,
     pub rejected_pods: usize,
     pub reconcile_errors: u64,
+    /// Times the Kubernetes pod watch broke and was restarted.
+    pub watch_restarts: u64,
     /// `(map, entries, capacity)`.
     pub maps: Vec<(&'static str, usize, u32)>,
 }
@@ -105,6 +107,8 @@ pub fn render(s: &Snapshot) -> String {
     let _ = writeln!(o, "redirect_pods{{state=\"rejected\"}} {}", s.rejected_pods);
     let _ = writeln!(o, "# HELP redirect_reconcile_errors_total Pods that could not be applied, summed over passes.\n# TYPE redirect_reconcile_errors_total counter");
     let _ = writeln!(o, "redirect_reconcile_errors_total {}", s.reconcile_errors);
+    let _ = writeln!(o, "# HELP redirect_watch_restarts_total Times the Kubernetes pod watch broke and was restarted.\n# TYPE redirect_watch_restarts_total counter");
+    let _ = writeln!(o, "redirect_watch_restarts_total {}", s.watch_restarts);
     let _ = writeln!(o, "# HELP redirect_ready 1 once the first full reconcile is done.\n# TYPE redirect_ready gauge");
     let _ = writeln!(o, "redirect_ready {}", u8::from(s.ready));
     o
@@ -169,6 +173,7 @@ mod tests {
             pods: vec![("ns".into(), "we\"ird".into(), c)],
             rejected_pods: 1,
             reconcile_errors: 2,
+            watch_restarts: 0,
             maps: vec![("SOCK_PAIRS", 4, 65536)],
         };
         let text = render(&s);

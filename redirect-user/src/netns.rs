@@ -3,8 +3,12 @@
 
 use std::{
     fs::File,
-    os::fd::{AsRawFd, OwnedFd},
-    path::PathBuf,
+    net::IpAddr,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -15,17 +19,118 @@ use crate::pods::NetnsRef;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The file of a network namespace reference.
-pub fn path_of(netns: &NetnsRef) -> PathBuf {
-    match netns {
+pub fn path_of(netns: &NetnsRef) -> Result<PathBuf> {
+    Ok(match netns {
         NetnsRef::Path(p) => p.clone(),
         NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-    }
+        NetnsRef::PodIp(ip) => by_ip(*ip)?,
+    })
 }
 
 /// Opens a pod's network namespace.
 pub fn open(netns: &NetnsRef) -> Result<File> {
-    let path = path_of(netns);
+    let path = path_of(netns)?;
     File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))
+}
+
+/// What the last scans learned: address -> (`/proc/PID/ns/net`, namespace inode), and the
+/// addresses of each namespace inode already looked into.
+#[derive(Default)]
+struct IpIndex {
+    by_ip: std::collections::BTreeMap<IpAddr, (PathBuf, u64)>,
+    scanned: std::collections::BTreeMap<u64, Vec<IpAddr>>,
+}
+
+static INDEX: std::sync::Mutex<Option<IpIndex>> = std::sync::Mutex::new(None);
+
+fn inode_of(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// The network namespace that holds `ip`: from the cache while its process lives in the same
+/// namespace, else by scanning the namespaces of `/proc/*/ns/net` not looked into yet.
+pub fn by_ip(ip: IpAddr) -> Result<PathBuf> {
+    let mut guard = INDEX
+        .lock()
+        .map_err(|_| anyhow::anyhow!("netns index poisoned"))?;
+    let index = guard.get_or_insert_with(IpIndex::default);
+    if let Some((path, ino)) = index.by_ip.get(&ip) {
+        if inode_of(path) == Some(*ino) {
+            return Ok(path.clone());
+        }
+        index.by_ip.remove(&ip);
+    }
+    let mut live = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .flatten()
+    {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let Some(ino) = inode_of(&path) else { continue };
+        live.insert(ino);
+        if !index.scanned.contains_key(&ino) {
+            let addrs = File::open(&path)
+                .ok()
+                .and_then(|f| addresses_in(f).ok())
+                .unwrap_or_default();
+            index.scanned.insert(ino, addrs);
+        }
+        if index.scanned[&ino].contains(&ip) {
+            index.by_ip.insert(ip, (path.clone(), ino));
+            return Ok(path);
+        }
+    }
+    // Forget namespaces that are gone (their inodes may be reused).
+    index.scanned.retain(|ino, _| live.contains(ino));
+    bail!("no network namespace holds {ip} (yet)")
+}
+
+/// The addresses configured in network namespace `ns` (a short-lived thread enters it).
+fn addresses_in(ns: File) -> Result<Vec<IpAddr>> {
+    std::thread::spawn(move || -> Result<Vec<IpAddr>> {
+        // Safety: setns on this thread only; getifaddrs into a list we free.
+        unsafe {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+            if libc::getifaddrs(&mut list) != 0 {
+                return Err(std::io::Error::last_os_error()).context("getifaddrs");
+            }
+            let mut out = Vec::new();
+            let mut cur = list;
+            while !cur.is_null() {
+                let sa = (*cur).ifa_addr;
+                if !sa.is_null() {
+                    match i32::from((*sa).sa_family) {
+                        libc::AF_INET => {
+                            let sin = &*(sa as *const libc::sockaddr_in);
+                            out.push(IpAddr::from(
+                                u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                            ));
+                        }
+                        libc::AF_INET6 => {
+                            let sin6 = &*(sa as *const libc::sockaddr_in6);
+                            out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                        }
+                        _ => {}
+                    }
+                }
+                cur = (*cur).ifa_next;
+            }
+            libc::freeifaddrs(list);
+            Ok(out)
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("address scan thread panicked"))?
 }
 
 /// The cookie of the network namespace `ns` (an open netns file). Runs on a short-lived

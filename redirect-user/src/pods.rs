@@ -34,6 +34,9 @@ pub enum NetnsRef {
     Path(PathBuf),
     /// A process in the pod.
     Pid(u32),
+    /// Whatever namespace holds this address (the Kubernetes source): found by scanning the
+    /// network namespaces of `/proc/*/ns/net` (needs hostPID in a DaemonSet).
+    PodIp(IpAddr),
 }
 
 impl fmt::Display for NetnsRef {
@@ -41,6 +44,7 @@ impl fmt::Display for NetnsRef {
         match self {
             Self::Path(p) => write!(f, "{}", p.display()),
             Self::Pid(pid) => write!(f, "pid {pid}"),
+            Self::PodIp(ip) => write!(f, "the namespace holding {ip}"),
         }
     }
 }
@@ -70,7 +74,7 @@ impl fmt::Display for PodError {
 }
 
 /// The desired set from one read of a source.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Desired {
     pub pods: Vec<PodSpec>,
     pub rejected: Vec<PodError>,

@@ -14,7 +14,11 @@ fn get(url: &str) -> (u16, String) {
 
 #[test]
 fn metrics_healthz_readyz() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let mut lab = lab();
     lab.add_pod("client").unwrap();
@@ -22,12 +26,16 @@ fn metrics_healthz_readyz() {
     lab.start_sidecar("client").unwrap();
     lab.start_server("ext", &[8080]).unwrap();
     let addr = format!("127.0.0.1:{port}");
-    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &["--metrics-addr", &addr])
-        .unwrap();
+    lab.start_daemon(
+        &pods_yaml(&[lab.pod("client").yaml_entry(&[])]),
+        &["--metrics-addr", &addr],
+    )
+    .unwrap();
     lab.daemon().wait_pods(&["client"]).unwrap();
     let target = format!("{}:8080", lab.pod("ext").v4);
     for _ in 0..3 {
-        lab.client(Some("client"), None, &["--target", &target]).unwrap();
+        lab.client(Some("client"), None, &["--target", &target])
+            .unwrap();
     }
     assert_eq!(get(&format!("{base}/healthz")).0, 200);
     // Counters are published after each pass (at least every second).
@@ -45,7 +53,10 @@ fn metrics_healthz_readyz() {
     assert!(body.contains(want), "{body}");
     assert!(body.contains("redirect_ready 1"));
     assert!(body.contains(r#"redirect_pods{state="applied"} 1"#));
-    assert!(!body.contains("10.201."), "addresses leak into metrics: {body}");
+    assert!(
+        !body.contains("10.201."),
+        "addresses leak into metrics: {body}"
+    );
     assert_eq!(get(&format!("{base}/readyz")).0, 200);
     assert_eq!(get(&format!("{base}/nope")).0, 404);
 }
