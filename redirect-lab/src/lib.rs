@@ -751,12 +751,12 @@ impl Daemon {
     /// (Re)starts the daemon process and waits until its first pass is written.
     pub fn restart(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.status_file);
-        let mut args: Vec<String> = vec![
-            "--log-level".into(),
-            "info".into(),
-            "run".into(),
-            "--pods".into(),
-            self.pods_file.display().to_string(),
+        let mut args: Vec<String> = vec!["--log-level".into(), "info".into(), "run".into()];
+        // `--kubernetes` in the extra arguments replaces the pods file as the source.
+        if !self.extra.iter().any(|a| a == "--kubernetes") {
+            args.extend(["--pods".into(), self.pods_file.display().to_string()]);
+        }
+        args.extend([
             "--cgroup".into(),
             self.cgroup.display().to_string(),
             "--pin-dir".into(),
@@ -765,7 +765,7 @@ impl Daemon {
             self.status_file.display().to_string(),
             "--poll-ms".into(),
             "20".into(),
-        ];
+        ]);
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = spawn(Placement::default(), &self.log, &bin("redirectd"), &args)?;

@@ -223,7 +223,8 @@ mod tests {
 
     #[test]
     fn pods_left_alone() {
-        let cases: Vec<Box<dyn Fn(&mut serde_json::Value)>> = vec![
+        type Change = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<Change> = vec![
             Box::new(|p| p["metadata"]["annotations"] = serde_json::json!({})),
             Box::new(|p| p["metadata"]["annotations"]["redirectd.dev/skip"] = "true".into()),
             Box::new(|p| {

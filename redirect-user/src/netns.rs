@@ -75,14 +75,13 @@ pub fn by_ip(ip: IpAddr) -> Result<PathBuf> {
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let Some(ino) = inode_of(&path) else { continue };
         live.insert(ino);
-        if !index.scanned.contains_key(&ino) {
-            let addrs = File::open(&path)
+        let addrs = index.scanned.entry(ino).or_insert_with(|| {
+            File::open(&path)
                 .ok()
                 .and_then(|f| addresses_in(f).ok())
-                .unwrap_or_default();
-            index.scanned.insert(ino, addrs);
-        }
-        if index.scanned[&ino].contains(&ip) {
+                .unwrap_or_default()
+        });
+        if addrs.contains(&ip) {
             index.by_ip.insert(ip, (path.clone(), ino));
             return Ok(path);
         }

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests in `tests/`.
 
+pub mod fake_apiserver;
+
 use redirect_lab::Lab;
 
 /// A lab, or a loud failure naming what the test needs.

@@ -1,0 +1,204 @@
+//! A fake Kubernetes API server for the pod source's tests: it speaks the real list/watch wire
+//! format for `/api/v1/pods` (a `PodList` with a resourceVersion; a chunked stream of
+//! `WatchEvent`s), and can send `410 Gone`, drop its watch streams, or change pods without
+//! telling (so only a re-list sees it).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, Arc, Mutex},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+
+#[derive(Default)]
+struct State {
+    pods: BTreeMap<String, Value>,
+    rv: u64,
+    watchers: Vec<mpsc::Sender<Option<String>>>,
+    lists: u64,
+    watches: u64,
+    paths: Vec<String>,
+}
+
+/// The server; dropped, it stops accepting (its threads end with their connections).
+pub struct FakeApiServer {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+}
+
+fn respond_list(mut s: TcpStream, state: &Arc<Mutex<State>>) {
+    let body = {
+        let mut st = state.lock().unwrap();
+        st.lists += 1;
+        json!({
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": st.rv.to_string()},
+            "items": st.pods.values().cloned().collect::<Vec<_>>(),
+        })
+        .to_string()
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn respond_watch(mut s: TcpStream, state: &Arc<Mutex<State>>) {
+    let (tx, rx) = mpsc::channel();
+    {
+        let mut st = state.lock().unwrap();
+        st.watches += 1;
+        st.watchers.push(tx);
+    }
+    if s.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .is_err()
+    {
+        return;
+    }
+    // `None` closes the stream abruptly (a dropped connection).
+    while let Ok(Some(line)) = rx.recv() {
+        let chunk = format!("{line}\n");
+        if write!(s, "{:x}\r\n{chunk}\r\n", chunk.len()).is_err() || s.flush().is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(s: TcpStream, state: Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+    state.lock().unwrap().paths.push(path.clone());
+    if !path.starts_with("/api/v1/pods") {
+        let _ = write!(
+            &s,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    } else if path.contains("watch=true") || path.contains("watch=1") {
+        respond_watch(s, &state);
+    } else {
+        respond_list(s, &state);
+    }
+}
+
+impl FakeApiServer {
+    pub fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            ..Default::default()
+        }));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let st = st.clone();
+                std::thread::spawn(move || handle(s, st));
+            }
+        });
+        Self { url, state }
+    }
+
+    fn event(&self, kind: &str, pod: &Pod, notify: bool) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let mut v = serde_json::to_value(pod).unwrap();
+        v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        if kind == "DELETED" {
+            st.pods.remove(&name);
+        } else {
+            st.pods.insert(name, v.clone());
+        }
+        if notify {
+            let line = json!({"type": kind, "object": v}).to_string();
+            st.watchers.retain(|w| w.send(Some(line.clone())).is_ok());
+        }
+    }
+
+    /// A pod added or changed, announced on the watch streams.
+    pub fn apply(&self, pod: &Pod, added: bool) {
+        self.event(if added { "ADDED" } else { "MODIFIED" }, pod, true);
+    }
+
+    pub fn delete(&self, pod: &Pod) {
+        self.event("DELETED", pod, true);
+    }
+
+    /// A change only a re-list will see.
+    pub fn apply_silently(&self, pod: &Pod) {
+        self.event("ADDED", pod, false);
+    }
+
+    /// `410 Gone` on every watch stream, then closes them: the client must re-list.
+    pub fn gone(&self) {
+        let mut st = self.state.lock().unwrap();
+        let line = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410}})
+        .to_string();
+        for w in st.watchers.drain(..) {
+            let _ = w.send(Some(line.clone()));
+            let _ = w.send(None);
+        }
+    }
+
+    /// Drops every watch stream without a word.
+    pub fn drop_streams(&self) {
+        let mut st = self.state.lock().unwrap();
+        for w in st.watchers.drain(..) {
+            let _ = w.send(None);
+        }
+    }
+
+    /// Every request path (with its query) received so far.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.lock().unwrap().paths.clone()
+    }
+
+    /// `(lists, watches)` served so far.
+    pub fn requests(&self) -> (u64, u64) {
+        let st = self.state.lock().unwrap();
+        (st.lists, st.watches)
+    }
+}
+
+/// An Istio-injected, Running pod on `node` with these addresses and annotations.
+pub fn mesh_pod(name: &str, node: &str, ips: &[&str], annotations: &[(&str, &str)]) -> Pod {
+    let mut ann: BTreeMap<String, String> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    ann.insert(
+        "sidecar.istio.io/status".into(),
+        "{\"containers\":[\"istio-proxy\"]}".into(),
+    );
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "annotations": ann},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxyv2"}]},
+        "status": {"phase": "Running", "podIP": ips[0], "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
+    }))
+    .unwrap()
+}
