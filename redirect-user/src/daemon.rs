@@ -27,6 +27,7 @@ use crate::{
     metrics::{self, Snapshot},
     mounts, netns,
     pods::{self, Desired},
+    probe,
     reconcile::{NodeSettings, Reconciler, Resolved},
     status::{PodStatus, StatusFile},
 };
@@ -175,6 +176,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => mounts::cgroup2_root()?,
     };
     check_cgroup(&cgroup)?;
+    if let Some(msg) = probe::missing(&probe::run()) {
+        anyhow::bail!(msg);
+    }
     let mut loaded = loader::load_and_attach(&LoadOptions {
         pin_dir: &opts.pin_dir,
         cgroup: &cgroup,

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod mounts;
 pub mod netns;
 pub mod pods;
+pub mod probe;
 pub mod reconcile;
 pub mod status;

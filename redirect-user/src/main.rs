@@ -95,6 +95,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this kernel for every program type, map type and helper the data path needs.
+    Probe,
     /// Detach every program and remove every link, map and pin redirectd made.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -193,6 +195,21 @@ fn real_main(cli: Cli) -> Result<()> {
                 status::print(&r);
             }
             Ok(())
+        }
+        Command::Probe => {
+            let checks = redirect_user::probe::run();
+            for c in &checks {
+                let state = match c.present {
+                    Some(true) => "ok",
+                    Some(false) => "MISSING",
+                    None => "UNKNOWN",
+                };
+                println!("{state:<8} {:<55} (Linux {})", c.what, c.since);
+            }
+            match redirect_user::probe::missing(&checks) {
+                Some(msg) => bail!(msg),
+                None => Ok(()),
+            }
         }
         Command::Uninstall { pin_dir } => {
             let removed = loader::uninstall(&pin_dir)?;

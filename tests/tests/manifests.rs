@@ -28,11 +28,18 @@ fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_yaml::Value], kind: &st
 fn check_node_agent(ds: &DaemonSet) -> &Container {
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true), "hostNetwork");
-    assert_eq!(pod.host_pid, Some(true), "hostPID (netns resolution through /proc)");
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "hostPID (netns resolution through /proc)"
+    );
     let c = &pod.containers[0];
     assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
     let mounts = c.volume_mounts.as_ref().unwrap();
-    let bpffs = mounts.iter().find(|m| m.mount_path == "/sys/fs/bpf").expect("/sys/fs/bpf mounted");
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("/sys/fs/bpf mounted");
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
     let volumes = pod.volumes.as_ref().unwrap();
     let host = |name: &str| {
@@ -43,7 +50,13 @@ fn check_node_agent(ds: &DaemonSet) -> &Container {
             .map(|h| h.path.clone())
     };
     assert_eq!(host(&bpffs.name).as_deref(), Some("/sys/fs/bpf"));
-    assert!(c.resources.as_ref().and_then(|r| r.requests.as_ref()).is_some(), "resource requests");
+    assert!(
+        c.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .is_some(),
+        "resource requests"
+    );
     c
 }
 
@@ -57,11 +70,17 @@ fn daemonset_and_rbac() {
     let ds = &sets[0];
     let c = check_node_agent(ds);
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-    assert_eq!(pod.service_account_name.as_deref(), sa[0].metadata.name.as_deref());
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        sa[0].metadata.name.as_deref()
+    );
 
     // The host's cgroup v2 mount, and the daemon pointed at it.
     let mounts = c.volume_mounts.as_ref().unwrap();
-    let cg = mounts.iter().find(|m| m.mount_path == "/host/sys/fs/cgroup").expect("cgroup mount");
+    let cg = mounts
+        .iter()
+        .find(|m| m.mount_path == "/host/sys/fs/cgroup")
+        .expect("cgroup mount");
     let volumes = pod.volumes.as_ref().unwrap();
     let cg_vol = volumes.iter().find(|v| v.name == cg.name).unwrap();
     assert_eq!(cg_vol.host_path.as_ref().unwrap().path, "/sys/fs/cgroup");
@@ -69,20 +88,38 @@ fn daemonset_and_rbac() {
     for want in ["run", "--kubernetes", "--cgroup=/host/sys/fs/cgroup"] {
         assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
     }
-    let metrics = args.iter().find_map(|a| a.strip_prefix("--metrics-addr=")).expect("--metrics-addr");
+    let metrics = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr");
     let port: i32 = metrics.rsplit(':').next().unwrap().parse().unwrap();
 
     // Node name from the downward API.
     let env = c.env.as_ref().unwrap();
-    let node = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
-    let field = node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    let field = node
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
     assert_eq!(field.field_path, "spec.nodeName");
 
     // Probes on the daemon's own endpoints and port.
-    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
     }
 
     // RBAC: read pods, nothing else.
@@ -96,7 +133,10 @@ fn daemonset_and_rbac() {
         assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
     }
     let bindings: Vec<ClusterRoleBinding> = of_kind(&d, "ClusterRoleBinding");
-    assert_eq!(bindings[0].role_ref.name, roles[0].metadata.name.clone().unwrap());
+    assert_eq!(
+        bindings[0].role_ref.name,
+        roles[0].metadata.name.clone().unwrap()
+    );
     let subject = &bindings[0].subjects.as_ref().unwrap()[0];
     assert_eq!(Some(&subject.name), sa[0].metadata.name.as_ref());
 }
@@ -107,8 +147,25 @@ fn uninstall_daemonset_runs_redirectd_uninstall() {
     let sets: Vec<DaemonSet> = of_kind(&d, "DaemonSet");
     let c = check_node_agent(&sets[0]);
     let command = c.command.as_ref().unwrap().join(" ");
-    assert!(command.contains("redirectd uninstall --pin-dir=/sys/fs/bpf/redirect"), "{command}");
+    assert!(
+        command.contains("redirectd uninstall --pin-dir=/sys/fs/bpf/redirect"),
+        "{command}"
+    );
     let main: Vec<DaemonSet> = of_kind(&docs("redirectd.yaml"), "DaemonSet");
-    let args = main[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
-    assert!(args.iter().any(|a| a == "--pin-dir=/sys/fs/bpf/redirect"), "the same pin dir");
+    let args = main[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.iter().any(|a| a == "--pin-dir=/sys/fs/bpf/redirect"),
+        "the same pin dir"
+    );
 }

@@ -60,3 +60,21 @@ fn metrics_healthz_readyz() {
     assert_eq!(get(&format!("{base}/readyz")).0, 200);
     assert_eq!(get(&format!("{base}/nope")).0, 404);
 }
+
+/// The start-up probe finds every feature the data path needs on this kernel (and would name
+/// what is missing, with the kernel version that brings it).
+#[test]
+fn kernel_probe_finds_every_feature() {
+    let out = std::process::Command::new(redirect_lab::bin("redirectd"))
+        .arg("probe")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().count() >= 20, "{text}");
+    assert!(text.lines().all(|l| l.starts_with("ok ")), "{text}");
+}

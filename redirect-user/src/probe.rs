@@ -1,0 +1,189 @@
+//! Start-up probe of the kernel features the data path needs. Each missing program type, map
+//! type or helper is named with the kernel version that brings it, and the daemon refuses to
+//! attach anything rather than run half a data path. `redirectd probe` prints the table.
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
+
+/// One requirement and whether this kernel meets it.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub what: String,
+    /// The upstream kernel version that brought it.
+    pub since: &'static str,
+    /// `Some(true)` present, `Some(false)` missing, `None` could not be probed.
+    pub present: Option<bool>,
+}
+
+fn program(name: &str, t: ProgramType, since: &'static str) -> Check {
+    Check {
+        what: format!("program type {name}"),
+        since,
+        present: is_program_supported(t).ok(),
+    }
+}
+
+fn map(name: &str, t: MapType, since: &'static str) -> Check {
+    Check {
+        what: format!("map type {name}"),
+        since,
+        present: is_map_supported(t).ok(),
+    }
+}
+
+fn helper(prog: &str, t: ProgramType, name: &str, h: BpfHelper, since: &'static str) -> Check {
+    Check {
+        what: format!("helper {name} in {prog} programs"),
+        since,
+        present: is_helper_supported(t, h).ok(),
+    }
+}
+
+/// Every feature the programs use.
+pub fn run() -> Vec<Check> {
+    use BpfHelper as H;
+    let addr = ProgramType::CgroupSockAddr;
+    vec![
+        program("cgroup_sock_addr", addr, "4.17"),
+        program("sock_ops", ProgramType::SockOps, "4.13"),
+        program("cgroup_sockopt", ProgramType::CgroupSockopt, "5.3"),
+        program("sk_lookup", ProgramType::SkLookup, "5.9"),
+        program("sk_msg", ProgramType::SkMsg, "4.17"),
+        map("hash", MapType::Hash, "3.19"),
+        map("lru_hash", MapType::LruHash, "4.10"),
+        map("lpm_trie", MapType::LpmTrie, "4.11"),
+        map("percpu_array", MapType::PerCpuArray, "4.6"),
+        map("sockhash", MapType::SockHash, "4.18"),
+        map("ringbuf", MapType::RingBuf, "5.8"),
+        helper(
+            "cgroup_sock_addr",
+            addr,
+            "bpf_get_netns_cookie",
+            H::BPF_FUNC_get_netns_cookie,
+            "5.7",
+        ),
+        helper(
+            "cgroup_sock_addr",
+            addr,
+            "bpf_sk_lookup_tcp",
+            H::BPF_FUNC_sk_lookup_tcp,
+            "5.2",
+        ),
+        helper(
+            "cgroup_sock_addr",
+            addr,
+            "bpf_get_socket_cookie",
+            H::BPF_FUNC_get_socket_cookie,
+            "5.0",
+        ),
+        helper(
+            "sock_ops",
+            ProgramType::SockOps,
+            "bpf_get_netns_cookie",
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        helper(
+            "sock_ops",
+            ProgramType::SockOps,
+            "bpf_sock_hash_update",
+            H::BPF_FUNC_sock_hash_update,
+            "4.18",
+        ),
+        helper(
+            "cgroup_sockopt",
+            ProgramType::CgroupSockopt,
+            "bpf_get_netns_cookie",
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        helper(
+            "sk_lookup",
+            ProgramType::SkLookup,
+            "bpf_sk_assign",
+            H::BPF_FUNC_sk_assign,
+            "5.9",
+        ),
+        helper(
+            "sk_msg",
+            ProgramType::SkMsg,
+            "bpf_msg_redirect_hash",
+            H::BPF_FUNC_msg_redirect_hash,
+            "4.18",
+        ),
+        helper(
+            "sk_msg",
+            ProgramType::SkMsg,
+            "bpf_get_netns_cookie",
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        Check {
+            what: "socket option SO_NETNS_COOKIE".into(),
+            since: "5.14",
+            present: Some(crate::netns::own_cookie().is_ok()),
+        },
+    ]
+}
+
+/// The checks that failed, as one line an operator can act on, or `None` if all passed.
+pub fn missing(checks: &[Check]) -> Option<String> {
+    let bad: Vec<String> = checks
+        .iter()
+        .filter(|c| c.present != Some(true))
+        .map(|c| {
+            let how = if c.present.is_none() {
+                "could not be probed"
+            } else {
+                "missing"
+            };
+            format!("{} ({how}; Linux {})", c.what, c.since)
+        })
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!(
+            "this kernel lacks what the data path needs, so nothing was attached: {}",
+            bad.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_what_is_missing_and_since_when() {
+        let checks = vec![
+            Check {
+                what: "program type sk_lookup".into(),
+                since: "5.9",
+                present: Some(false),
+            },
+            Check {
+                what: "map type hash".into(),
+                since: "3.19",
+                present: Some(true),
+            },
+            Check {
+                what: "helper x".into(),
+                since: "5.15",
+                present: None,
+            },
+        ];
+        let msg = missing(&checks).unwrap();
+        assert!(
+            msg.contains("program type sk_lookup (missing; Linux 5.9)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("helper x (could not be probed; Linux 5.15)"),
+            "{msg}"
+        );
+        assert!(!msg.contains("hash"));
+        assert!(missing(&checks[1..2]).is_none());
+    }
+}

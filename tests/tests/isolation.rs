@@ -1,0 +1,144 @@
+//! Isolation: only mesh pods' own sockets are ever redirected, and uninstalling under traffic
+//! leaves new connections going direct, never refused.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use redirect_lab::{run, spawn, wire::ClientResult, Netns, Placement};
+use redirect_tests::{lab, pods_yaml};
+
+/// A namespace that is not in the mesh but has a mesh pod's IP (a stale copy, a
+/// misconfiguration): its connections are not redirected, because membership is the netns
+/// cookie, never the address. Its processes even share the lab's cgroup with the mesh pods.
+#[test]
+fn same_ip_outside_the_mesh_is_not_redirected() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+        .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let ip = lab.pod("client").v4.to_string();
+
+    // twin (10.201.0.2, the mesh pod's address) <-veth-> peer (10.201.0.250, a server)
+    let twin = Netns::new(format!("{}-twin", lab.id)).unwrap();
+    let peer = Netns::new(format!("{}-peer", lab.id)).unwrap();
+    twin.exec(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ])
+    .unwrap();
+    twin.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+        .unwrap();
+    twin.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
+    peer.exec(&["ip", "addr", "add", "10.201.0.250/24", "dev", "eth0"])
+        .unwrap();
+    peer.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
+    let in_lab = |ns| Placement {
+        netns: Some(ns),
+        cgroup: Some(&lab.cgroup),
+        uid: None,
+    };
+    let log = lab.dir.join("twin-server.log");
+    let server = spawn(
+        in_lab(&peer),
+        &log,
+        &redirect_lab::bin("redirect-lab"),
+        &["server", "--port", "8080"],
+    )
+    .unwrap();
+    let mut reply = None;
+    for _ in 0..100 {
+        let r: Vec<ClientResult> = lab
+            .client_at(in_lab(&twin), &["--target", "10.201.0.250:8080"])
+            .unwrap();
+        if r[0].error.is_none() {
+            reply = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = reply.expect("the twin's server never answered");
+    let seen = &r[0].reply.as_ref().unwrap().peer;
+    assert_eq!(
+        Some(seen),
+        r[0].local.as_ref(),
+        "the twin's connection was redirected"
+    );
+    assert!(seen.starts_with(&ip));
+    assert!(
+        lab.sidecar_log(sidecar).is_empty(),
+        "{:?}",
+        lab.sidecar_log(sidecar)
+    );
+    drop(server);
+}
+
+/// `redirectd uninstall` while a mesh pod keeps opening connections: none fails, and the ones
+/// opened afterwards go direct.
+#[test]
+fn uninstall_under_traffic_never_refuses() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    lab.start_daemon(
+        &pods_yaml(&[lab
+            .pod("client")
+            .yaml_entry(&[("redirectd.dev/failMode", "closed")])]),
+        &[],
+    )
+    .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let mut daemon = lab.daemon.take().unwrap();
+    daemon.stop();
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    let stop = AtomicBool::new(false);
+    let results: Vec<ClientResult> = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                all.extend(
+                    lab.client(
+                        Some("client"),
+                        None,
+                        &["--target", &target, "--count", "10", "--concurrency", "5"],
+                    )
+                    .unwrap(),
+                );
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let out = daemon.uninstall().unwrap();
+        assert!(out.contains("uninstalled"), "{out}");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        traffic.join().unwrap()
+    });
+    let failed: Vec<_> = results.iter().filter(|r| r.error.is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+    let captured = lab.sidecar_log(sidecar).len();
+    assert!(
+        captured > 0 && captured < results.len(),
+        "captured {captured} of {}",
+        results.len()
+    );
+    // After uninstall: direct.
+    let r = lab
+        .client(Some("client"), None, &["--target", &target])
+        .unwrap();
+    assert_eq!(
+        r[0].reply.as_ref().unwrap().peer,
+        r[0].local.clone().unwrap()
+    );
+    assert!(!run("ls", &["/sys/fs/bpf"]).unwrap().contains(&lab.id));
+}
