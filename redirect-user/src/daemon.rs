@@ -125,6 +125,25 @@ fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
     (resolved, pending)
 }
 
+/// Warns (once per crossing) when a connection map passes 80 % of its capacity: the LRU maps
+/// would start evicting entries of live connections.
+fn warn_if_filling(fill: (usize, usize, usize), warned: &mut BTreeSet<&'static str>) {
+    let (pairs, by_cookie, by_tuple) = fill;
+    for (name, n, cap) in [
+        ("SOCK_PAIRS", pairs, MAX_SOCK_PAIRS),
+        ("ORIG_BY_COOKIE", by_cookie, MAX_ORIG_DST),
+        ("ORIG_BY_TUPLE", by_tuple, MAX_ORIG_DST),
+    ] {
+        if n as u64 * 100 >= u64::from(cap) * 80 {
+            if warned.insert(name) {
+                log::warn!("map {name} is {}% full ({n} of {cap} entries); past that, the oldest entries of live connections are evicted", n as u64 * 100 / u64::from(cap));
+            }
+        } else {
+            warned.remove(name);
+        }
+    }
+}
+
 /// Resolves when the Kubernetes source published a new desired set; never without one.
 async fn source_changed(rx: &mut Option<tokio::sync::watch::Receiver<Option<Desired>>>) {
     match rx {
@@ -141,6 +160,7 @@ async fn source_changed(rx: &mut Option<tokio::sync::watch::Receiver<Option<Desi
 /// The metrics snapshot after a pass.
 fn snapshot(
     datapath: &Datapath,
+    fill: (usize, usize, usize),
     status: &StatusFile,
     reconcile_errors: u64,
     watch_restarts: u64,
@@ -153,7 +173,7 @@ fn snapshot(
             (p.namespace.clone(), p.name.clone(), c)
         })
         .collect();
-    let (pairs, by_cookie, by_tuple) = datapath.fill();
+    let (pairs, by_cookie, by_tuple) = fill;
     Snapshot {
         ready: true,
         pods,
@@ -235,6 +255,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         });
     }
     let mut reconcile_errors = 0u64;
+    let mut map_warned = BTreeSet::new();
 
     let watch_restarts = Arc::new(AtomicU64::new(0));
     let (file, mut kube_rx) = match opts.source {
@@ -394,9 +415,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             });
         }
         reconcile_errors += report.failed.len() as u64;
+        let fill = datapath.fill();
+        warn_if_filling(fill, &mut map_warned);
         if opts.metrics_addr.is_some() {
             let snapshot = snapshot(
                 &datapath,
+                fill,
                 &status,
                 reconcile_errors,
                 watch_restarts.load(std::sync::atomic::Ordering::Relaxed),

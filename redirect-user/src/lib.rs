@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod netns;
 pub mod pods;
+pub mod privileges;
 pub mod probe;
 pub mod reconcile;
 pub mod status;

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use redirect_user::{
     daemon::{self, PodSource, RunOptions},
@@ -177,6 +177,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),
             };
+            // Before any thread exists: capabilities are per thread, and inherited.
+            redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -119,6 +119,11 @@ fn uninstall_under_traffic_never_refuses() {
         traffic.join().unwrap()
     });
     let failed: Vec<_> = results.iter().filter(|r| r.error.is_some()).collect();
+    println!(
+        "uninstall under traffic: {} requests, {} failed",
+        results.len(),
+        failed.len()
+    );
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",

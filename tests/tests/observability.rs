@@ -59,6 +59,44 @@ fn metrics_healthz_readyz() {
     );
     assert_eq!(get(&format!("{base}/readyz")).0, 200);
     assert_eq!(get(&format!("{base}/nope")).0, 404);
+
+    // Least privilege: every thread of the running daemon holds only the capabilities it
+    // needs (DAC_READ_SEARCH, NET_ADMIN, SYS_PTRACE, SYS_ADMIN, SYS_RESOURCE, PERFMON, BPF;
+    // a sandbox may have withheld some of them), and the essential ones.
+    let pid = lab.daemon().proc.as_ref().unwrap().pid();
+    let kept = [2u32, 12, 19, 21, 24, 38, 39]
+        .iter()
+        .fold(0u64, |m, c| m | 1 << c);
+    let essential = [12u32, 21, 39].iter().fold(0u64, |m, c| m | 1 << c);
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tasks.len() > 1, "expected the runtime's threads");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let caps = |field: &str| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .unwrap()
+                .trim();
+            u64::from_str_radix(hex, 16).unwrap()
+        };
+        for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            let c = caps(field);
+            assert_eq!(
+                c & !kept,
+                0,
+                "{field} {c:x} has more than {kept:x}: {status}"
+            );
+            assert_eq!(
+                c & essential,
+                essential,
+                "{field} {c:x} lacks an essential one: {status}"
+            );
+        }
+    }
 }
 
 /// The start-up probe finds every feature the data path needs on this kernel (and would name

@@ -79,6 +79,10 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
         traffic.join().unwrap()
     });
     assert!(results.len() >= 100, "only {} requests", results.len());
+    println!(
+        "kill -9 + restart under traffic: {} requests",
+        results.len()
+    );
     let failed: Vec<_> = results
         .iter()
         .filter(|r| r.error.is_some() || r.reply.is_none())
@@ -107,5 +111,52 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
             .contains("taken over from the previous run unchanged"),
         "{}",
         daemon.log_text()
+    );
+}
+
+/// A pod removed from the mesh while its connections are open: they carry on, byte-exact
+/// (through both sidecars, accelerated); only new connections are no longer captured.
+#[test]
+fn pod_removed_mid_connection_keeps_its_open_connections() {
+    let mut lab = lab();
+    lab.add_pod("a").unwrap();
+    lab.add_pod("b").unwrap();
+    lab.start_sidecar("a").unwrap();
+    lab.start_sidecar("b").unwrap();
+    lab.start_echo_server("b", 7000, None).unwrap();
+    let b_only = pods_yaml(&[lab.pod("b").yaml_entry(&[])]);
+    let yaml = pods_yaml(&[lab.pod("a").yaml_entry(&[]), lab.pod("b").yaml_entry(&[])]);
+    lab.start_daemon(&yaml, &[]).unwrap();
+    lab.daemon().wait_pods(&["a", "b"]).unwrap();
+    let mut daemon = lab.daemon.take().unwrap();
+    let t = format!("{}:7000", lab.pod("b").v4);
+    let results = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            lab.echo(
+                "a",
+                &[
+                    "--target",
+                    &t,
+                    "--size",
+                    "16777216",
+                    "--streams",
+                    "4",
+                    "--slow-read-us",
+                    "200",
+                ],
+            )
+            .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.write_pods(&b_only).unwrap();
+        daemon.wait_pods(&["b"]).unwrap();
+        stream.join().unwrap()
+    });
+    for r in &results {
+        assert!(r.intact && r.outcome == "ok", "{r:?}");
+    }
+    assert!(
+        results.iter().all(|r| r.micros > 300_000),
+        "streams ended before the pod was removed: {results:?}"
     );
 }

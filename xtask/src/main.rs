@@ -46,6 +46,9 @@ enum Task {
     },
     /// Unit tests and integration tests on the real kernel (needs root).
     Test {
+        /// Run the load test for 5 minutes instead of 30 s.
+        #[arg(long)]
+        long: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -155,8 +158,12 @@ fn main() -> Result<()> {
             sweep_leftovers()?;
             bench::bench(quick, &root())
         }
-        Task::Test { args } => {
+        Task::Test { long, args } => {
             require_root("the tests")?;
+            if long {
+                // SAFETY of set_var: xtask is single-threaded here.
+                unsafe { std::env::set_var("REDIRECT_LOAD_SECS", "300") };
+            }
             build(false)?;
             sweep_leftovers()?;
             let mut all = vec!["test", "--no-fail-fast"];
