@@ -128,7 +128,7 @@ fn pod_removed_mid_connection_keeps_its_open_connections() {
     let yaml = pods_yaml(&[lab.pod("a").yaml_entry(&[]), lab.pod("b").yaml_entry(&[])]);
     lab.start_daemon(&yaml, &[]).unwrap();
     lab.daemon().wait_pods(&["a", "b"]).unwrap();
-    let mut daemon = lab.daemon.take().unwrap();
+    let daemon = lab.daemon.take().unwrap();
     let t = format!("{}:7000", lab.pod("b").v4);
     let results = std::thread::scope(|s| {
         let stream = s.spawn(|| {
