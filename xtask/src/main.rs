@@ -44,6 +44,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the pods-file and annotation parsers (cargo-fuzz, libFuzzer), each for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Unit tests and integration tests on the real kernel (needs root).
     Test {
         /// Run the load test for 5 minutes instead of 30 s.
@@ -131,6 +137,35 @@ fn sweep_leftovers() -> Result<()> {
     Ok(())
 }
 
+/// Runs every fuzz target for `seconds`; installs cargo-fuzz first if missing.
+fn fuzz(seconds: u64) -> Result<()> {
+    setup::setup()?;
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        cargo(&["install", "cargo-fuzz", "--locked"])?;
+    }
+    let dir = root().join("fuzz");
+    for target in ["pods_file", "annotations"] {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let status = Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .args(["--", &format!("-max_total_time={seconds}")])
+            .current_dir(&dir)
+            .status()
+            .context("running cargo fuzz")?;
+        if !status.success() {
+            bail!("fuzz target {target} found a failure (see fuzz/artifacts/{target})");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
@@ -158,6 +193,7 @@ fn main() -> Result<()> {
             sweep_leftovers()?;
             bench::bench(quick, &root())
         }
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Test { long, args } => {
             require_root("the tests")?;
             if long {
