@@ -286,12 +286,15 @@ impl Pod {
     /// The pods-file entry for this pod, with `annotations` (YAML mapping lines, already
     /// indented by 6 spaces, or empty).
     pub fn yaml_entry(&self, annotations: &[(&str, &str)]) -> String {
+        let ips = if self.v6.is_unspecified() {
+            format!("\"{}\"", self.v4)
+        } else {
+            format!("\"{}\", \"{}\"", self.v4, self.v6)
+        };
         let mut s = format!(
-            "  - name: {}\n    namespace: lab\n    netns: {}\n    ips: [\"{}\", \"{}\"]\n",
+            "  - name: {}\n    namespace: lab\n    netns: {}\n    ips: [{ips}]\n",
             self.name,
             self.netns.path().display(),
-            self.v4,
-            self.v6
         );
         if !annotations.is_empty() {
             s.push_str("    annotations:\n");
@@ -313,6 +316,8 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     /// "Another node" (see [`Lab::add_remote_node`]).
     pub remote: Option<Netns>,
+    /// The remote node's pods' cgroup, dropped after them.
+    remote_cgroup: Option<Cgroup>,
     pub node: Netns,
     pub cgroup: Cgroup,
     next_host: u8,
@@ -365,6 +370,7 @@ impl Lab {
             daemon: None,
             pods: Vec::new(),
             remote: None,
+            remote_cgroup: None,
             node,
             cgroup,
             next_host: 2,
@@ -422,6 +428,59 @@ impl Lab {
         remote.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:202::1"])?;
         self.remote = Some(remote);
         Ok(self.remote.as_ref().expect("just set"))
+    }
+
+    /// Adds a pod on "another node" ([`Lab::add_remote_node`] first): a namespace behind the
+    /// remote node (10.202.1.0/24, routed through both nodes), in a cgroup under
+    /// `<lab cgroup>/node2/`, which a second daemon can own. Returns its index in `self.pods`.
+    pub fn add_remote_pod(&mut self, name: &str) -> Result<usize> {
+        let remote = self.remote.as_ref().context("add_remote_node first")?;
+        let host = self.next_host;
+        self.next_host += 1;
+        if self.remote_cgroup.is_none() {
+            self.remote_cgroup = Some(Cgroup::new(self.cgroup.path.join("node2"))?);
+            remote.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+            remote.exec(&["ip", "addr", "add", "10.202.1.1/24", "dev", "br0"])?;
+            remote.exec(&["ip", "link", "set", "br0", "up"])?;
+            remote.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            self.node
+                .exec(&["ip", "route", "add", "10.202.1.0/24", "via", "10.202.0.2"])?;
+        }
+        let cgroup_root = self.remote_cgroup.as_ref().expect("just made").path.clone();
+        let netns = Netns::new(format!("{}-{name}", self.id))?;
+        let cgroup = Cgroup::new(cgroup_root.join(name))?;
+        let veth = format!("r{host}");
+        remote.exec(&[
+            "ip",
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
+        remote.exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
+        let v4 = format!("10.202.1.{host}");
+        netns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        netns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        netns.exec(&["ip", "route", "add", "default", "via", "10.202.1.1"])?;
+        self.pods.push(Pod {
+            name: name.into(),
+            v4: v4.parse()?,
+            v6: "::".parse()?,
+            cgroup,
+            netns,
+        });
+        Ok(self.pods.len() - 1)
+    }
+
+    /// The cgroup of the pods on the remote node ([`Lab::add_remote_pod`]).
+    pub fn remote_cgroup(&self) -> Option<&Path> {
+        self.remote_cgroup.as_ref().map(|c| c.path.as_path())
     }
 
     /// Adds a pod (network namespace on the bridge with an IPv4 and an IPv6 address, and a
@@ -711,6 +770,7 @@ impl Drop for Lab {
         self.procs.clear();
         self.daemon = None;
         self.pods.clear();
+        self.remote_cgroup = None;
         self.remote = None;
         // REDIRECT_LAB_KEEP_LOGS=1 keeps the lab's logs (sidecar, server, daemon) to debug.
         if std::env::var_os("REDIRECT_LAB_KEEP_LOGS").is_none() {
@@ -733,14 +793,23 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(id: &str, dir: &Path, cgroup: &Path, pods_yaml: &str, extra: &[&str]) -> Result<Self> {
+    /// Starts a daemon named `id` (its pin dir `/sys/fs/bpf/<id>`, its files `<dir>/<id>.*`)
+    /// attached to `cgroup`. A lab normally has one ([`Lab::start_daemon`]); a second one, on
+    /// another cgroup, plays another node's daemon.
+    pub fn start(
+        id: &str,
+        dir: &Path,
+        cgroup: &Path,
+        pods_yaml: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut d = Self {
             proc: None,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
-            pods_file: dir.join("pods.yaml"),
-            status_file: dir.join("status.json"),
+            pods_file: dir.join(format!("{id}.pods.yaml")),
+            status_file: dir.join(format!("{id}.status.json")),
             cgroup: cgroup.to_path_buf(),
-            log: dir.join("redirectd.log"),
+            log: dir.join(format!("{id}.redirectd.log")),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.write_pods(pods_yaml)?;

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use redirect_lab::{perf::Measured, run, Lab};
+use redirect_lab::{perf::Measured, run, Daemon, Lab};
 use serde_json::{json, Value};
 
 const MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf+sockmap"];
@@ -99,6 +99,30 @@ fn field(m: &Measured, name: &str) -> f64 {
     }
 }
 
+/// Cross-node: one daemon a node, each with its own pod, cgroup and maps.
+fn node_daemons(lab: &Lab, extra: &[&str]) -> Result<Vec<Daemon>> {
+    let mut out = Vec::new();
+    for (pod, cgroup) in [
+        ("client", lab.pod("client").cgroup.path.clone()),
+        (
+            "server",
+            lab.remote_cgroup().context("no remote node")?.to_path_buf(),
+        ),
+    ] {
+        let yaml = format!("pods:\n{}", lab.pod(pod).yaml_entry(&[]));
+        let d = Daemon::start(
+            &format!("{}-{pod}", lab.id),
+            &lab.dir,
+            &cgroup,
+            &yaml,
+            extra,
+        )?;
+        d.wait_pods(&[pod])?;
+        out.push(d);
+    }
+    Ok(out)
+}
+
 /// Average run time per call of our programs (kernel BPF stats), by program name.
 fn bpf_stats() -> BTreeMap<String, (u64, u64)> {
     let mut out = BTreeMap::new();
@@ -127,14 +151,21 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-pub fn bench(quick: bool, root: &Path) -> Result<()> {
+pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
     let rounds = if quick { 2 } else { 5 };
     let secs = if quick { 1 } else { 3 };
     let dur = (secs * 1000).to_string();
     let _ = run("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"]);
     let mut lab = Lab::new()?;
     lab.add_pod("client")?;
-    lab.add_pod("server")?;
+    if cross_node {
+        // The server pod on "another node": behind a second namespace, routed, with its own
+        // daemon on its own cgroup (its own maps: nothing is spliced across nodes).
+        lab.add_remote_node()?;
+        lab.add_remote_pod("server")?;
+    } else {
+        lab.add_pod("server")?;
+    }
     // The connection-rate workload leaves tens of thousands of TIME_WAIT sockets; without
     // reuse, later modes would pay for earlier ones in connect()'s port search.
     for pod in ["client", "server"] {
@@ -163,13 +194,15 @@ pub fn bench(quick: bool, root: &Path) -> Result<()> {
     let mut rss_kib = 0u64;
     for round in 0..rounds {
         for mode in MODES {
+            let mut daemons: Vec<Daemon> = Vec::new();
+            let extra: &[&str] = if mode == "ebpf" { &["--no-accel"] } else { &[] };
             match mode {
                 "iptables" => {
                     iptables(&lab, "client", true)?;
                     iptables(&lab, "server", true)?;
                 }
-                "ebpf" => lab.start_daemon(&yaml, &["--no-accel"])?,
-                "ebpf+sockmap" => lab.start_daemon(&yaml, &[])?,
+                "ebpf" | "ebpf+sockmap" if cross_node => daemons = node_daemons(&lab, extra)?,
+                "ebpf" | "ebpf+sockmap" => lab.start_daemon(&yaml, extra)?,
                 _ => {}
             }
             if lab.daemon.is_some() {
@@ -206,9 +239,12 @@ pub fn bench(quick: bool, root: &Path) -> Result<()> {
                     e.0 += ns;
                     e.1 += cnt;
                 }
-                if let Some(p) = lab.daemon().proc.as_ref() {
-                    rss_kib = rss_kib.max(vm_hwm_kib(p.pid()).unwrap_or(0));
+                for d in daemons.iter().chain(lab.daemon.iter()) {
+                    if let Some(p) = d.proc.as_ref() {
+                        rss_kib = rss_kib.max(vm_hwm_kib(p.pid()).unwrap_or(0));
+                    }
                 }
+                daemons.clear();
                 lab.daemon = None;
             }
             if mode == "iptables" {
@@ -219,7 +255,16 @@ pub fn bench(quick: bool, root: &Path) -> Result<()> {
     }
     drop(lab);
     let _ = run("sysctl", &["-qw", "kernel.bpf_stats_enabled=0"]);
-    report(&results, &prog_stats, rss_kib, rounds, secs, quick, root)
+    report(
+        &results,
+        &prog_stats,
+        rss_kib,
+        rounds,
+        secs,
+        quick,
+        cross_node,
+        root,
+    )
 }
 
 fn summary(w: &str, m: &Measured) -> String {
@@ -238,6 +283,7 @@ fn report(
     rounds: usize,
     secs: u64,
     quick: bool,
+    cross_node: bool,
     root: &Path,
 ) -> Result<()> {
     let mut table = String::new();
@@ -313,6 +359,7 @@ fn report(
         "rounds": rounds,
         "seconds_per_workload": secs,
         "quick": quick,
+        "cross_node": cross_node,
         "figures": figures,
         "raw": results.iter().map(|(m, ws)| (m.to_string(), ws.iter().map(|(w, v)| (w.to_string(), serde_json::to_value(v).unwrap_or_default())).collect::<BTreeMap<_, _>>())).collect::<BTreeMap<_, _>>(),
         "programs": prog_json,
@@ -320,11 +367,19 @@ fn report(
     });
     let out = root.join("target").join("bench");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&doc)?)?;
+    let stem = if cross_node {
+        "bench-cross-node"
+    } else {
+        "bench"
+    };
+    std::fs::write(
+        out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
     let svg = chart(&figures);
-    std::fs::write(out.join("bench.svg"), &svg)?;
-    println!("wrote {}/bench.json and bench.svg", out.display());
-    if !quick {
+    std::fs::write(out.join(format!("{stem}.svg")), &svg)?;
+    println!("wrote {}/{stem}.json and {stem}.svg", out.display());
+    if !quick && !cross_node {
         let docs = root.join("docs");
         std::fs::create_dir_all(&docs)?;
         std::fs::write(docs.join("bench.json"), serde_json::to_string_pretty(&doc)?)?;

@@ -43,6 +43,9 @@ enum Task {
         /// A short run (under 2 minutes); does not update docs/benchmarks.md.
         #[arg(long)]
         quick: bool,
+        /// The server pod on a second (emulated) node, with its own daemon.
+        #[arg(long)]
+        cross_node: bool,
     },
     /// Fuzz the pods-file and annotation parsers (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
@@ -187,11 +190,11 @@ fn main() -> Result<()> {
             sweep_leftovers()?;
             demo::demo()
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, cross_node } => {
             require_root("the benchmark")?;
             build(true)?;
             sweep_leftovers()?;
-            bench::bench(quick, &root())
+            bench::bench(quick, cross_node, &root())
         }
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Test { long, args } => {
