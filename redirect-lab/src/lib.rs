@@ -264,6 +264,16 @@ pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]
     })
 }
 
+/// Connects a pod namespace to `node`'s bridge `br0`: a veth pair, `veth` on the node side,
+/// `eth0` in the pod.
+fn plug(node: &Netns, veth: &str, pod: &Netns) -> Result<()> {
+    node.exec(&[
+        "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ])?;
+    node.exec(&["ip", "link", "set", veth, "master", "br0", "up"])?;
+    Ok(())
+}
+
 /// A pod of the lab: a network namespace with an address on the bridge, and a cgroup.
 pub struct Pod {
     pub name: String,
@@ -449,21 +459,7 @@ impl Lab {
         let cgroup_root = self.remote_cgroup.as_ref().expect("just made").path.clone();
         let netns = Netns::new(format!("{}-{name}", self.id))?;
         let cgroup = Cgroup::new(cgroup_root.join(name))?;
-        let veth = format!("r{host}");
-        remote.exec(&[
-            "ip",
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ])?;
-        remote.exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
+        plug(remote, &format!("r{host}"), &netns)?;
         let v4 = format!("10.202.1.{host}");
         netns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         netns.exec(&["ip", "link", "set", "eth0", "up"])?;
@@ -490,22 +486,7 @@ impl Lab {
         self.next_host += 1;
         let netns = Netns::new(format!("{}-{name}", self.id))?;
         let cgroup = Cgroup::new(self.cgroup.path.join(name))?;
-        let veth = format!("v{host}");
-        self.node.exec(&[
-            "ip",
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ])?;
-        self.node
-            .exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
+        plug(&self.node, &format!("v{host}"), &netns)?;
         let v4 = format!("{V4_PREFIX}{host}");
         let v6 = format!("{V6_PREFIX}{host:x}");
         netns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;

@@ -2,25 +2,7 @@
 //! path (app, sidecar, sidecar, app), proven to bypass the stack, and leak-free.
 
 use redirect_lab::{echo::EchoResult, Lab};
-use redirect_tests::{lab, pods_yaml};
-
-/// A lab with mesh pods `a` (client app + sidecar) and `b` (echo server app on 7000 +
-/// sidecar); `b_annotations` go on both pods.
-fn mesh(annotations: &[(&str, &str)]) -> Lab {
-    let mut lab = lab();
-    lab.add_pod("a").unwrap();
-    lab.add_pod("b").unwrap();
-    lab.start_sidecar("a").unwrap();
-    lab.start_sidecar("b").unwrap();
-    lab.start_echo_server("b", 7000, None).unwrap();
-    let yaml = pods_yaml(&[
-        lab.pod("a").yaml_entry(annotations),
-        lab.pod("b").yaml_entry(annotations),
-    ]);
-    lab.start_daemon(&yaml, &[]).unwrap();
-    lab.daemon().wait_pods(&["a", "b"]).unwrap();
-    lab
-}
+use redirect_tests::{map_fill, mesh_with_echo, wait_maps_back};
 
 fn target(lab: &Lab, port: u16) -> String {
     format!("{}:{port}", lab.pod("b").v4)
@@ -50,7 +32,7 @@ fn assert_intact(results: &[EchoResult], streams: usize, size: u64) {
 /// equal; then 200 concurrent streams; the acceleration counters moved.
 #[test]
 fn echo_is_byte_exact_through_the_accelerated_mesh() {
-    let mut lab = mesh(&[]);
+    let mut lab = mesh_with_echo(&[]);
     let t = target(&lab, 7000);
     for size in [1u64, 1024, 64 * 1024, 1 << 20, 64 << 20] {
         let s = size.to_string();
@@ -72,7 +54,7 @@ fn echo_is_byte_exact_through_the_accelerated_mesh() {
 /// sendfile(2) and splice(2) senders, and a slow reader, through the accelerated path.
 #[test]
 fn sendfile_splice_and_slow_reader() {
-    let lab = mesh(&[]);
+    let lab = mesh_with_echo(&[]);
     let t = target(&lab, 7000);
     for mode in ["sendfile", "splice"] {
         let r = lab
@@ -107,7 +89,7 @@ fn sendfile_splice_and_slow_reader() {
 #[test]
 fn reset_is_seen_as_a_failure_with_and_without_acceleration() {
     let outcome = |annotations: &[(&str, &str)]| {
-        let mut lab = mesh(annotations);
+        let mut lab = mesh_with_echo(annotations);
         lab.start_echo_server("b", 7001, Some(100_000)).unwrap();
         let t = target(&lab, 7001);
         let r = lab
@@ -136,7 +118,7 @@ fn reset_is_seen_as_a_failure_with_and_without_acceleration() {
 #[test]
 fn acceleration_really_bypasses_the_stack() {
     let packets_for = |annotations: &[(&str, &str)]| {
-        let mut lab = mesh(annotations);
+        let mut lab = mesh_with_echo(annotations);
         let t = target(&lab, 7000);
         let count = |lab: &Lab| -> u64 {
             let (a, b) = (&lab.pod("a").netns, &lab.pod("b").netns);
@@ -178,14 +160,9 @@ fn acceleration_really_bypasses_the_stack() {
 /// original-destination maps are back to their starting size.
 #[test]
 fn no_leak_after_ten_thousand_connections() {
-    let mut lab = mesh(&[]);
+    let mut lab = mesh_with_echo(&[]);
     lab.start_server("b", &[8080]).unwrap();
-    let st = lab.daemon().status().unwrap();
-    let start = (
-        st["sock_pairs"].as_u64(),
-        st["orig_by_cookie"].as_u64(),
-        st["orig_by_tuple"].as_u64(),
-    );
+    let start = map_fill(&mut lab);
     let t = target(&lab, 8080);
     let r = lab
         .client(
@@ -201,16 +178,7 @@ fn no_leak_after_ten_thousand_connections() {
         failed.len(),
         failed.first()
     );
-    let st = lab
-        .daemon()
-        .wait_status("maps back to their starting size", |s| {
-            (
-                s["sock_pairs"].as_u64(),
-                s["orig_by_cookie"].as_u64(),
-                s["orig_by_tuple"].as_u64(),
-            ) == start
-        })
-        .unwrap();
+    let st = wait_maps_back(&mut lab, start);
     let a = &st["pods"]
         .as_array()
         .unwrap()

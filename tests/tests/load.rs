@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{map_fill, mesh_with_echo, wait_maps_back};
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -22,24 +22,8 @@ fn sixty_four_clients_through_the_accelerated_mesh() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let mut lab = lab();
-    lab.add_pod("a").unwrap();
-    lab.add_pod("b").unwrap();
-    lab.start_sidecar("a").unwrap();
-    lab.start_sidecar("b").unwrap();
-    lab.start_echo_server("b", 7000, None).unwrap();
-    let yaml = pods_yaml(&[lab.pod("a").yaml_entry(&[]), lab.pod("b").yaml_entry(&[])]);
-    lab.start_daemon(&yaml, &[]).unwrap();
-    lab.daemon().wait_pods(&["a", "b"]).unwrap();
-    let fill = |lab: &mut redirect_lab::Lab| {
-        let s = lab.daemon().status().unwrap();
-        (
-            s["sock_pairs"].as_u64(),
-            s["orig_by_cookie"].as_u64(),
-            s["orig_by_tuple"].as_u64(),
-        )
-    };
-    let start_fill = fill(&mut lab);
+    let mut lab = mesh_with_echo(&[]);
+    let start_fill = map_fill(&mut lab);
     let pid = lab.daemon().proc.as_ref().unwrap().pid();
     let t = format!("{}:7000", lab.pod("b").v4);
 
@@ -75,15 +59,7 @@ fn sixty_four_clients_through_the_accelerated_mesh() {
         "{failed} of {streams} streams failed or came back corrupted"
     );
     assert!(streams >= 64 * 10, "only {streams} streams in {secs} s");
-    lab.daemon()
-        .wait_status("maps back to their starting size", |s| {
-            (
-                s["sock_pairs"].as_u64(),
-                s["orig_by_cookie"].as_u64(),
-                s["orig_by_tuple"].as_u64(),
-            ) == start_fill
-        })
-        .unwrap();
+    wait_maps_back(&mut lab, start_fill);
     assert!(
         rss_end < rss_start + 8 * 1024,
         "daemon RSS grew from {rss_start} to {rss_end} KiB"

@@ -7,7 +7,7 @@ use std::{
 };
 
 use redirect_lab::wire::ClientResult;
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{lab, mesh_with_echo, pods_yaml};
 
 fn dump(pin_dir: &std::path::Path, map: &str) -> String {
     let path = pin_dir.join("maps").join(map);
@@ -118,16 +118,8 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
 /// (through both sidecars, accelerated); only new connections are no longer captured.
 #[test]
 fn pod_removed_mid_connection_keeps_its_open_connections() {
-    let mut lab = lab();
-    lab.add_pod("a").unwrap();
-    lab.add_pod("b").unwrap();
-    lab.start_sidecar("a").unwrap();
-    lab.start_sidecar("b").unwrap();
-    lab.start_echo_server("b", 7000, None).unwrap();
+    let mut lab = mesh_with_echo(&[]);
     let b_only = pods_yaml(&[lab.pod("b").yaml_entry(&[])]);
-    let yaml = pods_yaml(&[lab.pod("a").yaml_entry(&[]), lab.pod("b").yaml_entry(&[])]);
-    lab.start_daemon(&yaml, &[]).unwrap();
-    lab.daemon().wait_pods(&["a", "b"]).unwrap();
     let daemon = lab.daemon.take().unwrap();
     let t = format!("{}:7000", lab.pod("b").v4);
     let results = std::thread::scope(|s| {

@@ -255,16 +255,13 @@ pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
     }
     drop(lab);
     let _ = run("sysctl", &["-qw", "kernel.bpf_stats_enabled=0"]);
-    report(
-        &results,
-        &prog_stats,
-        rss_kib,
+    let shape = Shape {
         rounds,
         secs,
         quick,
         cross_node,
-        root,
-    )
+    };
+    report(&results, &prog_stats, rss_kib, &shape, root)
 }
 
 fn summary(w: &str, m: &Measured) -> String {
@@ -276,16 +273,28 @@ fn summary(w: &str, m: &Measured) -> String {
     }
 }
 
-fn report(
-    results: &BTreeMap<&str, BTreeMap<&str, Vec<Measured>>>,
-    prog_stats: &BTreeMap<String, (u64, u64)>,
-    rss_kib: u64,
+/// How a run was made.
+#[derive(Clone, Copy)]
+struct Shape {
     rounds: usize,
     secs: u64,
     quick: bool,
     cross_node: bool,
+}
+
+fn report(
+    results: &BTreeMap<&str, BTreeMap<&str, Vec<Measured>>>,
+    prog_stats: &BTreeMap<String, (u64, u64)>,
+    rss_kib: u64,
+    shape: &Shape,
     root: &Path,
 ) -> Result<()> {
+    let Shape {
+        rounds,
+        secs,
+        quick,
+        cross_node,
+    } = *shape;
     let mut table = String::new();
     let mut figures = json!({});
     writeln!(
