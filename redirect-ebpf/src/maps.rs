@@ -1,11 +1,11 @@
 //! Every map of the data path, defined once. Each is pinned by name under the daemon's pin
 //! directory (`<pin-dir>/maps/<NAME>`) so a daemon restart keeps connections and state.
 //!
-//! LRU maps use per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts on the connect path do not
-//! contend on one global list.
+//! LRU maps use the common LRU list: with per-CPU lists (`BPF_F_NO_COMMON_LRU`) one CPU could
+//! evict a live connection's entry while the map as a whole still had room, and the
+//! benchmark showed no gain from them.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
@@ -38,16 +38,14 @@ pub static ADDR_RULES: LpmTrie<AddrRuleData, u32> = LpmTrie::pinned(MAX_ADDR_RUL
 /// `getpeername4/6`; deleted by `sockops` when the socket closes. LRU so a close we never see
 /// cannot fill it.
 #[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(MAX_ORIG_DST, BPF_F_NO_COMMON_LRU);
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
 
 /// Original destination of each captured connection, by its 4-tuple in its netns
 /// ([`TupleKey`]). Written by `sockops` when the client's connection is established; read by
 /// `getsockopt` on the proxy's accepted socket; deleted by `sockops` when the client socket
 /// closes. LRU for the same reason as `ORIG_BY_COOKIE`.
 #[map]
-pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::pinned(MAX_ORIG_DST, BPF_F_NO_COMMON_LRU);
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
 
 /// Per-pod counters ([`PodCounters`]), per CPU, indexed by pod id. Written by the programs;
 /// summed and zeroed (on slot reuse) by the daemon.
@@ -79,21 +77,18 @@ pub static NODE_ADDRS: HashMap<NodeAddrKey, u32> = HashMap::pinned(MAX_ADDR_RULE
 /// peer's queues. Key: the sender's [`SockKey`]; value unused. Written by `sk_msg`, deleted by
 /// `sockops` at close; LRU so a missed close cannot fill it.
 #[map]
-pub static ACCEL_FALLBACK: LruHashMap<SockKey, u32> =
-    LruHashMap::pinned(MAX_SOCK_PAIRS, BPF_F_NO_COMMON_LRU);
+pub static ACCEL_FALLBACK: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
 
 /// Sockets the proxy itself opened with `connect()` (its uid or gid), by socket cookie. Written
 /// by `connect4/6`; read and removed by `sockops` when the socket is established, to decide
 /// acceleration: only the proxy's sockets are accelerated (see `sk_msg.rs`). LRU: a connect
 /// that never completes leaves an entry that ages out.
 #[map]
-pub static PROXY_SOCKS: LruHashMap<u64, u32> =
-    LruHashMap::pinned(MAX_SOCK_PAIRS, BPF_F_NO_COMMON_LRU);
+pub static PROXY_SOCKS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
 
 /// Connections `sk_lookup` handed to a proxy's inbound listener, by the accepted socket's
 /// [`SockKey`]. Written by `sk_lookup`; read and removed by `sockops` when the accepted socket
 /// is established (it is the proxy's, so it may be accelerated). LRU for handshakes that never
 /// complete.
 #[map]
-pub static STEERED: LruHashMap<SockKey, u32> =
-    LruHashMap::pinned(MAX_SOCK_PAIRS, BPF_F_NO_COMMON_LRU);
+pub static STEERED: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
