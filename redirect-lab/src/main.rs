@@ -434,6 +434,7 @@ async fn one_connection(
         target: target.to_string(),
         local: None,
         peername: None,
+        own_orig_dst: None,
         reply: None,
         error: None,
     };
@@ -441,6 +442,10 @@ async fn one_connection(
         let mut s = TcpStream::connect(target).await.context("connect")?;
         res.local = s.local_addr().ok().map(|a| canonical(a).to_string());
         res.peername = s.peer_addr().ok().map(|a| canonical(a).to_string());
+        res.own_orig_dst = Some(match original_dst(&s) {
+            Ok(a) => canonical(a).to_string(),
+            Err(e) => format!("error: {e}"),
+        });
         s.write_all(format!("hello {i}\n").as_bytes())
             .await
             .context("write")?;

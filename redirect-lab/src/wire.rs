@@ -37,6 +37,9 @@ pub struct ClientResult {
     pub local: Option<String>,
     /// What getpeername() returned on the client socket.
     pub peername: Option<String>,
+    /// What `SO_ORIGINAL_DST` returned on the client's own socket (an error as text).
+    #[serde(default)]
+    pub own_orig_dst: Option<String>,
     pub reply: Option<ServerReply>,
     pub error: Option<String>,
 }

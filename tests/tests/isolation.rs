@@ -147,3 +147,55 @@ fn uninstall_under_traffic_never_refuses() {
     );
     assert!(!run("ls", &["/sys/fs/bpf"]).unwrap().contains(&lab.id));
 }
+
+/// An application cannot learn another connection's original destination: asked on its own
+/// sockets, `SO_ORIGINAL_DST` answers that socket's own local address (never a destination
+/// recorded for another connection); outside the mesh it fails as without conntrack.
+#[test]
+fn getsockopt_never_tells_another_connections_destination() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("plain").unwrap();
+    lab.add_pod("ext").unwrap();
+    lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080, 8081]).unwrap();
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+        .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let ext = lab.pod("ext").v4;
+    let targets = [format!("{ext}:8080"), format!("{ext}:8081")];
+    let r = lab
+        .client(
+            Some("client"),
+            None,
+            &[
+                "--target",
+                &targets[0],
+                "--target",
+                &targets[1],
+                "--count",
+                "20",
+                "--concurrency",
+                "20",
+                "--hold",
+            ],
+        )
+        .unwrap();
+    for c in &r {
+        assert!(c.error.is_none(), "{c:?}");
+        let own = c.own_orig_dst.as_deref().unwrap();
+        assert_eq!(
+            Some(own),
+            c.local.as_deref(),
+            "an app socket was told {own}: {c:?}"
+        );
+        assert!(!targets.iter().any(|t| t == own), "{c:?}");
+    }
+    let r = lab
+        .client(Some("plain"), None, &["--target", &targets[0]])
+        .unwrap();
+    assert!(
+        r[0].own_orig_dst.as_deref().unwrap().starts_with("error"),
+        "{r:?}"
+    );
+}
