@@ -261,16 +261,17 @@ impl Datapath {
         Ok(sum)
     }
 
-    /// Registers in `LISTENERS` the proxy sockets already listening on `port` in a pod's
-    /// namespace (a proxy that started before us never ran our `listen()` hook).
+    /// Registers in `LISTENERS` the proxy sockets already listening on the inbound or outbound
+    /// port in a pod's namespace (a proxy that started before us never ran our `listen()`
+    /// hook).
     fn adopt_listeners(
         &mut self,
         netns_cookie: u64,
         netns: &std::fs::File,
-        port: u16,
         netns_ref: &NetnsRef,
     ) -> Result<()> {
-        for (family, sock) in listeners::find(netns, port)? {
+        let ports = [self.inbound_port, self.outbound_port];
+        for (port, family, sock) in listeners::find(netns, &ports)? {
             let key = ListenerKey {
                 netns_cookie,
                 family: family.into(),
@@ -440,10 +441,7 @@ impl PodMaps for Datapath {
             self.inbound_insns = Some(insns);
         }
         // A proxy already listening before we were attached never ran our listen() hook.
-        for port in [self.inbound_port, self.outbound_port] {
-            self.adopt_listeners(netns_cookie, &file, port, netns_ref)?;
-        }
-        Ok(())
+        self.adopt_listeners(netns_cookie, &file, netns_ref)
     }
 
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {

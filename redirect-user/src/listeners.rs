@@ -14,6 +14,7 @@ use std::{
         fd::{FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
+    path::Path,
 };
 
 use anyhow::{Context as _, Result};
@@ -22,14 +23,9 @@ use redirect_common::{AF_INET, AF_INET6};
 /// `st` of a listening socket in /proc/net/tcp.
 const TCP_LISTEN: &str = "0A";
 
-fn ns_inode(pid: &str) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
-    let s = link.to_str()?;
-    s.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
-}
-
-/// Listening sockets on `port` by inode, with their family, from /proc/PID/net/tcp{,6}.
-fn listening_inodes(pid: &str, port: u16) -> BTreeMap<u64, u16> {
+/// Listening sockets on any of `ports` by inode, with their `(port, family)`, from
+/// /proc/PID/net/tcp{,6}.
+fn listening_inodes(pid: &str, ports: &[u16]) -> BTreeMap<u64, (u16, u16)> {
     let mut out = BTreeMap::new();
     for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
@@ -43,9 +39,9 @@ fn listening_inodes(pid: &str, port: u16) -> BTreeMap<u64, u16> {
             let local_port = f[1]
                 .rsplit_once(':')
                 .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
+            if let Some(port) = local_port.filter(|p| ports.contains(p)) {
                 if let Ok(inode) = f[9].parse() {
-                    out.insert(inode, family);
+                    out.insert(inode, (port, family));
                 }
             }
         }
@@ -74,20 +70,21 @@ fn pidfd_getfd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
     }
 }
 
-/// The listening sockets on `port` in the network namespace `netns`: `(family, socket)`.
-pub fn find(netns: &File, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
+/// The listening sockets on any of `ports` in the network namespace `netns`, in one scan of
+/// /proc: `(port, family, socket)`.
+pub fn find(netns: &File, ports: &[u16]) -> Result<Vec<(u16, u16, OwnedFd)>> {
     let ino = netns.metadata().context("stat of the netns file")?.ino();
     let pids: Vec<String> = std::fs::read_dir("/proc")
         .context("listing /proc")?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        .filter(|p| ns_inode(p) == Some(ino))
+        .filter(|p| crate::netns::inode_of(Path::new(&format!("/proc/{p}/ns/net"))) == Some(ino))
         .collect();
     let Some(first) = pids.first() else {
         return Ok(Vec::new());
     };
-    let mut wanted = listening_inodes(first, port);
+    let mut wanted = listening_inodes(first, ports);
     let mut found = Vec::new();
     for pid in &pids {
         if wanted.is_empty() {
@@ -105,7 +102,7 @@ pub fn find(netns: &File, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u64>().ok());
-            let Some(family) = inode.and_then(|i| wanted.remove(&i)) else {
+            let Some((port, family)) = inode.and_then(|i| wanted.remove(&i)) else {
                 continue;
             };
             let (Ok(pid_n), Ok(fd_n)) = (
@@ -115,7 +112,7 @@ pub fn find(netns: &File, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
                 continue;
             };
             match pidfd_getfd(pid_n, fd_n) {
-                Ok(fd) => found.push((family, fd)),
+                Ok(fd) => found.push((port, family, fd)),
                 Err(e) => log::warn!(
                     "cannot take the proxy's listener (pid {pid}, fd {fd_n}) to register it: {e} (needs CAP_SYS_PTRACE and Linux 5.6)"
                 ),

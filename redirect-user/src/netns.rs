@@ -43,7 +43,8 @@ struct IpIndex {
 
 static INDEX: std::sync::Mutex<Option<IpIndex>> = std::sync::Mutex::new(None);
 
-fn inode_of(path: &Path) -> Option<u64> {
+/// The inode of a namespace file (what identifies the namespace on the host).
+pub(crate) fn inode_of(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
