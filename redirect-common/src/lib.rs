@@ -221,6 +221,56 @@ pub struct PodCounters {
 }
 const _: () = assert!(size_of::<PodCounters>() == 128);
 
+impl PodCounters {
+    /// The names of the counters in use, in the order of [`PodCounters::values`] (the keys
+    /// `redirectd status --json` shows).
+    pub const NAMES: [&'static str; 11] = [
+        "outbound_captured",
+        "outbound_direct",
+        "outbound_fail_open",
+        "outbound_fail_closed",
+        "orig_dst_answered",
+        "inbound_captured",
+        "inbound_direct",
+        "inbound_fail_open",
+        "inbound_fail_closed",
+        "accel_msgs",
+        "accel_bytes",
+    ];
+
+    /// The counters in use, in the order of [`PodCounters::NAMES`].
+    pub fn values(&self) -> [u64; 11] {
+        [
+            self.outbound_captured,
+            self.outbound_direct,
+            self.outbound_fail_open,
+            self.outbound_fail_closed,
+            self.orig_dst_answered,
+            self.inbound_captured,
+            self.inbound_direct,
+            self.inbound_fail_open,
+            self.inbound_fail_closed,
+            self.accel_msgs,
+            self.accel_bytes,
+        ]
+    }
+
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, o: &Self) {
+        self.outbound_captured += o.outbound_captured;
+        self.outbound_direct += o.outbound_direct;
+        self.outbound_fail_open += o.outbound_fail_open;
+        self.outbound_fail_closed += o.outbound_fail_closed;
+        self.orig_dst_answered += o.orig_dst_answered;
+        self.inbound_captured += o.inbound_captured;
+        self.inbound_direct += o.inbound_direct;
+        self.inbound_fail_open += o.inbound_fail_open;
+        self.inbound_fail_closed += o.inbound_fail_closed;
+        self.accel_msgs += o.accel_msgs;
+        self.accel_bytes += o.accel_bytes;
+    }
+}
+
 /// Key of `SOCK_PAIRS` (and `ACCEL_FALLBACK`): one local TCP socket seen from itself. Its peer
 /// has the same key with local and remote swapped. The netns cookie is set only when either
 /// address is loopback or the passthrough source (each pod has its own 127.0.0.1); between pod

@@ -246,17 +246,7 @@ impl Datapath {
             .with_context(|| format!("reading counters of pod slot {pod_id}"))?;
         let mut sum = PodCounters::default();
         for c in per_cpu.iter() {
-            sum.outbound_captured += c.outbound_captured;
-            sum.outbound_direct += c.outbound_direct;
-            sum.outbound_fail_open += c.outbound_fail_open;
-            sum.outbound_fail_closed += c.outbound_fail_closed;
-            sum.orig_dst_answered += c.orig_dst_answered;
-            sum.inbound_captured += c.inbound_captured;
-            sum.inbound_direct += c.inbound_direct;
-            sum.inbound_fail_open += c.inbound_fail_open;
-            sum.inbound_fail_closed += c.inbound_fail_closed;
-            sum.accel_msgs += c.accel_msgs;
-            sum.accel_bytes += c.accel_bytes;
+            sum.add(c);
         }
         Ok(sum)
     }

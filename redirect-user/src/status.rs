@@ -1,7 +1,7 @@
 //! The daemon's status file (what it applied, rejected and loaded) and `redirectd status`,
 //! which joins it with the live counters in the pinned maps.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
 use redirect_common::PodCounters;
@@ -57,40 +57,25 @@ impl StatusFile {
     }
 }
 
-/// A pod's line in `redirectd status`.
+/// A pod's line in `redirectd status`: its status and its counters by name.
 #[derive(Debug, Serialize)]
 pub struct PodReport {
     #[serde(flatten)]
     pub pod: PodStatus,
-    pub outbound_captured: u64,
-    pub outbound_direct: u64,
-    pub outbound_fail_open: u64,
-    pub outbound_fail_closed: u64,
-    pub orig_dst_answered: u64,
-    pub inbound_captured: u64,
-    pub inbound_direct: u64,
-    pub inbound_fail_open: u64,
-    pub inbound_fail_closed: u64,
-    pub accel_msgs: u64,
-    pub accel_bytes: u64,
+    #[serde(flatten)]
+    pub counters: BTreeMap<&'static str, u64>,
 }
 
 impl PodReport {
     fn new(pod: PodStatus, c: PodCounters) -> Self {
         Self {
             pod,
-            outbound_captured: c.outbound_captured,
-            outbound_direct: c.outbound_direct,
-            outbound_fail_open: c.outbound_fail_open,
-            outbound_fail_closed: c.outbound_fail_closed,
-            orig_dst_answered: c.orig_dst_answered,
-            inbound_captured: c.inbound_captured,
-            inbound_direct: c.inbound_direct,
-            inbound_fail_open: c.inbound_fail_open,
-            inbound_fail_closed: c.inbound_fail_closed,
-            accel_msgs: c.accel_msgs,
-            accel_bytes: c.accel_bytes,
+            counters: PodCounters::NAMES.into_iter().zip(c.values()).collect(),
         }
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
     }
 }
 
@@ -153,15 +138,15 @@ pub fn print(r: &Report) {
             "{:<28} {:>5} | {:>9} {:>7} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>6} {:>6}",
             format!("{}/{}", p.pod.namespace, p.pod.name),
             p.pod.pod_id,
-            p.outbound_captured,
-            p.outbound_direct,
-            p.outbound_fail_open,
-            p.outbound_fail_closed,
-            p.orig_dst_answered,
-            p.inbound_captured,
-            p.inbound_direct,
-            p.inbound_fail_open,
-            p.inbound_fail_closed
+            p.counter("outbound_captured"),
+            p.counter("outbound_direct"),
+            p.counter("outbound_fail_open"),
+            p.counter("outbound_fail_closed"),
+            p.counter("orig_dst_answered"),
+            p.counter("inbound_captured"),
+            p.counter("inbound_direct"),
+            p.counter("inbound_fail_open"),
+            p.counter("inbound_fail_closed")
         );
     }
     println!();
@@ -169,8 +154,8 @@ pub fn print(r: &Report) {
         println!(
             "accelerated {:<28} {:>10} messages {:>14} bytes",
             format!("{}/{}", p.pod.namespace, p.pod.name),
-            p.accel_msgs,
-            p.accel_bytes
+            p.counter("accel_msgs"),
+            p.counter("accel_bytes")
         );
     }
     println!(
