@@ -31,6 +31,8 @@ pub const PROXY_UID: u32 = 1337;
 /// The lab pods' IPv4 subnet (/24) and IPv6 subnet (/64) prefixes.
 pub const V4_PREFIX: &str = "10.201.0.";
 pub const V6_PREFIX: &str = "fd00:201::";
+/// Prefix of the point-to-point pods' addresses ([`Lab::add_routed_pod`], /32 each).
+pub const ROUTED_V4_PREFIX: &str = "10.204.0.";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -530,6 +532,69 @@ impl Lab {
         Ok(self.pods.len() - 1)
     }
 
+    /// Adds a pod wired the way point-to-point CNIs (Calico, Cilium, kindnet) wire one: its
+    /// own veth to the node (`p<N>`), no bridge, a /32 host route on the node naming that veth,
+    /// and in the pod a default route through a link-local gateway whose neighbour entry is the
+    /// node's end of the veth. Address `10.204.0.<N>`, IPv4 only. Returns its index in `self.pods`.
+    pub fn add_routed_pod(&mut self, name: &str) -> Result<usize> {
+        let host = self.next_host;
+        self.next_host += 1;
+        let netns = Netns::new(format!("{}-{name}", self.id))?;
+        let cgroup = Cgroup::new(self.cgroup.path.join(name))?;
+        let veth = format!("p{host}");
+        let v4 = format!("{ROUTED_V4_PREFIX}{host}");
+        self.node.exec(&[
+            "ip",
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
+        self.node.exec(&["ip", "link", "set", &veth, "up"])?;
+        let node_mac = self
+            .node
+            .exec(&["cat", &format!("/sys/class/net/{veth}/address")])?;
+        self.node
+            .exec(&["ip", "route", "add", &format!("{v4}/32"), "dev", &veth])?;
+        netns.exec(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
+        netns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        netns.exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0"])?;
+        netns.exec(&[
+            "ip",
+            "neigh",
+            "add",
+            "169.254.1.1",
+            "lladdr",
+            node_mac.trim(),
+            "dev",
+            "eth0",
+        ])?;
+        netns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        self.pods.push(Pod {
+            name: name.into(),
+            v4: v4.parse()?,
+            v6: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            cgroup,
+            netns,
+        });
+        Ok(self.pods.len() - 1)
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
@@ -927,23 +992,31 @@ impl Daemon {
         }
     }
 
-    /// `redirectd uninstall` for this daemon's pin dir.
+    /// `redirectd uninstall` for this daemon's pin dir, with its default drain.
     pub fn uninstall(&self) -> Result<String> {
-        run(
-            bin("redirectd").to_str().context("non-UTF-8 path")?,
-            &[
-                "uninstall",
-                "--pin-dir",
-                self.pin_dir.to_str().context("non-UTF-8 path")?,
-            ],
-        )
+        self.uninstall_draining(None)
+    }
+
+    /// `redirectd uninstall`, with `--drain-ms` when given.
+    pub fn uninstall_draining(&self, drain_ms: Option<u64>) -> Result<String> {
+        let drain = drain_ms.map(|ms| ms.to_string());
+        let mut args = vec![
+            "uninstall",
+            "--pin-dir",
+            self.pin_dir.to_str().context("non-UTF-8 path")?,
+        ];
+        if let Some(ms) = &drain {
+            args.extend(["--drain-ms", ms]);
+        }
+        run(bin("redirectd").to_str().context("non-UTF-8 path")?, &args)
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
-        if let Err(e) = self.uninstall() {
+        // Teardown: the lab's traffic is over, nothing to drain.
+        if let Err(e) = self.uninstall_draining(Some(0)) {
             eprintln!("lab: redirectd uninstall failed: {e:#}");
         }
     }

@@ -399,7 +399,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     .pods
                     .iter()
                     .find(|p| &p.key == k)
-                    .map(|p| p.netns.to_string())
+                    .map(|p| netns::describe(&p.netns))
                     .unwrap_or_default(),
                 pod_id: a.pod_id,
                 netns_cookie: a.netns_cookie,

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod metrics;
 pub mod mounts;
 pub mod netns;
+pub mod netns_by_route;
 pub mod pods;
 pub mod privileges;
 pub mod probe;

@@ -14,7 +14,7 @@ use std::{
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{anyhow, Context as _, Result};
@@ -83,6 +83,9 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
         min_kernel: "5.7",
     },
 ];
+
+/// The cgroup programs that send connections to a proxy; detached first on uninstall.
+const CAPTURE_PROGRAMS: &[&str] = &["rd_connect4", "rd_connect6"];
 
 /// What was loaded, for logs and `redirectd status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,23 +268,36 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
 }
 
 /// Detaches and unpins every link in one generation directory, then removes it.
+/// Detaches and unpins every link in `dir`, capture links first (see [`uninstall`]), then
+/// removes `dir`.
 fn remove_link_dir(dir: &Path) -> Result<usize> {
-    let mut n = 0;
+    let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        match bpf_sys::obj_get(&path) {
-            Ok(fd) => {
-                if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
-                    log::warn!("detaching link {}: {e}", path.display());
-                }
-            }
-            Err(e) => log::warn!("{e:#}"),
-        }
-        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-        n += 1;
+        paths.push(entry?.path());
+    }
+    paths.sort_by_key(|p| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        !CAPTURE_PROGRAMS.contains(&name)
+    });
+    for path in &paths {
+        detach_and_unpin(path)?;
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
-    Ok(n)
+    Ok(paths.len())
+}
+
+/// Force-detaches the link pinned at `path` (it stops running at once, whoever else holds
+/// it) and removes the pin.
+fn detach_and_unpin(path: &Path) -> Result<()> {
+    match bpf_sys::obj_get(path) {
+        Ok(fd) => {
+            if let Err(e) = bpf_sys::link_detach(fd.as_fd()) {
+                log::warn!("detaching link {}: {e}", path.display());
+            }
+        }
+        Err(e) => log::warn!("{e:#}"),
+    }
+    std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))
 }
 
 fn retire_older_generations(pin_dir: &Path, keep: &Path) -> Result<()> {
@@ -366,21 +382,65 @@ pub struct Removed {
 }
 
 /// Detaches every link and removes every pin under `pin_dir`, and the directory itself.
-pub fn uninstall(pin_dir: &Path) -> Result<Removed> {
+///
+/// In two steps, so that no connection in flight is cut: first the links that *capture*
+/// (connect4/6 and every pod's sk_lookup), so no new connection goes to a proxy; then, after
+/// `drain`, the links that *answer* for connections already captured (sockops, getsockopt,
+/// getpeername, sk_msg). A proxy that accepted a captured connection just before uninstall
+/// still gets its `SO_ORIGINAL_DST` during the drain.
+pub fn uninstall(pin_dir: &Path, drain: Duration) -> Result<Removed> {
     let mut removed = Removed::default();
     if !pin_dir.exists() {
         return Ok(removed);
     }
     let links = pin_dir.join("links");
+    let pods = pin_dir.join("pods");
+    let mut generations = Vec::new();
     if links.exists() {
         for entry in
             std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
         {
-            removed.links += remove_link_dir(&entry?.path())?;
+            generations.push(entry?.path());
         }
+    }
+    let mut capture = Vec::new();
+    for dir in &generations {
+        capture.extend(
+            CAPTURE_PROGRAMS
+                .iter()
+                .map(|name| dir.join(name))
+                .filter(|p| p.exists()),
+        );
+    }
+    if pods.exists() {
+        for entry in
+            std::fs::read_dir(&pods).with_context(|| format!("listing {}", pods.display()))?
+        {
+            capture.push(entry?.path());
+        }
+    }
+    for path in &capture {
+        detach_and_unpin(path)?;
+        removed.links += 1;
+    }
+    let answering = generations
+        .iter()
+        .map(|dir| std::fs::read_dir(dir).map(|mut d| d.next().is_some()))
+        .collect::<std::io::Result<Vec<bool>>>()
+        .context("listing link generations")?;
+    if answering.iter().any(|&left| left) && !drain.is_zero() {
+        log::info!(
+            "capture detached; answering in-flight connections for {} ms before detaching the rest",
+            drain.as_millis()
+        );
+        std::thread::sleep(drain);
+    }
+    for dir in &generations {
+        removed.links += remove_link_dir(dir)?;
+    }
+    if links.exists() {
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
-    let pods = pin_dir.join("pods");
     if pods.exists() {
         removed.links += remove_link_dir(&pods)?;
     }

@@ -81,6 +81,10 @@ enum Command {
         /// Turn same-node acceleration (sockmap) off for every pod.
         #[arg(long)]
         no_accel: bool,
+        /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's
+        /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
+        #[arg(long)]
+        node_netns: Option<PathBuf>,
         /// How often to check the pods file, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         poll_ms: u64,
@@ -101,6 +105,10 @@ enum Command {
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Milliseconds between detaching capture (connect, sk_lookup) and detaching the
+        /// programs that answer for connections already captured (SO_ORIGINAL_DST, peer name).
+        #[arg(long, default_value_t = 1000)]
+        drain_ms: u64,
     },
 }
 
@@ -137,8 +145,12 @@ fn real_main(cli: Cli) -> Result<()> {
             mut proxy_ports,
             no_accel,
             metrics_addr,
+            node_netns,
             poll_ms,
         } => {
+            if let Some(path) = node_netns {
+                redirect_user::netns::set_node_netns(path)?;
+            }
             // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
             proxy_ports.extend([outbound_port, inbound_port]);
             proxy_ports.sort_unstable();
@@ -213,8 +225,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 None => Ok(()),
             }
         }
-        Command::Uninstall { pin_dir } => {
-            let removed = loader::uninstall(&pin_dir)?;
+        Command::Uninstall { pin_dir, drain_ms } => {
+            let removed = loader::uninstall(&pin_dir, Duration::from_millis(drain_ms))?;
             println!(
                 "uninstalled: detached {} links, removed {} map pins and {}",
                 removed.links,

@@ -33,33 +33,101 @@ pub fn open(netns: &NetnsRef) -> Result<File> {
     File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))
 }
 
-/// What the last scans learned: address -> (`/proc/PID/ns/net`, namespace inode), and the
-/// addresses of each namespace inode already looked into.
+/// What the last look-ups learned: address -> where its namespace was found, and the
+/// addresses of each namespace inode already looked into by the `/proc` scan.
 #[derive(Default)]
 struct IpIndex {
-    by_ip: std::collections::BTreeMap<IpAddr, (PathBuf, u64)>,
+    by_ip: std::collections::BTreeMap<IpAddr, Located>,
     scanned: std::collections::BTreeMap<u64, Vec<IpAddr>>,
 }
 
+/// A namespace found for an address.
+#[derive(Clone)]
+struct Located {
+    path: PathBuf,
+    /// The namespace's inode when found: the entry is good while the path still has it.
+    ino: u64,
+    /// How it was found (route, bridge, /proc scan), for status and logs.
+    via: String,
+}
+
 static INDEX: std::sync::Mutex<Option<IpIndex>> = std::sync::Mutex::new(None);
+
+/// The namespace whose routes lead to the pods (`--node-netns`); unset: the daemon's own.
+static NODE_NETNS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the node's namespace for [`by_ip`] (once, at start).
+pub fn set_node_netns(path: PathBuf) -> Result<()> {
+    File::open(&path).with_context(|| format!("opening --node-netns {}", path.display()))?;
+    NODE_NETNS
+        .set(path)
+        .map_err(|_| anyhow::anyhow!("the node netns is set once"))
+}
 
 /// The inode of a namespace file (what identifies the namespace on the host).
 pub(crate) fn inode_of(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// The network namespace that holds `ip`: from the cache while its process lives in the same
-/// namespace, else by scanning the namespaces of `/proc/*/ns/net` not looked into yet.
+/// How a pod's namespace reference resolves, for status: for a pod known by its IP, where and
+/// how its namespace was found.
+pub fn describe(netns: &NetnsRef) -> String {
+    if let NetnsRef::PodIp(ip) = netns {
+        if let Ok(guard) = INDEX.lock() {
+            if let Some(l) = guard.as_ref().and_then(|i| i.by_ip.get(ip)) {
+                return format!("{} ({ip}: {})", l.path.display(), l.via);
+            }
+        }
+    }
+    netns.to_string()
+}
+
+/// The network namespace that holds `ip`: from the cache while the namespace file still
+/// names the same namespace; else the one the node routes `ip` into
+/// ([`crate::netns_by_route`]), checked to hold `ip`; else by scanning the namespaces of
+/// `/proc/*/ns/net` not looked into yet (hostPID).
 pub fn by_ip(ip: IpAddr) -> Result<PathBuf> {
     let mut guard = INDEX
         .lock()
         .map_err(|_| anyhow::anyhow!("netns index poisoned"))?;
     let index = guard.get_or_insert_with(IpIndex::default);
-    if let Some((path, ino)) = index.by_ip.get(&ip) {
-        if inode_of(path) == Some(*ino) {
-            return Ok(path.clone());
+    if let Some(l) = index.by_ip.get(&ip) {
+        if inode_of(&l.path) == Some(l.ino) {
+            return Ok(l.path.clone());
         }
         index.by_ip.remove(&ip);
+    }
+    match crate::netns_by_route::find(ip, NODE_NETNS.get().map(PathBuf::as_path)) {
+        Ok(found) => {
+            let holds = File::open(&found.path)
+                .ok()
+                .and_then(|f| addresses_in(f).ok())
+                .is_some_and(|a| a.contains(&ip));
+            match inode_of(&found.path) {
+                Some(ino) if holds => {
+                    log::info!(
+                        "netns of {ip}: {} (found by {})",
+                        found.path.display(),
+                        found.via
+                    );
+                    index.by_ip.insert(
+                        ip,
+                        Located {
+                            path: found.path.clone(),
+                            ino,
+                            via: found.via,
+                        },
+                    );
+                    return Ok(found.path);
+                }
+                _ => log::warn!(
+                    "netns of {ip}: {} leads to {}, which does not hold {ip}; scanning /proc instead",
+                    found.via,
+                    found.path.display()
+                ),
+            }
+        }
+        Err(e) => log::debug!("netns of {ip}: not by route ({e:#}); scanning /proc"),
     }
     let mut live = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir("/proc")
@@ -83,7 +151,18 @@ pub fn by_ip(ip: IpAddr) -> Result<PathBuf> {
                 .unwrap_or_default()
         });
         if addrs.contains(&ip) {
-            index.by_ip.insert(ip, (path.clone(), ino));
+            log::info!(
+                "netns of {ip}: {} (found by scanning /proc)",
+                path.display()
+            );
+            index.by_ip.insert(
+                ip,
+                Located {
+                    path: path.clone(),
+                    ino,
+                    via: "scan of /proc/*/ns/net".into(),
+                },
+            );
             return Ok(path);
         }
     }

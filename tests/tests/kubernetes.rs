@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use redirect_lab::{spawn, Netns, Placement};
 use redirect_tests::{
     fake_apiserver::{mesh_pod, FakeApiServer},
     lab,
@@ -187,3 +188,109 @@ fn watch_drives_the_maps() {
 
 /// Allowance for observing the change through `redirectd status` (a process per poll).
 const STATUS_POLL: Duration = Duration::from_millis(60);
+
+/// Netns resolution through the node's routes (rtnetlink), as on a real node: a pod wired like
+/// a point-to-point CNI (its own veth and a /32 host route, as Calico or Cilium do) and a pod
+/// on a bridge (found through the node's neighbour entry and the bridge's forwarding table).
+/// Neither has a process in it, so a `/proc` scan could not find them. A namespace outside
+/// the node holding the routed pod's IP, with a process in it, is not taken for the pod; a
+/// pod the node has no route to stays pending, named in the status, and is retried.
+#[test]
+fn netns_found_through_the_nodes_routes() {
+    let mut lab = lab();
+    lab.add_routed_pod("ptp").unwrap();
+    lab.add_pod("br").unwrap();
+    let ptp_ip = lab.pod("ptp").v4.to_string();
+    let br_ip = lab.pod("br").v4.to_string();
+    let at_node = Placement {
+        netns: Some(&lab.node),
+        cgroup: None,
+        uid: None,
+    };
+    // Traffic from the node to both (as kubelet's probes would): the routed pod answers
+    // through its veth (connection refused: nobody listens, but the pod's kernel replied),
+    // and the node learns the bridge pod's MAC.
+    for ip in [&ptp_ip, &br_ip] {
+        let r = lab
+            .client_at(at_node, &["--target", &format!("{ip}:9")])
+            .unwrap();
+        let err = r[0].error.clone().unwrap_or_default();
+        assert!(err.contains("refused"), "{ip}: {r:?}");
+    }
+    // The twin: the routed pod's IP, a process in it, not wired to the node.
+    let twin = Netns::new(format!("{}-twin", lab.id)).unwrap();
+    twin.exec(&["ip", "addr", "add", &format!("{ptp_ip}/32"), "dev", "lo"])
+        .unwrap();
+    let _twin_proc = spawn(
+        Placement {
+            netns: Some(&twin),
+            cgroup: Some(&lab.cgroup),
+            uid: None,
+        },
+        &lab.dir.join("twin.log"),
+        &redirect_lab::bin("redirect-lab"),
+        &["server", "--port", "8080"],
+    )
+    .unwrap();
+
+    let api = FakeApiServer::start();
+    for (name, ip) in [
+        ("ptp", &ptp_ip),
+        ("br", &br_ip),
+        ("nowhere", &"10.209.0.9".to_string()),
+    ] {
+        api.apply_silently(&mesh_pod(name, NODE, &[ip], &[]));
+    }
+    let node_netns = lab.node.path().display().to_string();
+    lab.start_daemon(
+        "pods: []\n",
+        &[
+            "--kubernetes",
+            "--node-name",
+            NODE,
+            "--kube-api-url",
+            &api.url,
+            "--node-netns",
+            &node_netns,
+        ],
+    )
+    .unwrap();
+    let status = lab
+        .daemon()
+        .wait_status("ptp and br applied, nowhere pending", |s| {
+            has(&s["pods"], "ptp")
+                && has(&s["pods"], "br")
+                && s["rejected"].to_string().contains("10.209.0.9")
+        })
+        .unwrap();
+    let netns_of = |name: &str| -> String {
+        status["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["netns"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ptp = netns_of("ptp");
+    // (`/var/run` is a link to `/run` on most systems.)
+    let real = |p: std::path::PathBuf| std::fs::canonicalize(p).unwrap().display().to_string();
+    let ptp_path = real(lab.pod("ptp").netns.path());
+    assert!(ptp.starts_with(&ptp_path), "{ptp} (want {ptp_path})");
+    assert!(ptp.contains("route -> veth p"), "{ptp}");
+    let br = netns_of("br");
+    let br_path = real(lab.pod("br").netns.path());
+    assert!(br.starts_with(&br_path), "{br} (want {br_path})");
+    assert!(br.contains("route -> bridge br0 -> veth v"), "{br}");
+    assert!(
+        !status["pods"].to_string().contains(&twin.name),
+        "the twin was taken for a pod: {status:#}"
+    );
+    let pending = status["rejected"].to_string();
+    assert!(
+        pending.contains("nowhere") && pending.contains("retrying"),
+        "{pending}"
+    );
+}
