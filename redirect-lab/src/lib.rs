@@ -836,6 +836,10 @@ pub struct Daemon {
     pub cgroup: PathBuf,
     log: PathBuf,
     extra: Vec<String>,
+    /// The executable started by [`Daemon::restart`] (the build's `redirectd` unless
+    /// [`Daemon::upgrade_to`] changed it) and its `--log-level`.
+    binary: PathBuf,
+    log_level: String,
 }
 
 impl Daemon {
@@ -857,6 +861,8 @@ impl Daemon {
             cgroup: cgroup.to_path_buf(),
             log: dir.join(format!("{id}.redirectd.log")),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            binary: bin("redirectd"),
+            log_level: "info".into(),
         };
         d.write_pods(pods_yaml)?;
         d.restart()?;
@@ -866,7 +872,8 @@ impl Daemon {
     /// (Re)starts the daemon process and waits until its first pass is written.
     pub fn restart(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(&self.status_file);
-        let mut args: Vec<String> = vec!["--log-level".into(), "info".into(), "run".into()];
+        let mut args: Vec<String> =
+            vec!["--log-level".into(), self.log_level.clone(), "run".into()];
         // `--kubernetes` in the extra arguments replaces the pods file as the source.
         if !self.extra.iter().any(|a| a == "--kubernetes") {
             args.extend(["--pods".into(), self.pods_file.display().to_string()]);
@@ -883,7 +890,7 @@ impl Daemon {
         ]);
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let p = spawn(Placement::default(), &self.log, &bin("redirectd"), &args)?;
+        let p = spawn(Placement::default(), &self.log, &self.binary, &args)?;
         self.proc = Some(p);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.status_file.exists() {
@@ -990,6 +997,13 @@ impl Daemon {
         if let Some(mut p) = self.proc.take() {
             p.terminate();
         }
+    }
+
+    /// Makes the next [`Daemon::restart`] run `binary` with `--log-level log_level` (an
+    /// upgrade: another executable, whose kernel programs differ when the level does).
+    pub fn upgrade_to(&mut self, binary: PathBuf, log_level: &str) {
+        self.binary = binary;
+        self.log_level = log_level.into();
     }
 
     /// `redirectd uninstall` for this daemon's pin dir, with its default drain.

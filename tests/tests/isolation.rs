@@ -112,11 +112,14 @@ fn uninstall_under_traffic_never_refuses() {
             all
         });
         std::thread::sleep(Duration::from_millis(300));
-        let out = daemon.uninstall().unwrap();
-        assert!(out.contains("uninstalled"), "{out}");
+        // Whatever happens, stop the traffic before reporting it.
+        let out = daemon.uninstall();
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
-        traffic.join().unwrap()
+        let all = traffic.join().unwrap();
+        let out = out.unwrap();
+        assert!(out.contains("uninstalled"), "{out}");
+        all
     });
     let failed: Vec<_> = results.iter().filter(|r| r.error.is_some()).collect();
     println!(

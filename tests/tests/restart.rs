@@ -1,5 +1,6 @@
-//! A daemon killed with SIGKILL under traffic and started again: no failed request, no
-//! connection that escaped capture, and the maps exactly as they were.
+//! A daemon killed with SIGKILL under traffic and started again, or upgraded to another
+//! binary: no failed request, no connection that escaped capture, and the maps exactly as
+//! they were. A pod removed mid-connection keeps its open connections.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -20,6 +21,66 @@ fn dump(pin_dir: &std::path::Path, map: &str) -> String {
 
 #[test]
 fn kill_9_and_restart_under_traffic_loses_nothing() {
+    replace_daemon_under_traffic("kill -9 + restart", |daemon| {
+        daemon.proc.as_mut().unwrap().kill();
+        // No daemon at all for a while: the pinned programs keep capturing.
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.restart().unwrap();
+    });
+}
+
+/// An upgrade as a DaemonSet rolls it: the old daemon gets SIGTERM, a different executable
+/// starts on the same pins, and its kernel programs differ from the old ones (another log
+/// level is compiled into them, as a new version's code would differ): they replace the old
+/// programs under traffic, which loses nothing.
+#[test]
+fn upgrade_to_another_binary_under_traffic_loses_nothing() {
+    let next = std::env::temp_dir().join(format!("rlab-redirectd-next-{}", std::process::id()));
+    std::fs::copy(redirect_lab::bin("redirectd"), &next).unwrap();
+    let old_ids = std::cell::RefCell::new(Vec::new());
+    replace_daemon_under_traffic("upgrade (SIGTERM, another binary)", |daemon| {
+        *old_ids.borrow_mut() = program_ids(daemon);
+        daemon.stop();
+        daemon.upgrade_to(next.clone(), "debug");
+        daemon.restart().unwrap();
+        let new_ids = program_ids(daemon);
+        let old = old_ids.borrow();
+        assert_eq!(new_ids.len(), old.len(), "{new_ids:?} vs {old:?}");
+        assert!(
+            new_ids.iter().all(|id| !old.contains(id)),
+            "the upgrade kept old programs: {new_ids:?} vs {old:?}"
+        );
+    });
+    let _ = std::fs::remove_file(&next);
+    // The old programs are gone from the kernel, not only from the pins.
+    let live = redirect_lab::run("bpftool", &["-j", "prog", "show"]).unwrap();
+    let live: Vec<serde_json::Value> = serde_json::from_str(&live).unwrap();
+    for id in old_ids.borrow().iter() {
+        assert!(
+            !live
+                .iter()
+                .any(|p| p["id"].as_u64() == Some(u64::from(*id))),
+            "old program {id} still loaded"
+        );
+    }
+}
+
+/// The ids of the node-wide programs the daemon loaded (the per-pod inbound program is
+/// listed with id 0: one a pod, adopted across restarts).
+fn program_ids(daemon: &redirect_lab::Daemon) -> Vec<u32> {
+    daemon.status().unwrap()["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap() as u32)
+        .filter(|&id| id != 0)
+        .collect()
+}
+
+/// Traffic from a mesh pod to a plain and a mesh destination while `replace` takes the daemon
+/// away and brings it (or its successor) back: no failed request, none that escaped capture,
+/// the endpoint maps exactly as before, and the new daemon took the old one's state over.
+fn replace_daemon_under_traffic(what: &str, replace: impl FnOnce(&mut redirect_lab::Daemon)) {
     let mut lab = lab();
     lab.add_pod("client").unwrap();
     lab.add_pod("srv").unwrap();
@@ -69,24 +130,29 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
             all
         });
         std::thread::sleep(Duration::from_millis(300));
-        daemon.proc.as_mut().unwrap().kill();
-        // No daemon at all for a while: the pinned programs keep capturing.
-        std::thread::sleep(Duration::from_millis(300));
-        daemon.restart().unwrap();
-        daemon.wait_pods(&["client", "srv"]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        // Whatever happens, stop the traffic before reporting it.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replace(&mut daemon);
+            daemon.wait_pods(&["client", "srv"]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }));
         stop.store(true, Ordering::SeqCst);
-        traffic.join().unwrap()
+        let all = traffic.join().unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        all
     });
     assert!(results.len() >= 100, "only {} requests", results.len());
-    println!(
-        "kill -9 + restart under traffic: {} requests",
-        results.len()
-    );
     let failed: Vec<_> = results
         .iter()
         .filter(|r| r.error.is_some() || r.reply.is_none())
         .collect();
+    println!(
+        "{what} under traffic: {} requests, {} failed",
+        results.len(),
+        failed.len()
+    );
     assert!(
         failed.is_empty(),
         "{} of {} failed, e.g. {:?}",
@@ -112,6 +178,12 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
         "{}",
         daemon.log_text()
     );
+    // One generation of links left: the new daemon's.
+    let generations = std::fs::read_dir(daemon.pin_dir.join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(generations, 1, "link generations left: {generations}");
+    lab.daemon = Some(daemon);
 }
 
 /// A pod removed from the mesh while its connections are open: they carry on, byte-exact
