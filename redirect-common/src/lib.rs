@@ -216,15 +216,22 @@ pub struct PodCounters {
     pub accel_msgs: u64,
     /// Bytes moved socket to socket by the acceleration path.
     pub accel_bytes: u64,
+    /// Captured connections that, when they closed, had lost their original-destination
+    /// entry while still open: the LRU map evicted it because it was full. Until it closed,
+    /// such a connection's `getpeername()` and `SO_ORIGINAL_DST` could not be answered.
+    pub orig_dst_evicted: u64,
+    /// `SO_ORIGINAL_DST` asked on the proxy's outbound port for a connection we have no entry
+    /// for (evicted, or a client that connected to the proxy port itself).
+    pub orig_dst_missed: u64,
     /// Reserved for later counters; keeps the value size stable.
-    pub _reserved: [u64; 5],
+    pub _reserved: [u64; 3],
 }
 const _: () = assert!(size_of::<PodCounters>() == 128);
 
 impl PodCounters {
     /// The names of the counters in use, in the order of [`PodCounters::values`] (the keys
     /// `redirectd status --json` shows).
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 13] = [
         "outbound_captured",
         "outbound_direct",
         "outbound_fail_open",
@@ -236,10 +243,12 @@ impl PodCounters {
         "inbound_fail_closed",
         "accel_msgs",
         "accel_bytes",
+        "orig_dst_evicted",
+        "orig_dst_missed",
     ];
 
     /// The counters in use, in the order of [`PodCounters::NAMES`].
-    pub fn values(&self) -> [u64; 11] {
+    pub fn values(&self) -> [u64; 13] {
         [
             self.outbound_captured,
             self.outbound_direct,
@@ -252,6 +261,8 @@ impl PodCounters {
             self.inbound_fail_closed,
             self.accel_msgs,
             self.accel_bytes,
+            self.orig_dst_evicted,
+            self.orig_dst_missed,
         ]
     }
 
@@ -268,6 +279,8 @@ impl PodCounters {
         self.inbound_fail_closed += o.inbound_fail_closed;
         self.accel_msgs += o.accel_msgs;
         self.accel_bytes += o.accel_bytes;
+        self.orig_dst_evicted += o.orig_dst_evicted;
+        self.orig_dst_missed += o.orig_dst_missed;
     }
 }
 

@@ -5,7 +5,8 @@
 //! - when established (`ACTIVE_ESTABLISHED_CB`), the original destination recorded by cookie
 //!   is re-keyed by the connection's 4-tuple (`ORIG_BY_TUPLE`), where `getsockopt` on the
 //!   proxy's accepted socket finds it;
-//! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go.
+//! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go (an entry already gone was
+//!   evicted from the full LRU map while the connection lived, and is counted).
 //!
 //! For acceleration, an established socket of a mesh pod whose peer is on this node (loopback,
 //! the passthrough source, or another mesh pod's address) goes into `SOCK_PAIRS`, where
@@ -19,7 +20,7 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -32,6 +33,7 @@ use redirect_common::{
 
 use redirect_ebpf::{
     addr::{ctx_addr6, is_v4_mapped, sock_key, Endpoint, RawEnds},
+    counters::count,
     maps::{
         ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
         PROXY_SOCKS, SOCK_PAIRS, STEERED,
@@ -93,6 +95,10 @@ fn on_active_established(ctx: &SockOpsContext) {
     }
 }
 
+/// At close, forgets the socket's entries. A captured application socket (one connected to
+/// its pod's outbound port: only captured sockets and proxy sockets ask for this callback,
+/// and a proxy never connects to that port) whose entry is already gone lost it to LRU
+/// eviction while it was open: counted as `orig_dst_evicted`.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
@@ -101,10 +107,22 @@ fn on_state_change(ctx: &SockOpsContext) {
     // Safety: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = ACCEL_FALLBACK.remove(own_key(ctx, netns_cookie));
-    if let Some((cookie, orig)) = captured(ctx) {
-        let key = client_key(ctx, orig.netns_cookie);
-        let _ = ORIG_BY_TUPLE.remove(key);
-        let _ = ORIG_BY_COOKIE.remove(cookie);
+    // Safety: plain-data value, copied out at once.
+    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+        return;
+    };
+    let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    if remote_port != pod.outbound_port {
+        return;
+    }
+    // Safety: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let had_cookie = ORIG_BY_COOKIE.remove(cookie).is_ok();
+    let had_tuple = ORIG_BY_TUPLE.remove(client_key(ctx, netns_cookie)).is_ok();
+    // The tuple entry exists from the handshake on; one closed from SYN_SENT never had it.
+    let established = ctx.arg(0) != BPF_TCP_SYN_SENT;
+    if !had_cookie || (established && !had_tuple) {
+        count(pod.pod_id, |c| c.orig_dst_evicted += 1);
     }
 }
 

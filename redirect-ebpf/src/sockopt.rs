@@ -86,6 +86,8 @@ fn untranslated(key: &TupleKey) -> Option<OrigDst> {
     // Safety: plain-data value, copied out at once.
     let pod = unsafe { MESH_PODS.get(key.netns_cookie) }.copied()?;
     if u16::from_be(key.server_port_be) == pod.outbound_port {
+        // A connection to the proxy's outbound port we hold no destination for.
+        count(pod.pod_id, |c| c.orig_dst_missed += 1);
         return None;
     }
     Some(OrigDst {

@@ -95,6 +95,10 @@ enum Cmd {
         /// Keep every connection open until all have their reply (needs count == concurrency).
         #[arg(long)]
         hold: bool,
+        /// With --hold: how long to keep them all open once they are, before asking
+        /// getpeername() again and closing.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
@@ -427,7 +431,7 @@ async fn server(ports: Vec<u16>) -> Result<()> {
 async fn one_connection(
     i: usize,
     target: SocketAddr,
-    hold: Option<Arc<Barrier>>,
+    hold: Option<(Arc<Barrier>, Duration)>,
     timeout: Duration,
 ) -> ClientResult {
     let mut res = ClientResult {
@@ -437,6 +441,7 @@ async fn one_connection(
         own_orig_dst: None,
         reply: None,
         error: None,
+        peername_held: None,
     };
     let attempt = async {
         let mut s = TcpStream::connect(target).await.context("connect")?;
@@ -471,7 +476,13 @@ async fn one_connection(
             None
         }
     };
-    if let Some(b) = hold {
+    if let Some((b, linger)) = hold {
+        b.wait().await;
+        tokio::time::sleep(linger).await;
+        if let Some(s) = &stream {
+            res.peername_held = s.peer_addr().ok().map(|a| canonical(a).to_string());
+        }
+        // Everyone has read theirs before anyone closes.
         b.wait().await;
     }
     drop(stream);
@@ -483,6 +494,7 @@ async fn client(
     count: usize,
     concurrency: usize,
     hold: bool,
+    hold_ms: u64,
     timeout_ms: u64,
 ) -> Result<()> {
     if hold && count != concurrency {
@@ -494,7 +506,7 @@ async fn client(
     for i in 0..count {
         let target = targets[i % targets.len()];
         let permit = sem.clone().acquire_owned().await?;
-        let b = barrier.clone();
+        let b = barrier.clone().map(|b| (b, Duration::from_millis(hold_ms)));
         tasks.push(tokio::spawn(async move {
             let r = one_connection(i, target, b, Duration::from_millis(timeout_ms)).await;
             drop(permit);
@@ -526,8 +538,16 @@ fn main() -> Result<()> {
             count,
             concurrency,
             hold,
+            hold_ms,
             timeout_ms,
-        } => rt()?.block_on(client(targets, count, concurrency, hold, timeout_ms)),
+        } => rt()?.block_on(client(
+            targets,
+            count,
+            concurrency,
+            hold,
+            hold_ms,
+            timeout_ms,
+        )),
         Cmd::PerfServer { rr_port, sink_port } => redirect_lab::perf::server(rr_port, sink_port),
         Cmd::PerfClient {
             target,

@@ -42,4 +42,7 @@ pub struct ClientResult {
     pub own_orig_dst: Option<String>,
     pub reply: Option<ServerReply>,
     pub error: Option<String>,
+    /// With `--hold`: getpeername() again once every connection of the run is open.
+    #[serde(default)]
+    pub peername_held: Option<String>,
 }

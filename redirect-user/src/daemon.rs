@@ -14,7 +14,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
-use redirect_common::{MAX_ORIG_DST, MAX_SOCK_PAIRS};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -55,6 +54,8 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
     pub resync: Duration,
+    /// Capacity of each original-destination map (live captured connections it can hold).
+    pub orig_dst_map_size: u32,
 }
 
 fn kernel_log_level() -> u8 {
@@ -125,18 +126,13 @@ fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
     (resolved, pending)
 }
 
-/// Warns (once per crossing) when a connection map passes 80 % of its capacity: the LRU maps
-/// would start evicting entries of live connections.
-fn warn_if_filling(fill: (usize, usize, usize), warned: &mut BTreeSet<&'static str>) {
-    let (pairs, by_cookie, by_tuple) = fill;
-    for (name, n, cap) in [
-        ("SOCK_PAIRS", pairs, MAX_SOCK_PAIRS),
-        ("ORIG_BY_COOKIE", by_cookie, MAX_ORIG_DST),
-        ("ORIG_BY_TUPLE", by_tuple, MAX_ORIG_DST),
-    ] {
-        if n as u64 * 100 >= u64::from(cap) * 80 {
+/// Warns (once per crossing) when a connection map passes 80 % of its capacity: near full,
+/// the LRU maps start evicting entries of live connections.
+fn warn_if_filling(fill: &[(&'static str, usize, u32)], warned: &mut BTreeSet<&'static str>) {
+    for &(name, n, cap) in fill {
+        if cap > 0 && n as u64 * 100 >= u64::from(cap) * 80 {
             if warned.insert(name) {
-                log::warn!("map {name} is {}% full ({n} of {cap} entries); past that, the oldest entries of live connections are evicted", n as u64 * 100 / u64::from(cap));
+                log::warn!("map {name} is {}% full ({n} of {cap} entries); when it is full, the oldest entries of live connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size", n as u64 * 100 / u64::from(cap));
             }
         } else {
             warned.remove(name);
@@ -160,7 +156,7 @@ async fn source_changed(rx: &mut Option<tokio::sync::watch::Receiver<Option<Desi
 /// The metrics snapshot after a pass.
 fn snapshot(
     datapath: &Datapath,
-    fill: (usize, usize, usize),
+    fill: Vec<(&'static str, usize, u32)>,
     status: &StatusFile,
     reconcile_errors: u64,
     watch_restarts: u64,
@@ -173,18 +169,13 @@ fn snapshot(
             (p.namespace.clone(), p.name.clone(), c)
         })
         .collect();
-    let (pairs, by_cookie, by_tuple) = fill;
     Snapshot {
         ready: true,
         pods,
         rejected_pods: status.rejected.len(),
         reconcile_errors,
         watch_restarts,
-        maps: vec![
-            ("SOCK_PAIRS", pairs, MAX_SOCK_PAIRS),
-            ("ORIG_BY_COOKIE", by_cookie, MAX_ORIG_DST),
-            ("ORIG_BY_TUPLE", by_tuple, MAX_ORIG_DST),
-        ],
+        maps: fill,
     }
 }
 
@@ -206,6 +197,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         inbound_port: opts.node.inbound_port,
         outbound_port: opts.node.outbound_port,
         accel: opts.accel,
+        orig_dst_map_size: opts.orig_dst_map_size,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {
         Ok(logger) => {
@@ -219,6 +211,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts.node.inbound_port,
         opts.node.outbound_port,
     )?;
+    for (name, _, cap) in datapath.fill() {
+        if name.starts_with("ORIG_BY") && cap != opts.orig_dst_map_size {
+            log::warn!(
+                "map {name} holds {cap} entries, not the {} of --orig-dst-map-size: it was pinned by an earlier run and is kept (resizing it would forget every open connection's destination); `redirectd uninstall` and start again to resize",
+                opts.orig_dst_map_size
+            );
+        }
+    }
     let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;
     reconciler.take_over(previous.iter().copied());
@@ -416,7 +416,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         reconcile_errors += report.failed.len() as u64;
         let fill = datapath.fill();
-        warn_if_filling(fill, &mut map_warned);
+        warn_if_filling(&fill, &mut map_warned);
         if opts.metrics_addr.is_some() {
             let snapshot = snapshot(
                 &datapath,

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, SockHash},
+    maps::{
+        lpm_trie::Key, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        SockHash,
+    },
     util::nr_cpus,
     Ebpf,
 };
@@ -277,13 +280,28 @@ impl Datapath {
         Ok(())
     }
 
-    /// How full the connection-tracking maps are: `(SOCK_PAIRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE)`.
-    pub fn fill(&self) -> (usize, usize, usize) {
-        (
-            self.sock_pairs.keys().filter(Result::is_ok).count(),
-            self.orig_by_cookie.keys().filter(Result::is_ok).count(),
-            self.orig_by_tuple.keys().filter(Result::is_ok).count(),
-        )
+    /// How full the connection-tracking maps are: `(map, entries, capacity)` for
+    /// `SOCK_PAIRS`, `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`, the capacity as the kernel has it
+    /// (a map pinned by an earlier run keeps the size it was made with).
+    pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
+        let cap = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        vec![
+            (
+                "SOCK_PAIRS",
+                self.sock_pairs.keys().filter(Result::is_ok).count(),
+                cap(self.sock_pairs.map()),
+            ),
+            (
+                "ORIG_BY_COOKIE",
+                self.orig_by_cookie.keys().filter(Result::is_ok).count(),
+                cap(self.orig_by_cookie.map()),
+            ),
+            (
+                "ORIG_BY_TUPLE",
+                self.orig_by_tuple.keys().filter(Result::is_ok).count(),
+                cap(self.orig_by_tuple.map()),
+            ),
+        ]
     }
 
     /// Cookies of the pods in `MESH_PODS` and the pod ids they use.

@@ -109,6 +109,9 @@ pub struct LoadOptions<'a> {
     pub outbound_port: u16,
     /// Same-node acceleration (sockmap) on.
     pub accel: bool,
+    /// Capacity of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` when they are created (a pinned
+    /// map keeps its size).
+    pub orig_dst_map_size: u32,
 }
 
 /// The loaded object and what the daemon keeps of it.
@@ -129,6 +132,8 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
         .override_global("OUTBOUND_PORT", &u32::from(opts.outbound_port), true)
         .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
+        .map_max_entries("ORIG_BY_COOKIE", opts.orig_dst_map_size)
+        .map_max_entries("ORIG_BY_TUPLE", opts.orig_dst_map_size)
         .load(OBJECT)
         .context(
             "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",

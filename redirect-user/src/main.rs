@@ -30,6 +30,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Load and attach the programs, then keep the maps in step with the pods file.
     Run {
@@ -81,6 +83,11 @@ enum Command {
         /// Turn same-node acceleration (sockmap) off for every pod.
         #[arg(long)]
         no_accel: bool,
+        /// Capacity of each original-destination map: how many captured connections can be
+        /// open on the node at once before the oldest lose their destination (LRU eviction,
+        /// counted as orig_dst_evicted). About 100 bytes each.
+        #[arg(long, default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+        orig_dst_map_size: u32,
         /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's
         /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
         #[arg(long)]
@@ -146,6 +153,7 @@ fn real_main(cli: Cli) -> Result<()> {
             no_accel,
             metrics_addr,
             node_netns,
+            orig_dst_map_size,
             poll_ms,
         } => {
             if let Some(path) = node_netns {
@@ -188,6 +196,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 metrics_addr,
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),
+                orig_dst_map_size,
             };
             // Before any thread exists: capabilities are per thread, and inherited.
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;

@@ -77,11 +77,27 @@ pub fn render(s: &Snapshot) -> String {
             "Bytes moved socket to socket (sockmap).",
             2,
         ),
+        (
+            "redirect_original_dst_evicted_total",
+            "Open captured connections whose original destination the full LRU map evicted (raise --orig-dst-map-size).",
+            3,
+        ),
+        (
+            "redirect_original_dst_missed_total",
+            "SO_ORIGINAL_DST asked on the proxy's outbound port with no destination held.",
+            4,
+        ),
     ];
     for (metric, help, which) in per_pod {
         let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
         for (ns, name, c) in &s.pods {
-            let v = [c.orig_dst_answered, c.accel_msgs, c.accel_bytes][which];
+            let v = [
+                c.orig_dst_answered,
+                c.accel_msgs,
+                c.accel_bytes,
+                c.orig_dst_evicted,
+                c.orig_dst_missed,
+            ][which];
             let _ = writeln!(
                 o,
                 "{metric}{{namespace=\"{}\",pod=\"{}\"}} {v}",

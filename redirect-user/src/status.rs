@@ -101,7 +101,17 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
         let c = dp.counters(p.pod_id)?;
         pods.push(PodReport::new(p, c));
     }
-    let (sock_pairs, orig_by_cookie, orig_by_tuple) = dp.fill();
+    let fill = dp.fill();
+    let entries = |name: &str| {
+        fill.iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or(0, |&(_, len, _)| len)
+    };
+    let (sock_pairs, orig_by_cookie, orig_by_tuple) = (
+        entries("SOCK_PAIRS"),
+        entries("ORIG_BY_COOKIE"),
+        entries("ORIG_BY_TUPLE"),
+    );
     Ok(Report {
         sock_pairs,
         orig_by_cookie,
@@ -157,6 +167,15 @@ pub fn print(r: &Report) {
             p.counter("accel_msgs"),
             p.counter("accel_bytes")
         );
+    }
+    for p in &r.pods {
+        let (evicted, missed) = (p.counter("orig_dst_evicted"), p.counter("orig_dst_missed"));
+        if evicted + missed > 0 {
+            println!(
+                "map full {:<28} {evicted} open connections lost their original destination, {missed} SO_ORIGINAL_DST unanswered (raise --orig-dst-map-size)",
+                format!("{}/{}", p.pod.namespace, p.pod.name),
+            );
+        }
     }
     println!(
         "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",

@@ -1,0 +1,114 @@
+//! Map pressure: more live captured connections than the original-destination maps hold.
+//! Within the map's room no open connection loses its destination; past it, LRU eviction
+//! takes the oldest entries, and every connection that lost its entry is counted
+//! (`orig_dst_evicted`); the daemon warns when a map passes 80 %.
+
+use redirect_lab::wire::ClientResult;
+use redirect_tests::{lab, pods_yaml};
+
+/// Entries of each original-destination map in this test (`--orig-dst-map-size`).
+const SIZE: usize = 2048;
+
+fn pod_counter(status: &serde_json::Value, pod: &str, counter: &str) -> u64 {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == pod)
+        .unwrap()[counter]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn more_live_connections_than_the_map_holds() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let ports: Vec<u16> = (9000..9016).collect();
+    lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &ports).unwrap();
+    lab.start_daemon(
+        &pods_yaml(&[lab.pod("client").yaml_entry(&[])]),
+        &["--orig-dst-map-size", &SIZE.to_string()],
+    )
+    .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let targets: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{}:{p}", lab.pod("ext").v4))
+        .collect();
+    // `n` connections open at once, kept open 2.5 s (two of the daemon's passes), each
+    // asking getpeername() again before any closes.
+    let hold = |lab: &mut redirect_lab::Lab, n: usize| -> Vec<ClientResult> {
+        let n = n.to_string();
+        let mut args = vec![
+            "--count",
+            &n,
+            "--concurrency",
+            &n,
+            "--hold",
+            "--hold-ms",
+            "2500",
+        ];
+        for t in &targets {
+            args.extend(["--target", t.as_str()]);
+        }
+        lab.client(Some("client"), None, &args).unwrap()
+    };
+    let drained = |lab: &mut redirect_lab::Lab| {
+        lab.daemon()
+            .wait_status("maps drained", |s| {
+                s["orig_by_cookie"] == 0 && s["orig_by_tuple"] == 0
+            })
+            .unwrap()
+    };
+
+    // Within room: 75 % of the map, all open at once.
+    let within = hold(&mut lab, SIZE * 3 / 4);
+    for r in &within {
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(r.peername_held.as_ref(), Some(&r.target), "{r:?}");
+    }
+    let s = drained(&mut lab);
+    assert_eq!(pod_counter(&s, "client", "orig_dst_evicted"), 0);
+    assert_eq!(pod_counter(&s, "client", "orig_dst_missed"), 0);
+    assert!(
+        !lab.daemon().log_text().contains("% full"),
+        "warned at 75 %: {}",
+        lab.daemon().log_text()
+    );
+
+    // Past it: 1.5 × the map. Connections whose entry goes before their proxy asked for it
+    // fail (the proxy gets no SO_ORIGINAL_DST), as new connections do when conntrack is full
+    // under iptables; the rest carry on, and every entry lost is counted.
+    let n = SIZE * 3 / 2;
+    let over = hold(&mut lab, n);
+    let failed = over.iter().filter(|r| r.error.is_some()).count();
+    let wrong_peer = over
+        .iter()
+        .filter(|r| r.error.is_none() && r.peername_held.as_ref() != Some(&r.target))
+        .count();
+    let s = drained(&mut lab);
+    let evicted = pod_counter(&s, "client", "orig_dst_evicted") as usize;
+    let missed = pod_counter(&s, "client", "orig_dst_missed");
+    println!(
+        "map of {SIZE}, {n} connections open at once: {evicted} evictions counted, {wrong_peer} saw the wrong peer, {failed} failed ({missed} SO_ORIGINAL_DST misses)"
+    );
+    // At least the overflow was evicted (connections that failed early freed their room).
+    assert!(
+        evicted + failed >= n - SIZE,
+        "only {evicted} evictions counted for {n} connections in a map of {SIZE}"
+    );
+    assert!(evicted <= n, "{evicted} evictions for {n} connections");
+    // Every connection that saw the wrong peer had been counted.
+    assert!(
+        wrong_peer <= evicted,
+        "{wrong_peer} wrong peers, {evicted} counted"
+    );
+    let log = lab.daemon().log_text();
+    assert!(
+        log.contains("map ORIG_BY_") && log.contains("% full"),
+        "no warning: {log}"
+    );
+}
