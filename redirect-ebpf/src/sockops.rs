@@ -91,7 +91,13 @@ fn on_connect(ctx: &SockOpsContext) {
 fn on_active_established(ctx: &SockOpsContext) {
     if let Some((_, orig)) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
-        let _ = ORIG_BY_TUPLE.insert(key, orig, 0);
+        if ORIG_BY_TUPLE.insert(key, orig, 0).is_ok() {
+            // A lookup marks the new entry referenced: when the map is full, the kernel's
+            // LRU evicts unreferenced entries first, which would otherwise be the newest
+            // ones, before their proxy asked for them.
+            // Safety: the value is not used.
+            let _ = unsafe { ORIG_BY_TUPLE.get(&key) };
+        }
     }
 }
 
