@@ -96,7 +96,7 @@ fn on_active_established(ctx: &SockOpsContext) {
             // LRU evicts unreferenced entries first, which would otherwise be the newest
             // ones, before their proxy asked for them.
             // Safety: the value is not used.
-            let _ = unsafe { ORIG_BY_TUPLE.get(&key) };
+            let _ = unsafe { ORIG_BY_TUPLE.get(key) };
         }
     }
 }
