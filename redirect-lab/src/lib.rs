@@ -266,12 +266,28 @@ pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]
     })
 }
 
+/// A veth pair from `node` into `other`: `veth` on the node side, `eth0` in `other`.
+fn veth_pair(node: &Netns, veth: &str, other: &Netns) -> Result<()> {
+    node.exec(&[
+        "ip",
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &other.name,
+    ])?;
+    Ok(())
+}
+
 /// Connects a pod namespace to `node`'s bridge `br0`: a veth pair, `veth` on the node side,
 /// `eth0` in the pod.
 fn plug(node: &Netns, veth: &str, pod: &Netns) -> Result<()> {
-    node.exec(&[
-        "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-    ])?;
+    veth_pair(node, veth, pod)?;
     node.exec(&["ip", "link", "set", veth, "master", "br0", "up"])?;
     Ok(())
 }
@@ -409,19 +425,7 @@ impl Lab {
             "nodad",
         ])?;
         self.node.exec(&["ip", "link", "set", "br1", "up"])?;
-        self.node.exec(&[
-            "ip",
-            "link",
-            "add",
-            "vn2",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &remote.name,
-        ])?;
+        veth_pair(&self.node, "vn2", &remote)?;
         self.node
             .exec(&["ip", "link", "set", "vn2", "master", "br1", "up"])?;
         remote.exec(&["ip", "addr", "add", "10.202.0.2/24", "dev", "eth0"])?;
@@ -543,19 +547,7 @@ impl Lab {
         let cgroup = Cgroup::new(self.cgroup.path.join(name))?;
         let veth = format!("p{host}");
         let v4 = format!("{ROUTED_V4_PREFIX}{host}");
-        self.node.exec(&[
-            "ip",
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ])?;
+        veth_pair(&self.node, &veth, &netns)?;
         self.node.exec(&["ip", "link", "set", &veth, "up"])?;
         let node_mac = self
             .node

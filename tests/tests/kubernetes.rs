@@ -26,6 +26,19 @@ fn until(
     start.elapsed()
 }
 
+/// Starts the lab's daemon on the fake API server as node [`NODE`]'s, with `extra` flags.
+fn start_daemon(lab: &mut redirect_lab::Lab, api: &FakeApiServer, extra: &[&str]) {
+    let mut args = vec![
+        "--kubernetes",
+        "--node-name",
+        NODE,
+        "--kube-api-url",
+        &api.url,
+    ];
+    args.extend_from_slice(extra);
+    lab.start_daemon("pods: []\n", &args).unwrap();
+}
+
 fn has(pods: &serde_json::Value, name: &str) -> bool {
     pods.as_array().unwrap().iter().any(|p| p["name"] == name)
 }
@@ -50,17 +63,7 @@ fn watch_drives_the_maps() {
     let api = FakeApiServer::start();
     let pod_a = mesh_pod("a", NODE, &[&ip(&lab, "a")], &[]);
     api.apply_silently(&pod_a);
-    lab.start_daemon(
-        "pods: []\n",
-        &[
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api-url",
-            &api.url,
-        ],
-    )
-    .unwrap();
+    start_daemon(&mut lab, &api, &[]);
     until(&mut lab, "initial list applied", |p| has(p, "a"));
     // Only this node's pods are asked for (the API server filters on spec.nodeName).
     let paths = api.paths();
@@ -242,19 +245,7 @@ fn netns_found_through_the_nodes_routes() {
         api.apply_silently(&mesh_pod(name, NODE, &[ip], &[]));
     }
     let node_netns = lab.node.path().display().to_string();
-    lab.start_daemon(
-        "pods: []\n",
-        &[
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api-url",
-            &api.url,
-            "--node-netns",
-            &node_netns,
-        ],
-    )
-    .unwrap();
+    start_daemon(&mut lab, &api, &["--node-netns", &node_netns]);
     let status = lab
         .daemon()
         .wait_status("ptp and br applied, nowhere pending", |s| {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the same workloads through four modes, side by side in one run,
-//! interleaved in rounds (direct, iptables, ebpf, ebpf+sockmap; again; ...), so that a machine
-//! that slows down slows every mode. Reports medians across rounds with their spread, every
+//! interleaved in rounds (direct, iptables, ebpf, ebpf+sockmap; then iptables, ebpf, ...,
+//! direct; ...), so that a machine that slows down slows every mode and no mode always runs
+//! right after the same one. Istio's nat table is removed, not only flushed, after its mode. Reports medians across rounds with their spread, every
 //! mode's ratio to iptables, the kernel programs' average run time per call and the daemon's
 //! peak RSS. Writes a table, `bench.json` and an SVG chart.
 
@@ -55,6 +56,16 @@ fn iptables(lab: &Lab, pod: &str, install: bool) -> Result<()> {
     } else {
         ns.exec(&["iptables", "-t", "nat", "-F"])?;
         ns.exec(&["iptables", "-t", "nat", "-X"])?;
+        // Flushing leaves the nat table, and with it the NAT hooks and connection tracking,
+        // active in the namespace: every later mode would pay for them. Remove the table.
+        let version = ns.exec(&["iptables", "-V"])?;
+        anyhow::ensure!(
+            version.contains("nf_tables"),
+            "{version}: a legacy iptables nat table cannot be removed, and would stay active under the other modes; use iptables-nft"
+        );
+        ns.exec(&["nft", "delete", "table", "ip", "nat"])?;
+        let left = ns.exec(&["nft", "list", "tables"])?;
+        anyhow::ensure!(left.trim().is_empty(), "tables left in {pod}: {left}");
     }
     Ok(())
 }
@@ -193,7 +204,10 @@ pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
     let mut prog_stats: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut rss_kib = 0u64;
     for round in 0..rounds {
-        for mode in MODES {
+        // Each round starts with the next mode (A B C D, B C D A, ...): no mode always follows
+        // the same one.
+        for i in 0..MODES.len() {
+            let mode = MODES[(round + i) % MODES.len()];
             let mut daemons: Vec<Daemon> = Vec::new();
             let extra: &[&str] = if mode == "ebpf" { &["--no-accel"] } else { &[] };
             match mode {
@@ -396,7 +410,10 @@ fn report(
         let md = format!(
             "# Benchmark: eBPF redirect vs Istio's iptables\n\n\
              Latest full run of `cargo xtask bench` (commit `{commit}`, kernel {kernel}, {cpus} × {cpu}).\n\
-             {rounds} rounds, modes interleaved in each round (direct, iptables, ebpf, ebpf+sockmap), \
+             {rounds} rounds, modes interleaved in each round, each round starting one mode later \
+             (direct, iptables, ebpf, ebpf+sockmap; iptables, ebpf, ebpf+sockmap, direct; ...), \
+             Istio's nat table removed after its mode (not only flushed: that would leave NAT and \
+             connection tracking on for the modes after it), \
              {secs} s per workload; each cell is the median across rounds, (min–max) across rounds, \
              and ×ratio to `iptables` from the same run. Lab: two mesh pods on one node (network \
              namespaces on a bridge), the lab sidecar (a small tokio proxy, uid 1337) in both, a \

@@ -13,6 +13,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss"),
     ("iproute2", "ip"),
     ("iptables", "iptables"),
+    ("nftables", "nft"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("procps", "ps"),
