@@ -12,6 +12,9 @@ use redirect_lab::{perf::Measured, run, Daemon, Lab};
 use serde_json::{json, Value};
 
 const MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf+sockmap"];
+
+/// In `docs/benchmarks.md`, what follows this line is written by hand and kept by a new run.
+const KEPT_MARKER: &str = "<!-- written by hand below; kept by cargo xtask bench -->";
 const WORKLOADS: [&str; 4] = ["rr", "crr", "stream", "concurrent"];
 
 /// Istio's `istio-iptables` REDIRECT rule set (uid/gid 1337, 127.0.0.6 passthrough,
@@ -427,8 +430,17 @@ fn report(
              of this run are in [bench.json](bench.json).\n",
             rss_kib as f64 / 1024.0
         );
-        std::fs::write(docs.join("benchmarks.md"), md)?;
-        println!("updated docs/benchmarks.md");
+        // The analysis written by hand under the marker survives a new run.
+        let path = docs.join("benchmarks.md");
+        let mut md = md;
+        if let Ok(old) = std::fs::read_to_string(&path) {
+            if let Some(at) = old.find(KEPT_MARKER) {
+                md.push('\n');
+                md.push_str(&old[at..]);
+            }
+        }
+        std::fs::write(&path, md)?;
+        println!("updated docs/benchmarks.md (the part under {KEPT_MARKER} kept)");
     }
     Ok(())
 }
