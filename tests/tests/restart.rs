@@ -35,13 +35,14 @@ fn kill_9_and_restart_under_traffic_loses_nothing() {
 /// programs under traffic, which loses nothing.
 #[test]
 fn upgrade_to_another_binary_under_traffic_loses_nothing() {
-    let next = std::env::temp_dir().join(format!("rlab-redirectd-next-{}", std::process::id()));
-    std::fs::copy(redirect_lab::bin("redirectd"), &next).unwrap();
     let old_ids = std::cell::RefCell::new(Vec::new());
     replace_daemon_under_traffic("upgrade (SIGTERM, another binary)", |daemon| {
         *old_ids.borrow_mut() = program_ids(daemon);
+        // The new version, in the lab's directory (removed with the lab).
+        let next = daemon.pods_file.with_file_name("redirectd-next");
+        std::fs::copy(redirect_lab::bin("redirectd"), &next).unwrap();
         daemon.stop();
-        daemon.upgrade_to(next.clone(), "debug");
+        daemon.upgrade_to(next, "debug");
         daemon.restart().unwrap();
         let new_ids = program_ids(daemon);
         let old = old_ids.borrow();
@@ -51,7 +52,6 @@ fn upgrade_to_another_binary_under_traffic_loses_nothing() {
             "the upgrade kept old programs: {new_ids:?} vs {old:?}"
         );
     });
-    let _ = std::fs::remove_file(&next);
     // The old programs are gone from the kernel, not only from the pins.
     let live = redirect_lab::run("bpftool", &["-j", "prog", "show"]).unwrap();
     let live: Vec<serde_json::Value> = serde_json::from_str(&live).unwrap();
