@@ -622,7 +622,14 @@ impl Lab {
 
     /// Starts the sidecar proxy in a pod, as uid 1337, and waits until it listens.
     pub fn start_sidecar(&mut self, pod: &str) -> Result<usize> {
-        let i = self.spawn_in(pod, Some(PROXY_UID), "sidecar", &["proxy"])?;
+        self.start_sidecar_with(pod, &[])
+    }
+
+    /// Starts the lab sidecar with extra `proxy` arguments (e.g. `--answer-delay-ms`).
+    pub fn start_sidecar_with(&mut self, pod: &str, extra: &[&str]) -> Result<usize> {
+        let mut args = vec!["proxy"];
+        args.extend_from_slice(extra);
+        let i = self.spawn_in(pod, Some(PROXY_UID), "sidecar", &args)?;
         self.wait_listening(pod, 15001)?;
         Ok(i)
     }

@@ -38,6 +38,10 @@ enum Cmd {
         outbound_port: u16,
         #[arg(long, default_value_t = 15006)]
         inbound_port: u16,
+        /// Wait this long after accepting an outbound connection before asking
+        /// SO_ORIGINAL_DST (a slow or busy proxy).
+        #[arg(long, default_value_t = 0)]
+        answer_delay_ms: u64,
     },
     /// A server that reports the addresses it saw.
     Server {
@@ -225,7 +229,8 @@ async fn relay(mut down: TcpStream, record: ProxyRecord, upstream: std::io::Resu
     }
 }
 
-async fn handle_outbound(down: TcpStream) {
+async fn handle_outbound(down: TcpStream, answer_delay: Duration) {
+    tokio::time::sleep(answer_delay).await;
     let peer = down
         .peer_addr()
         .map(|a| canonical(a).to_string())
@@ -319,13 +324,13 @@ async fn handle_inbound(down: TcpStream, inbound_port: u16) {
     relay(down, record, upstream).await;
 }
 
-async fn accept_loop(l: TcpListener, outbound: bool, inbound_port: u16) {
+async fn accept_loop(l: TcpListener, outbound: bool, inbound_port: u16, answer_delay: Duration) {
     loop {
         match l.accept().await {
             Ok((s, _)) => {
                 let _ = s.set_nodelay(true);
                 if outbound {
-                    tokio::spawn(handle_outbound(s));
+                    tokio::spawn(handle_outbound(s, answer_delay));
                 } else {
                     tokio::spawn(handle_inbound(s, inbound_port));
                 }
@@ -338,7 +343,7 @@ async fn accept_loop(l: TcpListener, outbound: bool, inbound_port: u16) {
     }
 }
 
-async fn proxy(outbound_port: u16, inbound_port: u16) -> Result<()> {
+async fn proxy(outbound_port: u16, inbound_port: u16, answer_delay: Duration) -> Result<()> {
     let mut tasks = Vec::new();
     for (addr, v6only, outbound) in [
         (
@@ -363,7 +368,12 @@ async fn proxy(outbound_port: u16, inbound_port: u16) -> Result<()> {
         ),
     ] {
         let l = listen(addr, v6only)?;
-        tasks.push(tokio::spawn(accept_loop(l, outbound, inbound_port)));
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            outbound,
+            inbound_port,
+            answer_delay,
+        )));
     }
     eprintln!("proxy: outbound :{outbound_port}, inbound :{inbound_port}");
     for t in tasks {
@@ -531,7 +541,12 @@ fn main() -> Result<()> {
         Cmd::Proxy {
             outbound_port,
             inbound_port,
-        } => rt()?.block_on(proxy(outbound_port, inbound_port)),
+            answer_delay_ms,
+        } => rt()?.block_on(proxy(
+            outbound_port,
+            inbound_port,
+            Duration::from_millis(answer_delay_ms),
+        )),
         Cmd::Server { ports } => rt()?.block_on(server(ports)),
         Cmd::Client {
             targets,

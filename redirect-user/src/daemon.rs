@@ -132,7 +132,15 @@ fn warn_if_filling(fill: &[(&'static str, usize, u32)], warned: &mut BTreeSet<&'
     for &(name, n, cap) in fill {
         if cap > 0 && n as u64 * 100 >= u64::from(cap) * 80 {
             if warned.insert(name) {
-                log::warn!("map {name} is {}% full ({n} of {cap} entries); when it is full, the oldest entries of live connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size", n as u64 * 100 / u64::from(cap));
+                let consequence = if name == "SOCK_PAIRS" {
+                    "when it is full, new proxy connections are not spliced (they take the normal path)"
+                } else {
+                    "when it is full, the oldest entries of open connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size"
+                };
+                log::warn!(
+                    "map {name} is {}% full ({n} of {cap} entries); {consequence}",
+                    n as u64 * 100 / u64::from(cap)
+                );
             }
         } else {
             warned.remove(name);

@@ -202,3 +202,63 @@ fn getsockopt_never_tells_another_connections_destination() {
         "{r:?}"
     );
 }
+
+/// A connection captured just before `redirectd uninstall`, whose proxy asks
+/// `SO_ORIGINAL_DST` only once the uninstall has begun (a busy proxy: 400 ms after accepting),
+/// still gets its answer: capture is detached first, the answering programs only after the
+/// drain. With no drain (`--drain-ms 0`) the same connection fails, which is what the drain
+/// is for.
+#[test]
+fn uninstall_answers_connections_already_captured() {
+    for (drain_ms, answered) in [(1500, true), (0, false)] {
+        let mut lab = lab();
+        lab.add_pod("client").unwrap();
+        lab.add_pod("ext").unwrap();
+        let sidecar = lab
+            .start_sidecar_with("client", &["--answer-delay-ms", "400"])
+            .unwrap();
+        lab.start_server("ext", &[8080]).unwrap();
+        lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+            .unwrap();
+        lab.daemon().wait_pods(&["client"]).unwrap();
+        let mut daemon = lab.daemon.take().unwrap();
+        daemon.stop();
+        let target = format!("{}:8080", lab.pod("ext").v4);
+        let (result, out) = std::thread::scope(|s| {
+            let client = s.spawn(|| {
+                lab.client(Some("client"), None, &["--target", &target])
+                    .unwrap()
+            });
+            // The connection is captured and accepted at once; its proxy asks at 400 ms.
+            std::thread::sleep(Duration::from_millis(100));
+            let out = daemon.uninstall_draining(Some(drain_ms));
+            (client.join().unwrap(), out)
+        });
+        let out = out.unwrap();
+        assert!(out.contains("uninstalled"), "{out}");
+        let r = &result[0];
+        assert_eq!(
+            r.local.as_deref().map(|l| l.starts_with("127.0.0.1")),
+            Some(true),
+            "not captured: {r:?}"
+        );
+        let records = lab.sidecar_log(sidecar);
+        if answered {
+            assert!(
+                r.error.is_none() && r.reply.is_some(),
+                "drain {drain_ms} ms: {r:?}"
+            );
+            assert_eq!(records[0].orig_dst.as_ref(), Some(&target), "{records:?}");
+        } else {
+            assert!(r.error.is_some(), "no drain, yet answered: {r:?}");
+            assert!(
+                records[0]
+                    .error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("SO_ORIGINAL_DST"),
+                "{records:?}"
+            );
+        }
+    }
+}
