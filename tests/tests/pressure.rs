@@ -64,8 +64,13 @@ fn more_live_connections_than_the_map_holds() {
             .unwrap()
     };
 
-    // Within room: 75 % of the map, all open at once.
-    let within = hold(&mut lab, SIZE * 3 / 4);
+    // Within room: 75 % of the map, all open at once. The kernel's LRU keeps up to 128 free
+    // entries in each CPU's own list and evicts when the shared list runs short, so on a
+    // machine with many CPUs a small map's room ends earlier: 128 × (CPUs + 1) entries short
+    // of full (for the default 65,536 entries that is 99 % on 2 CPUs, 98 % on 8).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let room = SIZE.saturating_sub(128 * (cpus + 1) + 64);
+    let within = hold(&mut lab, (SIZE * 3 / 4).min(room));
     for r in &within {
         assert!(r.error.is_none(), "{r:?}");
         assert_eq!(r.peername_held.as_ref(), Some(&r.target), "{r:?}");
