@@ -272,7 +272,6 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
     })
 }
 
-/// Detaches and unpins every link in one generation directory, then removes it.
 /// Detaches and unpins every link in `dir`, capture links first (see [`uninstall`]), then
 /// removes `dir`.
 fn remove_link_dir(dir: &Path) -> Result<usize> {

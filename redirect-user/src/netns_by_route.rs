@@ -77,10 +77,7 @@ pub fn find(ip: IpAddr, node_netns: Option<&Path>) -> Result<Found> {
         bail!(
             "the route to {ip} leaves through {} ({}), which leads into no other namespace",
             out.name,
-            out.kind
-                .as_ref()
-                .map_or("kind unknown".to_string(), |k| format!("{k:?}")
-                    .to_lowercase())
+            kind_name(&out.kind)
         );
     };
     let nsid = port.peer_nsid.with_context(|| {
@@ -95,12 +92,16 @@ pub fn find(ip: IpAddr, node_netns: Option<&Path>) -> Result<Found> {
     Ok(Found { path, via })
 }
 
+/// A link's kind as `ip link` names it (`veth`, `bridge`, ...).
+fn kind_name(kind: &Option<InfoKind>) -> String {
+    kind.as_ref()
+        .map_or("link".to_string(), |k| format!("{k:?}").to_lowercase())
+}
+
 fn describe(link: &Link) -> String {
     format!(
         "{} {} -> netns id {}",
-        link.kind
-            .as_ref()
-            .map_or("link".to_string(), |k| format!("{k:?}").to_lowercase()),
+        kind_name(&link.kind),
         link.name,
         link.peer_nsid.map_or("?".into(), |n| n.to_string())
     )
