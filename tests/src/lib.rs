@@ -2,7 +2,12 @@
 
 pub mod fake_apiserver;
 
-use redirect_lab::Lab;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use redirect_lab::{wire::ClientResult, Lab};
 
 /// A lab, or a loud failure naming what the test needs.
 pub fn lab() -> Lab {
@@ -60,4 +65,38 @@ pub fn wait_maps_back(lab: &mut Lab, start: Fill) -> serde_json::Value {
     lab.daemon()
         .wait_status("maps back to their starting size", |s| fill_of(s) == start)
         .unwrap()
+}
+
+/// Runs the lab client in `pod` with `client_args` again and again around `disrupt`: 300 ms
+/// of traffic, `disrupt`, 300 ms more. The traffic stops whatever `disrupt` does (its panic is
+/// raised again once the traffic has stopped). Returns every connection's result and what
+/// `disrupt` returned.
+pub fn traffic_during<T>(
+    lab: &Lab,
+    pod: &str,
+    client_args: &[&str],
+    disrupt: impl FnOnce() -> T,
+) -> (Vec<ClientResult>, T) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut all = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                all.extend(lab.client(Some(pod), None, client_args).unwrap());
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let value = disrupt();
+            std::thread::sleep(Duration::from_millis(300));
+            value
+        }));
+        stop.store(true, Ordering::SeqCst);
+        let all = traffic.join().unwrap();
+        match outcome {
+            Ok(value) => (all, value),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }

@@ -1,13 +1,10 @@
 //! Isolation: only mesh pods' own sockets are ever redirected, and uninstalling under traffic
 //! leaves new connections going direct, never refused.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use redirect_lab::{run, spawn, wire::ClientResult, Netns, Placement};
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{lab, pods_yaml, traffic_during};
 
 /// A namespace that is not in the mesh but has a mesh pod's IP (a stale copy, a
 /// misconfiguration): its connections are not redirected, because membership is the netns
@@ -95,32 +92,14 @@ fn uninstall_under_traffic_never_refuses() {
     let mut daemon = lab.daemon.take().unwrap();
     daemon.stop();
     let target = format!("{}:8080", lab.pod("ext").v4);
-    let stop = AtomicBool::new(false);
-    let results: Vec<ClientResult> = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                all.extend(
-                    lab.client(
-                        Some("client"),
-                        None,
-                        &["--target", &target, "--count", "10", "--concurrency", "5"],
-                    )
-                    .unwrap(),
-                );
-            }
-            all
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        // Whatever happens, stop the traffic before reporting it.
-        let out = daemon.uninstall();
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
-        let all = traffic.join().unwrap();
-        let out = out.unwrap();
-        assert!(out.contains("uninstalled"), "{out}");
-        all
-    });
+    let (results, out) = traffic_during(
+        &lab,
+        "client",
+        &["--target", &target, "--count", "10", "--concurrency", "5"],
+        || daemon.uninstall(),
+    );
+    let out = out.unwrap();
+    assert!(out.contains("uninstalled"), "{out}");
     let failed: Vec<_> = results.iter().filter(|r| r.error.is_some()).collect();
     println!(
         "uninstall under traffic: {} requests, {} failed",

@@ -2,13 +2,9 @@
 //! binary: no failed request, no connection that escaped capture, and the maps exactly as
 //! they were. A pod removed mid-connection keeps its open connections.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
-use redirect_lab::wire::ClientResult;
-use redirect_tests::{lab, mesh_with_echo, pods_yaml};
+use redirect_tests::{lab, mesh_with_echo, pods_yaml, traffic_during};
 
 fn dump(pin_dir: &std::path::Path, map: &str) -> String {
     let path = pin_dir.join("maps").join(map);
@@ -104,45 +100,24 @@ fn replace_daemon_under_traffic(what: &str, replace: impl FnOnce(&mut redirect_l
         format!("{}:8080", lab.pod("srv").v4),
     ];
 
-    let stop = AtomicBool::new(false);
-    let results: Vec<ClientResult> = std::thread::scope(|s| {
-        let traffic = s.spawn(|| {
-            let mut all = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let r = lab
-                    .client(
-                        Some("client"),
-                        None,
-                        &[
-                            "--target",
-                            &targets[0],
-                            "--target",
-                            &targets[1],
-                            "--count",
-                            "20",
-                            "--concurrency",
-                            "5",
-                        ],
-                    )
-                    .unwrap();
-                all.extend(r);
-            }
-            all
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        // Whatever happens, stop the traffic before reporting it.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (results, ()) = traffic_during(
+        &lab,
+        "client",
+        &[
+            "--target",
+            &targets[0],
+            "--target",
+            &targets[1],
+            "--count",
+            "20",
+            "--concurrency",
+            "5",
+        ],
+        || {
             replace(&mut daemon);
             daemon.wait_pods(&["client", "srv"]).unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-        }));
-        stop.store(true, Ordering::SeqCst);
-        let all = traffic.join().unwrap();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
-        all
-    });
+        },
+    );
     assert!(results.len() >= 100, "only {} requests", results.len());
     let failed: Vec<_> = results
         .iter()
