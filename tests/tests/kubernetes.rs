@@ -254,24 +254,19 @@ fn netns_found_through_the_nodes_routes() {
                 && s["rejected"].to_string().contains("10.209.0.9")
         })
         .unwrap();
-    let netns_of = |name: &str| -> String {
-        status["pods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap()["netns"]
+    let netns_of = |lab: &mut redirect_lab::Lab, name: &str| -> String {
+        lab.daemon().pod_status(name).unwrap()["netns"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let ptp = netns_of("ptp");
+    let ptp = netns_of(&mut lab, "ptp");
     // (`/var/run` is a link to `/run` on most systems.)
     let real = |p: std::path::PathBuf| std::fs::canonicalize(p).unwrap().display().to_string();
     let ptp_path = real(lab.pod("ptp").netns.path());
     assert!(ptp.starts_with(&ptp_path), "{ptp} (want {ptp_path})");
     assert!(ptp.contains("route -> veth p"), "{ptp}");
-    let br = netns_of("br");
+    let br = netns_of(&mut lab, "br");
     let br_path = real(lab.pod("br").netns.path());
     assert!(br.starts_with(&br_path), "{br} (want {br_path})");
     assert!(br.contains("route -> bridge br0 -> veth v"), "{br}");

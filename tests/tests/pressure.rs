@@ -9,17 +9,6 @@ use redirect_tests::{lab, pods_yaml};
 /// Entries of each original-destination map in this test (`--orig-dst-map-size`).
 const SIZE: usize = 2048;
 
-fn pod_counter(status: &serde_json::Value, pod: &str, counter: &str) -> u64 {
-    status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == pod)
-        .unwrap()[counter]
-        .as_u64()
-        .unwrap()
-}
-
 #[test]
 fn more_live_connections_than_the_map_holds() {
     let mut lab = lab();
@@ -61,7 +50,7 @@ fn more_live_connections_than_the_map_holds() {
             .wait_status("maps drained", |s| {
                 s["orig_by_cookie"] == 0 && s["orig_by_tuple"] == 0
             })
-            .unwrap()
+            .unwrap();
     };
 
     // Within room: 75 % of the map, all open at once. The kernel's LRU keeps up to 128 free
@@ -75,9 +64,14 @@ fn more_live_connections_than_the_map_holds() {
         assert!(r.error.is_none(), "{r:?}");
         assert_eq!(r.peername_held.as_ref(), Some(&r.target), "{r:?}");
     }
-    let s = drained(&mut lab);
-    assert_eq!(pod_counter(&s, "client", "orig_dst_evicted"), 0);
-    assert_eq!(pod_counter(&s, "client", "orig_dst_missed"), 0);
+    drained(&mut lab);
+    let counter = |lab: &mut redirect_lab::Lab, name: &str| {
+        lab.daemon().pod_status("client").unwrap()[name]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(counter(&mut lab, "orig_dst_evicted"), 0);
+    assert_eq!(counter(&mut lab, "orig_dst_missed"), 0);
     assert!(
         !lab.daemon().log_text().contains("% full"),
         "warned at 75 %: {}",
@@ -94,9 +88,9 @@ fn more_live_connections_than_the_map_holds() {
         .iter()
         .filter(|r| r.error.is_none() && r.peername_held.as_ref() != Some(&r.target))
         .count();
-    let s = drained(&mut lab);
-    let evicted = pod_counter(&s, "client", "orig_dst_evicted") as usize;
-    let missed = pod_counter(&s, "client", "orig_dst_missed");
+    drained(&mut lab);
+    let evicted = counter(&mut lab, "orig_dst_evicted") as usize;
+    let missed = counter(&mut lab, "orig_dst_missed");
     println!(
         "map of {SIZE}, {n} connections open at once: {evicted} evictions counted, {wrong_peer} saw the wrong peer, {failed} failed ({missed} SO_ORIGINAL_DST misses)"
     );
