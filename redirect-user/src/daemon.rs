@@ -219,8 +219,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts.node.inbound_port,
         opts.node.outbound_port,
     )?;
-    for (name, _, cap) in datapath.fill() {
-        if name.starts_with("ORIG_BY") && cap != opts.orig_dst_map_size {
+    for (name, cap) in datapath.orig_dst_capacities() {
+        if cap != opts.orig_dst_map_size {
             log::warn!(
                 "map {name} holds {cap} entries, not the {} of --orig-dst-map-size: it was pinned by an earlier run and is kept (resizing it would forget every open connection's destination); `redirectd uninstall` and start again to resize",
                 opts.orig_dst_map_size

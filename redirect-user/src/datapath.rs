@@ -179,6 +179,11 @@ fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &s
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// A map's `max_entries` as the kernel reports it (0 if it cannot be read).
+fn capacity(map: &MapData) -> u32 {
+    map.info().map(|i| i.max_entries()).unwrap_or(0)
+}
+
 /// The daemon's handles on the pod maps.
 pub struct Datapath {
     mesh_pods: HashMap<MapData, u64, PodConfig>,
@@ -280,26 +285,34 @@ impl Datapath {
         Ok(())
     }
 
+    /// The capacity of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` as the kernel has it (a map
+    /// pinned by an earlier run keeps the size it was made with).
+    pub fn orig_dst_capacities(&self) -> [(&'static str, u32); 2] {
+        [
+            ("ORIG_BY_COOKIE", capacity(self.orig_by_cookie.map())),
+            ("ORIG_BY_TUPLE", capacity(self.orig_by_tuple.map())),
+        ]
+    }
+
     /// How full the connection-tracking maps are: `(map, entries, capacity)` for
-    /// `SOCK_PAIRS`, `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`, the capacity as the kernel has it
-    /// (a map pinned by an earlier run keeps the size it was made with).
+    /// `SOCK_PAIRS`, `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
     pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
-        let cap = |m: &MapData| m.info().map(|i| i.max_entries()).unwrap_or(0);
+        let [(cookie_name, cookie_cap), (tuple_name, tuple_cap)] = self.orig_dst_capacities();
         vec![
             (
                 "SOCK_PAIRS",
                 self.sock_pairs.keys().filter(Result::is_ok).count(),
-                cap(self.sock_pairs.map()),
+                capacity(self.sock_pairs.map()),
             ),
             (
-                "ORIG_BY_COOKIE",
+                cookie_name,
                 self.orig_by_cookie.keys().filter(Result::is_ok).count(),
-                cap(self.orig_by_cookie.map()),
+                cookie_cap,
             ),
             (
-                "ORIG_BY_TUPLE",
+                tuple_name,
                 self.orig_by_tuple.keys().filter(Result::is_ok).count(),
-                cap(self.orig_by_tuple.map()),
+                tuple_cap,
             ),
         ]
     }
