@@ -427,12 +427,11 @@ pub fn uninstall(pin_dir: &Path, drain: Duration) -> Result<Removed> {
         detach_and_unpin(path)?;
         removed.links += 1;
     }
-    let answering = generations
+    // (A directory that cannot be read is reported by `remove_link_dir` below.)
+    let answering_left = generations
         .iter()
-        .map(|dir| std::fs::read_dir(dir).map(|mut d| d.next().is_some()))
-        .collect::<std::io::Result<Vec<bool>>>()
-        .context("listing link generations")?;
-    if answering.iter().any(|&left| left) && !drain.is_zero() {
+        .any(|dir| std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()));
+    if answering_left && !drain.is_zero() {
         log::info!(
             "capture detached; answering in-flight connections for {} ms before detaching the rest",
             drain.as_millis()
