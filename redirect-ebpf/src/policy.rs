@@ -1,4 +1,4 @@
-//! Istio's capture rules (INTERCEPTION_SPEC.md), evaluated in order: outbound at
+//! Istio's capture rules (docs/interception.md), evaluated in order: outbound at
 //! `connect()`, inbound in `sk_lookup` for connections from outside the pod.
 
 use aya_ebpf::maps::lpm_trie::Key;
@@ -71,7 +71,7 @@ pub fn local_to_pod(pod: &PodConfig, addr: &Endpoint) -> bool {
     addr.is_loopback() || addr.is_passthrough_source() || is_pod_addr(pod, addr.addr16())
 }
 
-/// The outbound rules of INTERCEPTION_SPEC.md, first match wins. `is_proxy`: the caller runs
+/// The outbound rules of docs/interception.md, first match wins. `is_proxy`: the caller runs
 /// as the proxy's uid or gid; `from_passthrough`: the socket is bound to 127.0.0.6 / ::6.
 #[inline(always)]
 pub fn outbound(
@@ -119,7 +119,7 @@ pub fn outbound(
     Outbound::Direct
 }
 
-/// The inbound rules of INTERCEPTION_SPEC.md for a connection from outside the pod to local
+/// The inbound rules of docs/interception.md for a connection from outside the pod to local
 /// `port` (host order): the proxy's own ports (15008, 15020, 15021, 15090, 15001, 15006, as
 /// configured) and `excludeInboundPorts` are in `PORT_EXCLUDE_INBOUND`; `includeInboundPorts`
 /// is `*` (flag) or a list.

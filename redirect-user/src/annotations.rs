@@ -2,7 +2,7 @@
 //! (`redirectd.dev/*`), parsed into a typed [`CapturePolicy`]. One parser for every pod
 //! source; nothing past it sees strings.
 //!
-//! Syntax (INTERCEPTION_SPEC.md): comma-separated lists, spaces around items ignored, `*` means
+//! Syntax (docs/interception.md): comma-separated lists, spaces around items ignored, `*` means
 //! all (in include lists), an empty string means none.
 
 use std::{collections::BTreeMap, collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
