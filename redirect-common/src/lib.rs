@@ -18,6 +18,23 @@ pub const MAX_ADDR_RULES: u32 = 16_384;
 /// so a connection whose close we never saw cannot fill them.
 pub const MAX_ORIG_DST: u32 = 65_536;
 
+/// The names of the maps (`redirect-ebpf/src/maps.rs` defines each under this name, and it is
+/// pinned as `<pin-dir>/maps/<NAME>`). The daemon opens maps by these names only.
+pub mod map_names {
+    pub const MESH_PODS: &str = "MESH_PODS";
+    pub const PORT_RULES: &str = "PORT_RULES";
+    pub const ADDR_RULES: &str = "ADDR_RULES";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const ACCEL_FALLBACK: &str = "ACCEL_FALLBACK";
+    pub const PROXY_SOCKS: &str = "PROXY_SOCKS";
+    pub const STEERED: &str = "STEERED";
+}
+
 /// `AF_INET`, as stored in the `family` fields below.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as stored in the `family` fields below.

@@ -132,7 +132,7 @@ fn warn_if_filling(fill: &[(&'static str, usize, u32)], warned: &mut BTreeSet<&'
     for &(name, n, cap) in fill {
         if cap > 0 && n as u64 * 100 >= u64::from(cap) * 80 {
             if warned.insert(name) {
-                let consequence = if name == "SOCK_PAIRS" {
+                let consequence = if name == redirect_common::map_names::SOCK_PAIRS {
                     "when it is full, new proxy connections are not spliced (they take the normal path)"
                 } else {
                     "when it is full, the oldest entries of open connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size"

@@ -4,147 +4,29 @@
 
 use std::{
     collections::BTreeSet,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{
-        lpm_trie::Key, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::Key, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
         SockHash,
     },
     util::nr_cpus,
-    Ebpf,
+    Ebpf, Pod,
 };
 use redirect_common::{
-    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PortRuleKey, SockKey,
-    TupleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS,
-    POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS,
-    POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
-    POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND,
-    PORT_INCLUDE_OUTBOUND,
+    map_names as names, AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
+    PortRuleKey, SockKey, TupleKey, ADDR_POD_IP,
 };
 
 use crate::{
-    annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection},
+    annotations::Cidr,
     listeners, loader, netns,
     pods::NetnsRef,
+    rules::{addr_key, addr_of_node_key, node_addr_key, rule_of_key, PodRules},
 };
-
-/// A pod's rules in the form the maps hold them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodRules {
-    /// `(PORT_* kind, port)`.
-    pub ports: BTreeSet<(u8, u16)>,
-    /// `(ADDR_* kind, network)`.
-    pub addrs: BTreeSet<(u32, Cidr)>,
-    /// `POD_FLAG_*`.
-    pub flags: u32,
-}
-
-impl PodRules {
-    /// Compiles a pod's policy and addresses. `proxy_ports` are never captured inbound.
-    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr], proxy_ports: &[u16]) -> Self {
-        let mut r = PodRules::default();
-        let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
-            r.ports.extend(set.iter().map(|p| (kind, *p)));
-        };
-        ports(
-            &mut r,
-            PORT_EXCLUDE_OUTBOUND,
-            &policy.exclude_outbound_ports,
-        );
-        ports(
-            &mut r,
-            PORT_INCLUDE_OUTBOUND,
-            &policy.include_outbound_ports,
-        );
-        ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
-        r.ports
-            .extend(proxy_ports.iter().map(|p| (PORT_EXCLUDE_INBOUND, *p)));
-        match &policy.include_inbound_ports {
-            PortSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_INBOUND,
-            PortSelection::Ports(set) => ports(&mut r, PORT_INCLUDE_INBOUND, set),
-        }
-        r.addrs.extend(
-            policy
-                .exclude_outbound_ranges
-                .iter()
-                .map(|c| (ADDR_EXCLUDE_OUTBOUND, *c)),
-        );
-        match &policy.include_outbound_ranges {
-            RangeSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_OUTBOUND,
-            RangeSelection::Ranges(v) => r
-                .addrs
-                .extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c))),
-        }
-        r.addrs
-            .extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
-        if policy.fail_closed {
-            r.flags |= POD_FLAG_FAIL_CLOSED;
-        }
-        if !policy.accel {
-            r.flags |= POD_FLAG_NO_ACCEL;
-        }
-        // Let the programs skip lookups a pod has no rules for.
-        let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
-        if has(ADDR_EXCLUDE_OUTBOUND) {
-            r.flags |= POD_FLAG_HAS_EXCLUDE_RANGES;
-        }
-        if has(ADDR_INCLUDE_OUTBOUND) {
-            r.flags |= POD_FLAG_HAS_INCLUDE_RANGES;
-        }
-        if !policy.include_outbound_ports.is_empty() {
-            r.flags |= POD_FLAG_HAS_INCLUDE_PORTS;
-        }
-        r
-    }
-}
-
-/// The rule an `ADDR_RULES` key stands for: `(kind, network)`.
-fn rule_of_key(key: &Key<AddrRuleData>) -> (u32, Cidr) {
-    let data = key.data();
-    let bits = key.prefix_len().saturating_sub(ADDR_RULE_FIXED_BITS);
-    let v6 = std::net::Ipv6Addr::from(data.addr_be);
-    let cidr = match v6.to_ipv4_mapped() {
-        Some(v4) if bits >= 96 => Cidr {
-            addr: IpAddr::V4(v4),
-            prefix_len: (bits - 96) as u8,
-        },
-        _ => Cidr {
-            addr: IpAddr::V6(v6),
-            prefix_len: bits as u8,
-        },
-    };
-    (data.kind, cidr)
-}
-
-/// The LPM key of an address rule.
-pub fn addr_key(pod_id: u32, kind: u32, cidr: &Cidr) -> Key<AddrRuleData> {
-    let (addr_be, bits) = match cidr.addr {
-        IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + u32::from(cidr.prefix_len)),
-        IpAddr::V6(a) => (a.octets(), u32::from(cidr.prefix_len)),
-    };
-    Key::new(
-        ADDR_RULE_FIXED_BITS + bits,
-        AddrRuleData {
-            pod_id,
-            kind,
-            addr_be,
-        },
-    )
-}
-
-/// The `NODE_ADDRS` key of a pod address.
-fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
-    NodeAddrKey {
-        addr_be: match cidr.addr {
-            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-            IpAddr::V6(a) => a.octets(),
-        },
-    }
-}
 
 /// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.
 pub trait PodMaps {
@@ -184,6 +66,24 @@ fn capacity(map: &MapData) -> u32 {
     map.info().map(|i| i.max_entries()).unwrap_or(0)
 }
 
+/// Removes the entries of a hash map that `keep` does not keep; returns how many went.
+fn sweep_map<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &str,
+    keep: impl Fn(&K, &V) -> bool,
+) -> Result<usize> {
+    let stale: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| !keep(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &stale {
+        map.remove(k).with_context(|| format!("sweeping {name}"))?;
+    }
+    Ok(stale.len())
+}
+
 /// The daemon's handles on the pod maps.
 pub struct Datapath {
     mesh_pods: HashMap<MapData, u64, PodConfig>,
@@ -215,15 +115,15 @@ impl Datapath {
             inbound_port,
             outbound_port,
             inbound_insns: None,
-            listeners: take(ebpf, "LISTENERS")?,
-            node_addrs: take(ebpf, "NODE_ADDRS")?,
-            sock_pairs: take(ebpf, "SOCK_PAIRS")?,
-            orig_by_cookie: take(ebpf, "ORIG_BY_COOKIE")?,
-            orig_by_tuple: take(ebpf, "ORIG_BY_TUPLE")?,
-            mesh_pods: take(ebpf, "MESH_PODS")?,
-            port_rules: take(ebpf, "PORT_RULES")?,
-            addr_rules: take(ebpf, "ADDR_RULES")?,
-            counters: take(ebpf, "POD_COUNTERS")?,
+            listeners: take(ebpf, names::LISTENERS)?,
+            node_addrs: take(ebpf, names::NODE_ADDRS)?,
+            sock_pairs: take(ebpf, names::SOCK_PAIRS)?,
+            orig_by_cookie: take(ebpf, names::ORIG_BY_COOKIE)?,
+            orig_by_tuple: take(ebpf, names::ORIG_BY_TUPLE)?,
+            mesh_pods: take(ebpf, names::MESH_PODS)?,
+            port_rules: take(ebpf, names::PORT_RULES)?,
+            addr_rules: take(ebpf, names::ADDR_RULES)?,
+            counters: take(ebpf, names::POD_COUNTERS)?,
         })
     }
 
@@ -234,15 +134,15 @@ impl Datapath {
             inbound_port: 0,
             outbound_port: 0,
             inbound_insns: None,
-            listeners: pinned(pin_dir, "LISTENERS")?,
-            node_addrs: pinned(pin_dir, "NODE_ADDRS")?,
-            sock_pairs: pinned(pin_dir, "SOCK_PAIRS")?,
-            orig_by_cookie: pinned(pin_dir, "ORIG_BY_COOKIE")?,
-            orig_by_tuple: pinned(pin_dir, "ORIG_BY_TUPLE")?,
-            mesh_pods: pinned(pin_dir, "MESH_PODS")?,
-            port_rules: pinned(pin_dir, "PORT_RULES")?,
-            addr_rules: pinned(pin_dir, "ADDR_RULES")?,
-            counters: pinned(pin_dir, "POD_COUNTERS")?,
+            listeners: pinned(pin_dir, names::LISTENERS)?,
+            node_addrs: pinned(pin_dir, names::NODE_ADDRS)?,
+            sock_pairs: pinned(pin_dir, names::SOCK_PAIRS)?,
+            orig_by_cookie: pinned(pin_dir, names::ORIG_BY_COOKIE)?,
+            orig_by_tuple: pinned(pin_dir, names::ORIG_BY_TUPLE)?,
+            mesh_pods: pinned(pin_dir, names::MESH_PODS)?,
+            port_rules: pinned(pin_dir, names::PORT_RULES)?,
+            addr_rules: pinned(pin_dir, names::ADDR_RULES)?,
+            counters: pinned(pin_dir, names::POD_COUNTERS)?,
         })
     }
 
@@ -289,8 +189,8 @@ impl Datapath {
     /// pinned by an earlier run keeps the size it was made with).
     pub fn orig_dst_capacities(&self) -> [(&'static str, u32); 2] {
         [
-            ("ORIG_BY_COOKIE", capacity(self.orig_by_cookie.map())),
-            ("ORIG_BY_TUPLE", capacity(self.orig_by_tuple.map())),
+            (names::ORIG_BY_COOKIE, capacity(self.orig_by_cookie.map())),
+            (names::ORIG_BY_TUPLE, capacity(self.orig_by_tuple.map())),
         ]
     }
 
@@ -300,7 +200,7 @@ impl Datapath {
         let [(cookie_name, cookie_cap), (tuple_name, tuple_cap)] = self.orig_dst_capacities();
         vec![
             (
-                "SOCK_PAIRS",
+                names::SOCK_PAIRS,
                 self.sock_pairs.keys().filter(Result::is_ok).count(),
                 capacity(self.sock_pairs.map()),
             ),
@@ -335,47 +235,25 @@ impl Datapath {
                 n += 1;
             }
         }
-        let stale: Vec<u64> = self
-            .mesh_pods
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !cookies.contains(c))
-            .collect();
-        for c in stale {
-            self.mesh_pods.remove(&c).context("sweeping MESH_PODS")?;
-            n += 1;
-        }
-        let stale: Vec<PortRuleKey> = self
-            .port_rules
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !pod_ids.contains(&k.pod_id))
-            .collect();
-        for k in stale {
-            self.port_rules.remove(&k).context("sweeping PORT_RULES")?;
-            n += 1;
-        }
+        n += sweep_map(&mut self.mesh_pods, names::MESH_PODS, |c, _| cookies.contains(c))?;
+        n += sweep_map(&mut self.port_rules, names::PORT_RULES, |k, _| {
+            pod_ids.contains(&k.pod_id)
+        })?;
+        n += sweep_map(&mut self.node_addrs, names::NODE_ADDRS, |_, id| {
+            pod_ids.contains(id)
+        })?;
         let stale: Vec<Key<AddrRuleData>> = self
             .addr_rules
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !pod_ids.contains(&k.data().pod_id))
             .collect();
-        for k in stale {
-            self.addr_rules.remove(&k).context("sweeping ADDR_RULES")?;
-            n += 1;
+        for k in &stale {
+            self.addr_rules
+                .remove(k)
+                .with_context(|| format!("sweeping {}", names::ADDR_RULES))?;
         }
-        let stale: Vec<NodeAddrKey> = self
-            .node_addrs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, id)| !pod_ids.contains(id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            self.node_addrs.remove(&k).context("sweeping NODE_ADDRS")?;
-            n += 1;
-        }
+        n += stale.len();
         Ok(n)
     }
 }
@@ -489,9 +367,9 @@ impl PodMaps for Datapath {
         for entry in self.node_addrs.iter() {
             let (k, id) = entry.context("reading NODE_ADDRS")?;
             if id == pod_id {
-                let ip = std::net::Ipv6Addr::from(k.addr_be);
-                let addr = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-                rules.addrs.insert((ADDR_POD_IP, Cidr::host(addr)));
+                rules
+                    .addrs
+                    .insert((ADDR_POD_IP, Cidr::host(addr_of_node_key(&k))));
             }
         }
         Ok(rules)

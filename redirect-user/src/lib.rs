@@ -17,4 +17,5 @@ pub mod pods;
 pub mod privileges;
 pub mod probe;
 pub mod reconcile;
+pub mod rules;
 pub mod status;

@@ -22,6 +22,7 @@ use aya::{
     programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
+use redirect_common::map_names;
 use serde::{Deserialize, Serialize};
 
 use crate::{bpf_sys, bpf_sys::attach_type, mounts};
@@ -132,8 +133,8 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
         .override_global("OUTBOUND_PORT", &u32::from(opts.outbound_port), true)
         .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
-        .map_max_entries("ORIG_BY_COOKIE", opts.orig_dst_map_size)
-        .map_max_entries("ORIG_BY_TUPLE", opts.orig_dst_map_size)
+        .map_max_entries(map_names::ORIG_BY_COOKIE, opts.orig_dst_map_size)
+        .map_max_entries(map_names::ORIG_BY_TUPLE, opts.orig_dst_map_size)
         .load(OBJECT)
         .context(
             "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",
@@ -199,7 +200,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
     let map_fd = {
         let map = ebpf
-            .map("SOCK_PAIRS")
+            .map(map_names::SOCK_PAIRS)
             .ok_or_else(|| anyhow!("map SOCK_PAIRS missing from the object"))?;
         let aya::maps::Map::SockHash(data) = map else {
             anyhow::bail!("map SOCK_PAIRS is not a sockhash");

@@ -11,7 +11,8 @@ use redirect_common::{PodConfig, MAX_PODS};
 use serde::Serialize;
 
 use crate::{
-    datapath::{PodMaps, PodRules},
+    datapath::PodMaps,
+    rules::PodRules,
     pods::{PodKey, PodSpec},
 };
 

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context as _, Result};
-use redirect_common::PodCounters;
+use redirect_common::{map_names, PodCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{datapath::Datapath, loader::ProgramReport};
@@ -108,9 +108,9 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
             .map_or(0, |&(_, len, _)| len)
     };
     let (sock_pairs, orig_by_cookie, orig_by_tuple) = (
-        entries("SOCK_PAIRS"),
-        entries("ORIG_BY_COOKIE"),
-        entries("ORIG_BY_TUPLE"),
+        entries(map_names::SOCK_PAIRS),
+        entries(map_names::ORIG_BY_COOKIE),
+        entries(map_names::ORIG_BY_TUPLE),
     );
     Ok(Report {
         sock_pairs,

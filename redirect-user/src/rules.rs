@@ -1,0 +1,321 @@
+//! A pod's capture policy compiled into the entries the kernel maps hold (`PORT_RULES`,
+//! `ADDR_RULES`, `NODE_ADDRS` and the `POD_FLAG_*` bits of its `MESH_PODS` entry), and the
+//! encoding of those map keys. Pure code: [`crate::datapath`] writes what this returns, and
+//! reads it back when a restarted daemon compares what a previous run left.
+//!
+//! The rules these entries feed are in `docs/interception.md`.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use aya::maps::lpm_trie::Key;
+use redirect_common::{
+    AddrRuleData, NodeAddrKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP,
+    ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
+    POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
+    POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND,
+    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+};
+
+use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
+
+/// A pod's rules in the form the maps hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRules {
+    /// `(PORT_* kind, port)`.
+    pub ports: BTreeSet<(u8, u16)>,
+    /// `(ADDR_* kind, network)`.
+    pub addrs: BTreeSet<(u32, Cidr)>,
+    /// `POD_FLAG_*`.
+    pub flags: u32,
+}
+
+impl PodRules {
+    /// Compiles a pod's policy and addresses. `proxy_ports` are never captured inbound.
+    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr], proxy_ports: &[u16]) -> Self {
+        let mut r = PodRules::default();
+        let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
+            r.ports.extend(set.iter().map(|p| (kind, *p)));
+        };
+        ports(
+            &mut r,
+            PORT_EXCLUDE_OUTBOUND,
+            &policy.exclude_outbound_ports,
+        );
+        ports(
+            &mut r,
+            PORT_INCLUDE_OUTBOUND,
+            &policy.include_outbound_ports,
+        );
+        ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
+        r.ports
+            .extend(proxy_ports.iter().map(|p| (PORT_EXCLUDE_INBOUND, *p)));
+        match &policy.include_inbound_ports {
+            PortSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_INBOUND,
+            PortSelection::Ports(set) => ports(&mut r, PORT_INCLUDE_INBOUND, set),
+        }
+        r.addrs.extend(
+            policy
+                .exclude_outbound_ranges
+                .iter()
+                .map(|c| (ADDR_EXCLUDE_OUTBOUND, *c)),
+        );
+        match &policy.include_outbound_ranges {
+            RangeSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            RangeSelection::Ranges(v) => r
+                .addrs
+                .extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c))),
+        }
+        r.addrs
+            .extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
+        if policy.fail_closed {
+            r.flags |= POD_FLAG_FAIL_CLOSED;
+        }
+        if !policy.accel {
+            r.flags |= POD_FLAG_NO_ACCEL;
+        }
+        // Let the programs skip lookups a pod has no rules for.
+        let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
+        if has(ADDR_EXCLUDE_OUTBOUND) {
+            r.flags |= POD_FLAG_HAS_EXCLUDE_RANGES;
+        }
+        if has(ADDR_INCLUDE_OUTBOUND) {
+            r.flags |= POD_FLAG_HAS_INCLUDE_RANGES;
+        }
+        if !policy.include_outbound_ports.is_empty() {
+            r.flags |= POD_FLAG_HAS_INCLUDE_PORTS;
+        }
+        r
+    }
+}
+
+/// The rule an `ADDR_RULES` key stands for: `(kind, network)`.
+pub fn rule_of_key(key: &Key<AddrRuleData>) -> (u32, Cidr) {
+    let data = key.data();
+    let bits = key.prefix_len().saturating_sub(ADDR_RULE_FIXED_BITS);
+    let v6 = std::net::Ipv6Addr::from(data.addr_be);
+    let cidr = match v6.to_ipv4_mapped() {
+        Some(v4) if bits >= 96 => Cidr {
+            addr: IpAddr::V4(v4),
+            prefix_len: (bits - 96) as u8,
+        },
+        _ => Cidr {
+            addr: IpAddr::V6(v6),
+            prefix_len: bits as u8,
+        },
+    };
+    (data.kind, cidr)
+}
+
+/// The LPM key of an address rule.
+pub fn addr_key(pod_id: u32, kind: u32, cidr: &Cidr) -> Key<AddrRuleData> {
+    let (addr_be, bits) = match cidr.addr {
+        IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + u32::from(cidr.prefix_len)),
+        IpAddr::V6(a) => (a.octets(), u32::from(cidr.prefix_len)),
+    };
+    Key::new(
+        ADDR_RULE_FIXED_BITS + bits,
+        AddrRuleData {
+            pod_id,
+            kind,
+            addr_be,
+        },
+    )
+}
+
+/// The `NODE_ADDRS` key of a pod address.
+pub fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
+    NodeAddrKey {
+        addr_be: match cidr.addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        },
+    }
+}
+
+
+/// The pod address a `NODE_ADDRS` key stands for (the inverse of [`node_addr_key`]).
+pub fn addr_of_node_key(key: &NodeAddrKey) -> IpAddr {
+    let ip = std::net::Ipv6Addr::from(key.addr_be);
+    ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::annotations;
+
+    const PROXY_PORTS: [u16; 2] = [15001, 15006];
+
+    /// Compiles a pod's annotations as the daemon does.
+    fn compile(annotations: &[(&str, &str)], ips: &[&str]) -> PodRules {
+        let map: BTreeMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (format!("traffic.sidecar.istio.io/{k}"), v.to_string()))
+            .collect();
+        let policy = annotations::parse(&map).expect("valid annotations").policy;
+        let ips: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
+        PodRules::compile(&policy, &ips, &PROXY_PORTS)
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    /// One golden case: a pod's annotations and addresses, and exactly the entries expected.
+    struct Golden {
+        name: &'static str,
+        annotations: &'static [(&'static str, &'static str)],
+        ips: &'static [&'static str],
+        ports: &'static [(u8, u16)],
+        addrs: &'static [(u32, &'static str)],
+        flags: u32,
+    }
+
+    const PROXY_EXCLUDED: [(u8, u16); 2] = [
+        (PORT_EXCLUDE_INBOUND, 15001),
+        (PORT_EXCLUDE_INBOUND, 15006),
+    ];
+
+    fn goldens() -> Vec<Golden> {
+        vec![
+            Golden {
+                name: "defaults: everything captured both ways",
+                annotations: &[],
+                ips: &["10.0.0.5", "fd00::5"],
+                ports: &[],
+                addrs: &[(ADDR_POD_IP, "10.0.0.5/32"), (ADDR_POD_IP, "fd00::5/128")],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND | POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            },
+            Golden {
+                name: "excluded outbound ports and ranges",
+                annotations: &[
+                    ("excludeOutboundPorts", "5432, 6379"),
+                    ("excludeOutboundIPRanges", "10.96.0.0/12,fd00:96::/64"),
+                ],
+                ips: &[],
+                ports: &[(PORT_EXCLUDE_OUTBOUND, 5432), (PORT_EXCLUDE_OUTBOUND, 6379)],
+                addrs: &[
+                    (ADDR_EXCLUDE_OUTBOUND, "10.96.0.0/12"),
+                    (ADDR_EXCLUDE_OUTBOUND, "fd00:96::/64"),
+                ],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND
+                    | POD_FLAG_INCLUDE_ALL_OUTBOUND
+                    | POD_FLAG_HAS_EXCLUDE_RANGES,
+            },
+            Golden {
+                name: "include list of ranges and ports instead of *",
+                annotations: &[
+                    ("includeOutboundIPRanges", "192.168.0.0/16"),
+                    ("includeOutboundPorts", "443"),
+                ],
+                ips: &[],
+                ports: &[(PORT_INCLUDE_OUTBOUND, 443)],
+                addrs: &[(ADDR_INCLUDE_OUTBOUND, "192.168.0.0/16")],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND
+                    | POD_FLAG_HAS_INCLUDE_RANGES
+                    | POD_FLAG_HAS_INCLUDE_PORTS,
+            },
+            Golden {
+                name: "empty include ranges: no outbound capture",
+                annotations: &[("includeOutboundIPRanges", "")],
+                ips: &[],
+                ports: &[],
+                addrs: &[],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND,
+            },
+            Golden {
+                name: "inbound: a list of ports, and excluded ports",
+                annotations: &[
+                    ("includeInboundPorts", "8080,9090"),
+                    ("excludeInboundPorts", "9090"),
+                ],
+                ips: &[],
+                ports: &[
+                    (PORT_EXCLUDE_INBOUND, 9090),
+                    (PORT_INCLUDE_INBOUND, 8080),
+                    (PORT_INCLUDE_INBOUND, 9090),
+                ],
+                addrs: &[],
+                flags: POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            },
+            Golden {
+                name: "empty include inbound ports: no inbound capture",
+                annotations: &[("includeInboundPorts", "")],
+                ips: &[],
+                ports: &[],
+                addrs: &[],
+                flags: POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            },
+        ]
+    }
+
+    #[test]
+    fn golden_cases() {
+        for g in goldens() {
+            let got = compile(g.annotations, g.ips);
+            let mut ports: BTreeSet<(u8, u16)> = g.ports.iter().copied().collect();
+            ports.extend(PROXY_EXCLUDED);
+            let addrs: BTreeSet<(u32, Cidr)> =
+                g.addrs.iter().map(|(k, c)| (*k, cidr(c))).collect();
+            assert_eq!(got.ports, ports, "{}: ports", g.name);
+            assert_eq!(got.addrs, addrs, "{}: addresses", g.name);
+            assert_eq!(got.flags, g.flags, "{}: flags {:#b}", g.name, got.flags);
+        }
+    }
+
+    #[test]
+    fn our_annotations_set_flags() {
+        let map: BTreeMap<String, String> = [
+            ("redirectd.dev/failMode", "closed"),
+            ("redirectd.dev/accel", "false"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let policy = annotations::parse(&map).unwrap().policy;
+        let r = PodRules::compile(&policy, &[], &[]);
+        assert_ne!(r.flags & POD_FLAG_FAIL_CLOSED, 0);
+        assert_ne!(r.flags & POD_FLAG_NO_ACCEL, 0);
+    }
+
+    #[test]
+    fn lpm_keys_round_trip() {
+        for (kind, c) in [
+            (ADDR_EXCLUDE_OUTBOUND, "10.96.0.0/12"),
+            (ADDR_EXCLUDE_OUTBOUND, "0.0.0.0/0"),
+            (ADDR_INCLUDE_OUTBOUND, "192.168.1.7/32"),
+            (ADDR_INCLUDE_OUTBOUND, "fd00:96::/64"),
+            (ADDR_EXCLUDE_OUTBOUND, "::/0"),
+            (ADDR_INCLUDE_OUTBOUND, "2001:db8::1/128"),
+        ] {
+            let c = cidr(c);
+            let key = addr_key(7, kind, &c);
+            assert_eq!(key.data().pod_id, 7);
+            assert_eq!(rule_of_key(&key), (kind, c), "{c}");
+        }
+    }
+
+    #[test]
+    fn lpm_key_layout() {
+        // IPv4 is stored IPv4-mapped: 96 bits of ::ffff:0:0/96 before the IPv4 prefix, after
+        // the fixed pod id and kind.
+        let key = addr_key(1, ADDR_EXCLUDE_OUTBOUND, &cidr("10.96.0.0/12"));
+        assert_eq!(key.prefix_len(), ADDR_RULE_FIXED_BITS + 96 + 12);
+        assert_eq!(
+            key.data().addr_be,
+            "::ffff:10.96.0.0".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        let key = addr_key(1, ADDR_EXCLUDE_OUTBOUND, &cidr("fd00::/8"));
+        assert_eq!(key.prefix_len(), ADDR_RULE_FIXED_BITS + 8);
+    }
+
+    #[test]
+    fn node_addr_keys_round_trip() {
+        for ip in ["10.0.0.5", "fd00::5", "::1", "127.0.0.6"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(addr_of_node_key(&node_addr_key(&Cidr::host(ip))), ip);
+        }
+    }
+}
