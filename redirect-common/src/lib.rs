@@ -204,102 +204,76 @@ pub struct TupleKey {
 }
 const _: () = assert!(size_of::<TupleKey>() == 48);
 
-/// Per-pod counters; value of the per-CPU array `POD_COUNTERS`, indexed by
-/// [`PodConfig::pod_id`]. Written by the kernel programs, summed over CPUs by the daemon.
-/// The daemon zeroes a slot when it gives it to a new pod.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodCounters {
+/// Defines [`PodCounters`] from one list of counters: its fields, their names (the keys
+/// `redirectd status --json` shows and the metrics table refers to), the getters and the sum
+/// over CPUs all come from this list, so they cannot drift apart.
+macro_rules! pod_counters {
+    ($($(#[doc = $doc:literal])+ $field:ident,)+) => {
+        /// Per-pod counters; value of the per-CPU array `POD_COUNTERS`, indexed by
+        /// [`PodConfig::pod_id`]. Written by the kernel programs, summed over CPUs by the
+        /// daemon. The daemon zeroes a slot when it gives it to a new pod.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct PodCounters {
+            $($(#[doc = $doc])+ pub $field: u64,)+
+            /// Reserved for later counters; keeps the value size stable.
+            pub _reserved: [u64; PodCounters::RESERVED],
+        }
+
+        impl PodCounters {
+            /// How many counters are in use.
+            pub const COUNT: usize = [$(stringify!($field)),+].len();
+            /// Room kept for later counters.
+            const RESERVED: usize = 16 - Self::COUNT;
+            /// The counters' names, in the order of [`PodCounters::values`].
+            pub const NAMES: [&'static str; Self::COUNT] = [$(stringify!($field)),+];
+
+            /// The counters in use, in the order of [`PodCounters::NAMES`].
+            pub fn values(&self) -> [u64; Self::COUNT] {
+                [$(self.$field),+]
+            }
+
+            /// Adds another CPU's counters to these.
+            pub fn add(&mut self, o: &Self) {
+                $(self.$field += o.$field;)+
+            }
+        }
+    };
+}
+
+pod_counters! {
     /// Outbound connections sent to the proxy.
-    pub outbound_captured: u64,
+    outbound_captured,
     /// Outbound connections that a rule sent direct (excluded port or range, loopback, proxy).
-    pub outbound_direct: u64,
+    outbound_direct,
     /// Outbound connections that should have been captured but went direct because the proxy
     /// was not listening (fail open).
-    pub outbound_fail_open: u64,
+    outbound_fail_open,
     /// Outbound connections refused because the proxy was not listening (fail closed).
-    pub outbound_fail_closed: u64,
+    outbound_fail_closed,
     /// `SO_ORIGINAL_DST` answered from our maps.
-    pub orig_dst_answered: u64,
+    orig_dst_answered,
     /// Inbound connections steered to the proxy's inbound listener.
-    pub inbound_captured: u64,
+    inbound_captured,
     /// Inbound connections that a rule let through to the application.
-    pub inbound_direct: u64,
+    inbound_direct,
     /// Inbound connections let through because no inbound listener was registered.
-    pub inbound_fail_open: u64,
+    inbound_fail_open,
     /// Inbound connections refused because no inbound listener was registered.
-    pub inbound_fail_closed: u64,
+    inbound_fail_closed,
     /// Messages moved socket to socket by the acceleration path.
-    pub accel_msgs: u64,
+    accel_msgs,
     /// Bytes moved socket to socket by the acceleration path.
-    pub accel_bytes: u64,
+    accel_bytes,
     /// Captured connections that, when they closed, had lost their original-destination
     /// entry while still open: the LRU map evicted it because it was full. Until it closed,
     /// such a connection's `getpeername()` and `SO_ORIGINAL_DST` could not be answered.
-    pub orig_dst_evicted: u64,
+    orig_dst_evicted,
     /// `SO_ORIGINAL_DST` asked on the proxy's outbound port for a connection we have no entry
     /// for (evicted, or a client that connected to the proxy port itself).
-    pub orig_dst_missed: u64,
-    /// Reserved for later counters; keeps the value size stable.
-    pub _reserved: [u64; 3],
+    orig_dst_missed,
 }
 const _: () = assert!(size_of::<PodCounters>() == 128);
-
-impl PodCounters {
-    /// The names of the counters in use, in the order of [`PodCounters::values`] (the keys
-    /// `redirectd status --json` shows).
-    pub const NAMES: [&'static str; 13] = [
-        "outbound_captured",
-        "outbound_direct",
-        "outbound_fail_open",
-        "outbound_fail_closed",
-        "orig_dst_answered",
-        "inbound_captured",
-        "inbound_direct",
-        "inbound_fail_open",
-        "inbound_fail_closed",
-        "accel_msgs",
-        "accel_bytes",
-        "orig_dst_evicted",
-        "orig_dst_missed",
-    ];
-
-    /// The counters in use, in the order of [`PodCounters::NAMES`].
-    pub fn values(&self) -> [u64; 13] {
-        [
-            self.outbound_captured,
-            self.outbound_direct,
-            self.outbound_fail_open,
-            self.outbound_fail_closed,
-            self.orig_dst_answered,
-            self.inbound_captured,
-            self.inbound_direct,
-            self.inbound_fail_open,
-            self.inbound_fail_closed,
-            self.accel_msgs,
-            self.accel_bytes,
-            self.orig_dst_evicted,
-            self.orig_dst_missed,
-        ]
-    }
-
-    /// Adds another CPU's counters to these.
-    pub fn add(&mut self, o: &Self) {
-        self.outbound_captured += o.outbound_captured;
-        self.outbound_direct += o.outbound_direct;
-        self.outbound_fail_open += o.outbound_fail_open;
-        self.outbound_fail_closed += o.outbound_fail_closed;
-        self.orig_dst_answered += o.orig_dst_answered;
-        self.inbound_captured += o.inbound_captured;
-        self.inbound_direct += o.inbound_direct;
-        self.inbound_fail_open += o.inbound_fail_open;
-        self.inbound_fail_closed += o.inbound_fail_closed;
-        self.accel_msgs += o.accel_msgs;
-        self.accel_bytes += o.accel_bytes;
-        self.orig_dst_evicted += o.orig_dst_evicted;
-        self.orig_dst_missed += o.orig_dst_missed;
-    }
-}
 
 /// Key of `SOCK_PAIRS` (and `ACCEL_FALLBACK`): one local TCP socket seen from itself. Its peer
 /// has the same key with local and remote swapped. The netns cookie is set only when either

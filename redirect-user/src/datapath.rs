@@ -235,7 +235,9 @@ impl Datapath {
                 n += 1;
             }
         }
-        n += sweep_map(&mut self.mesh_pods, names::MESH_PODS, |c, _| cookies.contains(c))?;
+        n += sweep_map(&mut self.mesh_pods, names::MESH_PODS, |c, _| {
+            cookies.contains(c)
+        })?;
         n += sweep_map(&mut self.port_rules, names::PORT_RULES, |k, _| {
             pod_ids.contains(&k.pod_id)
         })?;

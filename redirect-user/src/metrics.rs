@@ -1,17 +1,18 @@
 //! `--metrics-addr`: Prometheus text on `/metrics`, `/healthz` (the daemon runs) and `/readyz`
-//! (the first full reconcile is done). The daemon's loop publishes a snapshot after every
-//! pass; this server only formats it. Nothing sensitive is exposed: pod names, counters and
-//! map fill, no addresses or file paths.
+//! (the first full reconcile is done), served with hyper. The daemon's loop publishes a
+//! snapshot after every pass; this server only formats it (with the `prometheus` crate's text
+//! encoder). Nothing sensitive is exposed: pod names, counters and map fill, no addresses or
+//! file paths.
 
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use redirect_common::PodCounters;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
 /// What the metrics show, published by the daemon's loop.
 #[derive(Debug, Clone, Default)]
@@ -27,128 +28,216 @@ pub struct Snapshot {
     pub maps: Vec<(&'static str, usize, u32)>,
 }
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A per-pod metric family: its name, help, and the extra labels that tell its series apart.
+struct Family {
+    metric: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+const CONNECTIONS: Family = Family {
+    metric: "redirect_connections_total",
+    help: "Connections decided per pod, direction and result.",
+    labels: &["direction", "result"],
+};
+const ANSWERED: Family = Family {
+    metric: "redirect_original_dst_answered_total",
+    help: "SO_ORIGINAL_DST answers given to the proxy.",
+    labels: &[],
+};
+const ACCEL_MSGS: Family = Family {
+    metric: "redirect_accelerated_messages_total",
+    help: "Messages moved socket to socket (sockmap).",
+    labels: &[],
+};
+const ACCEL_BYTES: Family = Family {
+    metric: "redirect_accelerated_bytes_total",
+    help: "Bytes moved socket to socket (sockmap).",
+    labels: &[],
+};
+const EVICTED: Family = Family {
+    metric: "redirect_original_dst_evicted_total",
+    help: "Open captured connections whose original destination the full LRU map evicted (raise --orig-dst-map-size).",
+    labels: &[],
+};
+const MISSED: Family = Family {
+    metric: "redirect_original_dst_missed_total",
+    help: "SO_ORIGINAL_DST asked on the proxy's outbound port with no destination held.",
+    labels: &[],
+};
+
+/// Where each per-pod counter (by its name in [`PodCounters::NAMES`]) is exported: the
+/// family and the values of the family's extra labels. The one table of the metric names.
+const PER_POD: [(&str, &Family, &[&str]); PodCounters::COUNT] = [
+    ("outbound_captured", &CONNECTIONS, &["outbound", "captured"]),
+    ("outbound_direct", &CONNECTIONS, &["outbound", "direct"]),
+    (
+        "outbound_fail_open",
+        &CONNECTIONS,
+        &["outbound", "fail_open"],
+    ),
+    (
+        "outbound_fail_closed",
+        &CONNECTIONS,
+        &["outbound", "fail_closed"],
+    ),
+    ("orig_dst_answered", &ANSWERED, &[]),
+    ("inbound_captured", &CONNECTIONS, &["inbound", "captured"]),
+    ("inbound_direct", &CONNECTIONS, &["inbound", "direct"]),
+    ("inbound_fail_open", &CONNECTIONS, &["inbound", "fail_open"]),
+    (
+        "inbound_fail_closed",
+        &CONNECTIONS,
+        &["inbound", "fail_closed"],
+    ),
+    ("accel_msgs", &ACCEL_MSGS, &[]),
+    ("accel_bytes", &ACCEL_BYTES, &[]),
+    ("orig_dst_evicted", &EVICTED, &[]),
+    ("orig_dst_missed", &MISSED, &[]),
+];
+
+fn counter_vec(registry: &Registry, f: &Family) -> Result<IntCounterVec> {
+    let mut labels = vec!["namespace", "pod"];
+    labels.extend(f.labels);
+    let v = IntCounterVec::new(Opts::new(f.metric, f.help), &labels)
+        .with_context(|| format!("defining {}", f.metric))?;
+    registry
+        .register(Box::new(v.clone()))
+        .with_context(|| format!("registering {}", f.metric))?;
+    Ok(v)
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec> {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels)
+        .with_context(|| format!("defining {name}"))?;
+    registry
+        .register(Box::new(v.clone()))
+        .with_context(|| format!("registering {name}"))?;
+    Ok(v)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, value: u64) -> Result<()> {
+    let g = IntGauge::new(name, help).with_context(|| format!("defining {name}"))?;
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry
+        .register(Box::new(g))
+        .with_context(|| format!("registering {name}"))
+}
+
+/// A registry holding a snapshot's values.
+fn registry(s: &Snapshot) -> Result<Registry> {
+    let r = Registry::new();
+    let mut families: Vec<(&'static str, IntCounterVec)> = Vec::new();
+    for (_, f, _) in &PER_POD {
+        if !families.iter().any(|(m, _)| *m == f.metric) {
+            families.push((f.metric, counter_vec(&r, f)?));
+        }
+    }
+    for (ns, name, c) in &s.pods {
+        for (counter, value) in PodCounters::NAMES.iter().zip(c.values()) {
+            let Some((_, f, extra)) = PER_POD.iter().find(|(n, _, _)| n == counter) else {
+                continue;
+            };
+            let Some((_, vec)) = families.iter().find(|(m, _)| *m == f.metric) else {
+                continue;
+            };
+            let mut labels = vec![ns.as_str(), name.as_str()];
+            labels.extend(extra.iter());
+            vec.get_metric_with_label_values(&labels)
+                .with_context(|| format!("{} of pod {ns}/{name}", f.metric))?
+                .inc_by(value);
+        }
+    }
+    let entries = gauge_vec(
+        &r,
+        "redirect_map_entries",
+        "Entries in a kernel map.",
+        &["map"],
+    )?;
+    let capacity = gauge_vec(
+        &r,
+        "redirect_map_capacity",
+        "Capacity of a kernel map.",
+        &["map"],
+    )?;
+    for (map, n, cap) in &s.maps {
+        entries
+            .with_label_values(&[*map])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        capacity.with_label_values(&[*map]).set(i64::from(*cap));
+    }
+    let pods = gauge_vec(&r, "redirect_pods", "Pods by state.", &["state"])?;
+    pods.with_label_values(&["applied"])
+        .set(i64::try_from(s.pods.len()).unwrap_or(i64::MAX));
+    pods.with_label_values(&["rejected"])
+        .set(i64::try_from(s.rejected_pods).unwrap_or(i64::MAX));
+    let reconcile_errors = IntCounterVec::new(
+        Opts::new(
+            "redirect_reconcile_errors_total",
+            "Pods that could not be applied, summed over passes.",
+        ),
+        &[],
+    )?;
+    reconcile_errors
+        .with_label_values(&[] as &[&str])
+        .inc_by(s.reconcile_errors);
+    r.register(Box::new(reconcile_errors))?;
+    let watch_restarts = IntCounterVec::new(
+        Opts::new(
+            "redirect_watch_restarts_total",
+            "Times the Kubernetes pod watch broke and was restarted.",
+        ),
+        &[],
+    )?;
+    watch_restarts
+        .with_label_values(&[] as &[&str])
+        .inc_by(s.watch_restarts);
+    r.register(Box::new(watch_restarts))?;
+    gauge(
+        &r,
+        "redirect_ready",
+        "1 once the first full reconcile is done.",
+        u64::from(s.ready),
+    )?;
+    Ok(r)
 }
 
 /// Prometheus text exposition of a snapshot.
-pub fn render(s: &Snapshot) -> String {
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP redirect_connections_total Connections decided per pod, direction and result."
-    );
-    let _ = writeln!(o, "# TYPE redirect_connections_total counter");
-    for (ns, name, c) in &s.pods {
-        let rows = [
-            ("outbound", "captured", c.outbound_captured),
-            ("outbound", "direct", c.outbound_direct),
-            ("outbound", "fail_open", c.outbound_fail_open),
-            ("outbound", "fail_closed", c.outbound_fail_closed),
-            ("inbound", "captured", c.inbound_captured),
-            ("inbound", "direct", c.inbound_direct),
-            ("inbound", "fail_open", c.inbound_fail_open),
-            ("inbound", "fail_closed", c.inbound_fail_closed),
-        ];
-        for (dir, result, v) in rows {
-            let _ = writeln!(
-                o,
-                "redirect_connections_total{{namespace=\"{}\",pod=\"{}\",direction=\"{dir}\",result=\"{result}\"}} {v}",
-                label(ns),
-                label(name)
-            );
-        }
-    }
-    let per_pod = [
-        (
-            "redirect_original_dst_answered_total",
-            "SO_ORIGINAL_DST answers given to the proxy.",
-            0,
-        ),
-        (
-            "redirect_accelerated_messages_total",
-            "Messages moved socket to socket (sockmap).",
-            1,
-        ),
-        (
-            "redirect_accelerated_bytes_total",
-            "Bytes moved socket to socket (sockmap).",
-            2,
-        ),
-        (
-            "redirect_original_dst_evicted_total",
-            "Open captured connections whose original destination the full LRU map evicted (raise --orig-dst-map-size).",
-            3,
-        ),
-        (
-            "redirect_original_dst_missed_total",
-            "SO_ORIGINAL_DST asked on the proxy's outbound port with no destination held.",
-            4,
-        ),
-    ];
-    for (metric, help, which) in per_pod {
-        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for (ns, name, c) in &s.pods {
-            let v = [
-                c.orig_dst_answered,
-                c.accel_msgs,
-                c.accel_bytes,
-                c.orig_dst_evicted,
-                c.orig_dst_missed,
-            ][which];
-            let _ = writeln!(
-                o,
-                "{metric}{{namespace=\"{}\",pod=\"{}\"}} {v}",
-                label(ns),
-                label(name)
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
-        "# HELP redirect_map_entries Entries in a kernel map.\n# TYPE redirect_map_entries gauge"
-    );
-    let _ = writeln!(o, "# HELP redirect_map_capacity Capacity of a kernel map.\n# TYPE redirect_map_capacity gauge");
-    for (map, n, cap) in &s.maps {
-        let _ = writeln!(o, "redirect_map_entries{{map=\"{map}\"}} {n}");
-        let _ = writeln!(o, "redirect_map_capacity{{map=\"{map}\"}} {cap}");
-    }
-    let _ = writeln!(
-        o,
-        "# HELP redirect_pods Pods by state.\n# TYPE redirect_pods gauge"
-    );
-    let _ = writeln!(o, "redirect_pods{{state=\"applied\"}} {}", s.pods.len());
-    let _ = writeln!(o, "redirect_pods{{state=\"rejected\"}} {}", s.rejected_pods);
-    let _ = writeln!(o, "# HELP redirect_reconcile_errors_total Pods that could not be applied, summed over passes.\n# TYPE redirect_reconcile_errors_total counter");
-    let _ = writeln!(o, "redirect_reconcile_errors_total {}", s.reconcile_errors);
-    let _ = writeln!(o, "# HELP redirect_watch_restarts_total Times the Kubernetes pod watch broke and was restarted.\n# TYPE redirect_watch_restarts_total counter");
-    let _ = writeln!(o, "redirect_watch_restarts_total {}", s.watch_restarts);
-    let _ = writeln!(o, "# HELP redirect_ready 1 once the first full reconcile is done.\n# TYPE redirect_ready gauge");
-    let _ = writeln!(o, "redirect_ready {}", u8::from(s.ready));
-    o
+pub fn render(s: &Snapshot) -> Result<String> {
+    let families = registry(s)?.gather();
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&families, &mut out)
+        .context("encoding metrics")?;
+    String::from_utf8(out).context("metrics text is not UTF-8")
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, snapshot: Snapshot) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let n = stream.read(&mut buf).await?;
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let path = req.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body) = match path {
-        "/metrics" => ("200 OK", render(&snapshot)),
-        "/healthz" => ("200 OK", "ok\n".to_string()),
-        "/readyz" if snapshot.ready => ("200 OK", "ready\n".to_string()),
-        "/readyz" => ("503 Service Unavailable", "not synced yet\n".to_string()),
-        _ => ("404 Not Found", "not found\n".to_string()),
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(prometheus::TEXT_FORMAT),
     );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    resp
 }
+
+/// The answer to one request, from the latest snapshot.
+fn answer(path: &str, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    match path {
+        "/metrics" => match render(snapshot) {
+            Ok(body) => text(StatusCode::OK, body),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if snapshot.ready => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the endpoints on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Arc<Snapshot>>) -> Result<()> {
@@ -164,9 +253,18 @@ pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Arc<Snapshot>>) -> Resu
                 continue;
             }
         };
-        let snapshot = (**rx.borrow()).clone();
+        let rx = rx.clone();
+        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            let snapshot = rx.borrow().clone();
+            async move { Ok::<_, Infallible>(answer(req.uri().path(), &snapshot)) }
+        });
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, snapshot).await {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
                 log::debug!("metrics endpoint: {e}");
             }
         });
@@ -176,6 +274,20 @@ pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Arc<Snapshot>>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_counter_is_exported_once() {
+        for name in PodCounters::NAMES {
+            assert_eq!(
+                PER_POD.iter().filter(|(n, _, _)| *n == name).count(),
+                1,
+                "{name}"
+            );
+        }
+        for (_, f, extra) in &PER_POD {
+            assert_eq!(f.labels.len(), extra.len(), "{}", f.metric);
+        }
+    }
 
     #[test]
     fn renders_counters_and_escapes_labels() {
@@ -192,12 +304,30 @@ mod tests {
             watch_restarts: 0,
             maps: vec![("SOCK_PAIRS", 4, 65536)],
         };
-        let text = render(&s);
-        assert!(text.contains(r#"redirect_connections_total{namespace="ns",pod="we\"ird",direction="outbound",result="captured"} 3"#), "{text}");
+        let text = render(&s).unwrap();
+        assert!(text.contains(r#"redirect_connections_total{direction="outbound",namespace="ns",pod="we\"ird",result="captured"} 3"#), "{text}");
         assert!(
-            text.contains(r#"redirect_accelerated_bytes_total{namespace="ns",pod="we\"ird"} 7"#)
+            text.contains(r#"redirect_accelerated_bytes_total{namespace="ns",pod="we\"ird"} 7"#),
+            "{text}"
         );
         assert!(text.contains(r#"redirect_map_entries{map="SOCK_PAIRS"} 4"#));
+        assert!(text.contains("redirect_reconcile_errors_total 2"), "{text}");
         assert!(text.contains("redirect_ready 1"));
+        assert!(text.contains("# HELP redirect_connections_total Connections decided"));
+    }
+
+    #[test]
+    fn endpoints() {
+        let ready = Snapshot {
+            ready: true,
+            ..Default::default()
+        };
+        assert_eq!(answer("/healthz", &ready).status(), StatusCode::OK);
+        assert_eq!(answer("/readyz", &ready).status(), StatusCode::OK);
+        assert_eq!(
+            answer("/readyz", &Snapshot::default()).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(answer("/nope", &ready).status(), StatusCode::NOT_FOUND);
     }
 }

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::{
     datapath::PodMaps,
-    rules::PodRules,
     pods::{PodKey, PodSpec},
+    rules::PodRules,
 };
 
 /// Settings common to every pod on the node (the daemon's flags).

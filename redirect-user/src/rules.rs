@@ -12,8 +12,8 @@ use redirect_common::{
     AddrRuleData, NodeAddrKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP,
     ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
     POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND,
-    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
+    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
@@ -132,7 +132,6 @@ pub fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
     }
 }
 
-
 /// The pod address a `NODE_ADDRS` key stands for (the inverse of [`node_addr_key`]).
 pub fn addr_of_node_key(key: &NodeAddrKey) -> IpAddr {
     let ip = std::net::Ipv6Addr::from(key.addr_be);
@@ -173,10 +172,8 @@ mod tests {
         flags: u32,
     }
 
-    const PROXY_EXCLUDED: [(u8, u16); 2] = [
-        (PORT_EXCLUDE_INBOUND, 15001),
-        (PORT_EXCLUDE_INBOUND, 15006),
-    ];
+    const PROXY_EXCLUDED: [(u8, u16); 2] =
+        [(PORT_EXCLUDE_INBOUND, 15001), (PORT_EXCLUDE_INBOUND, 15006)];
 
     fn goldens() -> Vec<Golden> {
         vec![
@@ -257,8 +254,7 @@ mod tests {
             let got = compile(g.annotations, g.ips);
             let mut ports: BTreeSet<(u8, u16)> = g.ports.iter().copied().collect();
             ports.extend(PROXY_EXCLUDED);
-            let addrs: BTreeSet<(u32, Cidr)> =
-                g.addrs.iter().map(|(k, c)| (*k, cidr(c))).collect();
+            let addrs: BTreeSet<(u32, Cidr)> = g.addrs.iter().map(|(k, c)| (*k, cidr(c))).collect();
             assert_eq!(got.ports, ports, "{}: ports", g.name);
             assert_eq!(got.addrs, addrs, "{}: addresses", g.name);
             assert_eq!(got.flags, g.flags, "{}: flags {:#b}", g.name, got.flags);
@@ -305,7 +301,10 @@ mod tests {
         assert_eq!(key.prefix_len(), ADDR_RULE_FIXED_BITS + 96 + 12);
         assert_eq!(
             key.data().addr_be,
-            "::ffff:10.96.0.0".parse::<std::net::Ipv6Addr>().unwrap().octets()
+            "::ffff:10.96.0.0"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
         );
         let key = addr_key(1, ADDR_EXCLUDE_OUTBOUND, &cidr("fd00::/8"));
         assert_eq!(key.prefix_len(), ADDR_RULE_FIXED_BITS + 8);

@@ -39,7 +39,7 @@ fn metrics_healthz_readyz() {
     }
     assert_eq!(get(&format!("{base}/healthz")).0, 200);
     // Counters are published after each pass (at least every second).
-    let want = r#"redirect_connections_total{namespace="lab",pod="client",direction="outbound",result="captured"} 3"#;
+    let want = r#"redirect_connections_total{direction="outbound",namespace="lab",pod="client",result="captured"} 3"#;
     let mut body = String::new();
     for _ in 0..40 {
         let (code, b) = get(&format!("{base}/metrics"));
