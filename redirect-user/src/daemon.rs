@@ -382,6 +382,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         for k in &report.removed {
             log::info!("pod {k}: removed from the mesh");
         }
+        for e in &report.cleanup_errors {
+            log::error!("{e}");
+        }
         let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
         problems.extend(pending);
         problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));

@@ -56,6 +56,9 @@ pub struct Report {
     pub removed: Vec<PodKey>,
     /// Pods that could not be applied, with the reason.
     pub failed: Vec<(PodKey, String)>,
+    /// Entries of retired pods or slots that could not be removed, with the reason (the
+    /// pod is gone from the mesh all the same; the daemon logs these).
+    pub cleanup_errors: Vec<String>,
 }
 
 impl Report {
@@ -103,23 +106,17 @@ impl Reconciler {
     /// A previous run's entry for this pod, if its configuration and rules are what we would
     /// write: then the pod is adopted with its slot and counters, and not one map entry
     /// changes (a daemon restart or upgrade is invisible to the data path).
-    fn adoptable(
-        &self,
-        r: &Resolved,
-        config: &PodConfig,
-        rules: &PodRules,
-        maps: &impl PodMaps,
-    ) -> Option<PodConfig> {
-        let prev = *self.previous.get(&r.netns_cookie)?;
+    fn adoptable(&self, want: &Wanted, maps: &impl PodMaps) -> Option<PodConfig> {
+        let prev = *self.previous.get(&want.resolved.netns_cookie)?;
         if self.applied.values().any(|a| a.pod_id == prev.pod_id) {
             return None;
         }
         let same_config = PodConfig {
             pod_id: prev.pod_id,
-            ..*config
+            ..want.config
         } == prev;
         let existing = maps.existing_rules(prev.pod_id, prev.flags).ok()?;
-        (same_config && existing == *rules).then_some(prev)
+        (same_config && existing == want.rules).then_some(prev)
     }
 
     pub fn applied(&self) -> &BTreeMap<PodKey, Applied> {
@@ -134,12 +131,21 @@ impl Reconciler {
     }
 
     /// Brings the maps to `desired`. A pod that cannot be applied keeps its previous state
-    /// (if any) and is reported; the others proceed.
+    /// (if any) and is reported; the others proceed. Three steps: plan what each desired pod
+    /// should look like, apply installs and updates, then retire what is no longer wanted.
     pub fn reconcile(&mut self, desired: &[Resolved], maps: &mut impl PodMaps) -> Report {
         let mut report = Report::default();
-        let mut wanted_cookies = BTreeSet::new();
-        let mut wanted: BTreeMap<PodKey, (&Resolved, PodConfig, PodRules)> = BTreeMap::new();
-        let mut cookie_owner: BTreeMap<u64, PodKey> = BTreeMap::new();
+        let plan = self.plan(desired, &mut report);
+        let retired = self.apply(&plan, maps, &mut report);
+        self.retire(&plan, retired, maps, &mut report);
+        report
+    }
+
+    /// What each desired pod's entries should be. A pod whose network namespace is already
+    /// another desired pod's is reported and left out.
+    fn plan<'a>(&self, desired: &'a [Resolved], report: &mut Report) -> Plan<'a> {
+        let mut plan = Plan::default();
+        let mut cookie_owner: BTreeMap<u64, &PodKey> = BTreeMap::new();
         for r in desired {
             if let Some(other) = cookie_owner.get(&r.netns_cookie) {
                 report.failed.push((
@@ -148,8 +154,8 @@ impl Reconciler {
                 ));
                 continue;
             }
-            cookie_owner.insert(r.netns_cookie, r.spec.key.clone());
-            wanted_cookies.insert(r.netns_cookie);
+            cookie_owner.insert(r.netns_cookie, &r.spec.key);
+            plan.cookies.insert(r.netns_cookie);
             let rules = PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports);
             let config = PodConfig {
                 pod_id: 0,
@@ -160,40 +166,35 @@ impl Reconciler {
                 flags: rules.flags,
                 _pad: 0,
             };
-            wanted.insert(r.spec.key.clone(), (r, config, rules));
+            plan.pods.insert(
+                r.spec.key.clone(),
+                Wanted {
+                    resolved: r,
+                    config,
+                    rules,
+                },
+            );
         }
+        plan
+    }
 
-        // Installs and updates first.
-        let mut retired: Vec<Applied> = Vec::new();
+    /// Installs new pods and updates changed ones (each in a fresh slot); returns the entries
+    /// the updates replaced, to be retired.
+    fn apply(&mut self, plan: &Plan, maps: &mut impl PodMaps, report: &mut Report) -> Vec<Applied> {
+        let mut replaced = Vec::new();
         let mut fresh = BTreeSet::new();
-        for (key, (r, config, rules)) in &wanted {
-            if let Some(a) = self.applied.get(key) {
-                let same_config = PodConfig {
-                    pod_id: a.pod_id,
-                    ..*config
-                } == a.config;
-                if a.netns_cookie == r.netns_cookie && same_config && a.rules == *rules {
-                    continue;
-                }
-            }
-            if !self.applied.contains_key(key) {
-                if let Some(prev) = self.adoptable(r, config, rules, maps) {
-                    // Re-arm inbound capture (adopts the pinned link; registers listeners).
-                    if let Err(e) = maps.attach_inbound(r.netns_cookie, &r.spec.netns) {
-                        report.failed.push((key.clone(), format!("{e:#}")));
+        for (key, want) in &plan.pods {
+            match self.applied.get(key) {
+                Some(a) if a.is(want) => continue,
+                Some(_) => {}
+                None => {
+                    if let Some(prev) = self.adoptable(want, maps) {
+                        match self.adopt(key, want, prev, maps) {
+                            Ok(()) => report.adopted.push(key.clone()),
+                            Err(e) => report.failed.push((key.clone(), format!("{e:#}"))),
+                        }
                         continue;
                     }
-                    self.applied.insert(
-                        key.clone(),
-                        Applied {
-                            pod_id: prev.pod_id,
-                            netns_cookie: r.netns_cookie,
-                            config: prev,
-                            rules: rules.clone(),
-                        },
-                    );
-                    report.adopted.push(key.clone());
-                    continue;
                 }
             }
             let Some(pod_id) = self.allocate(&fresh) else {
@@ -203,50 +204,106 @@ impl Reconciler {
                 ));
                 continue;
             };
-            let config = PodConfig { pod_id, ..*config };
-            let new_netns = self.applied.get(key).map(|a| a.netns_cookie) != Some(r.netns_cookie);
-            let step = (|| -> anyhow::Result<()> {
-                maps.reset_counters(pod_id)?;
-                maps.install_rules(pod_id, rules)?;
-                if new_netns {
-                    maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
-                }
-                maps.set_pod(r.netns_cookie, &config)
-            })();
-            if let Err(e) = step {
-                let _ = maps.remove_rules(pod_id, rules);
-                if new_netns
-                    && !self
-                        .applied
-                        .values()
-                        .any(|a| a.netns_cookie == r.netns_cookie)
-                {
-                    let _ = maps.detach_inbound(r.netns_cookie);
-                }
+            if let Err(e) = self.install(key, want, pod_id, maps) {
                 report.failed.push((key.clone(), format!("{e:#}")));
                 continue;
             }
             fresh.insert(pod_id);
             let new = Applied {
                 pod_id,
-                netns_cookie: r.netns_cookie,
-                config,
-                rules: rules.clone(),
+                netns_cookie: want.resolved.netns_cookie,
+                config: PodConfig {
+                    pod_id,
+                    ..want.config
+                },
+                rules: want.rules.clone(),
             };
             match self.applied.insert(key.clone(), new) {
                 Some(old) => {
                     report.updated.push(key.clone());
-                    retired.push(old);
+                    replaced.push(old);
                 }
                 None => report.added.push(key.clone()),
             }
         }
+        replaced
+    }
 
-        // Then removals: pods no longer desired, and the old slots of updated pods.
+    /// Takes over a previous run's entries for a pod as they are; only inbound capture is
+    /// re-armed (it adopts the pinned link and registers listeners).
+    fn adopt(
+        &mut self,
+        key: &PodKey,
+        want: &Wanted,
+        prev: PodConfig,
+        maps: &mut impl PodMaps,
+    ) -> anyhow::Result<()> {
+        let r = want.resolved;
+        maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
+        self.applied.insert(
+            key.clone(),
+            Applied {
+                pod_id: prev.pod_id,
+                netns_cookie: r.netns_cookie,
+                config: prev,
+                rules: want.rules.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes a pod's entries in slot `pod_id`: counters, rules, inbound capture (for a new
+    /// namespace), and last its `MESH_PODS` entry, which makes it visible. On failure, what
+    /// was written is rolled back and the pod's previous state (if any) stays in force.
+    fn install(
+        &self,
+        key: &PodKey,
+        want: &Wanted,
+        pod_id: u32,
+        maps: &mut impl PodMaps,
+    ) -> anyhow::Result<()> {
+        let r = want.resolved;
+        let config = PodConfig {
+            pod_id,
+            ..want.config
+        };
+        let new_netns = self.applied.get(key).map(|a| a.netns_cookie) != Some(r.netns_cookie);
+        let step = (|| -> anyhow::Result<()> {
+            maps.reset_counters(pod_id)?;
+            maps.install_rules(pod_id, &want.rules)?;
+            if new_netns {
+                maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
+            }
+            maps.set_pod(r.netns_cookie, &config)
+        })();
+        if step.is_err() {
+            // Best effort: the error that made us roll back is the one reported.
+            let _ = maps.remove_rules(pod_id, &want.rules);
+            let netns_in_use = self
+                .applied
+                .values()
+                .any(|a| a.netns_cookie == r.netns_cookie);
+            if new_netns && !netns_in_use {
+                let _ = maps.detach_inbound(r.netns_cookie);
+            }
+        }
+        step
+    }
+
+    /// Removes pods no longer desired and the old slots of updated pods. A namespace still
+    /// used by a desired pod keeps its `MESH_PODS` entry and inbound link. Errors are reported
+    /// in `report.cleanup_errors`.
+    fn retire(
+        &mut self,
+        plan: &Plan,
+        mut retired: Vec<Applied>,
+        maps: &mut impl PodMaps,
+        report: &mut Report,
+    ) {
         let gone: Vec<PodKey> = self
             .applied
             .keys()
-            .filter(|k| !wanted.contains_key(*k))
+            .filter(|k| !plan.pods.contains_key(*k))
             .cloned()
             .collect();
         for key in gone {
@@ -256,24 +313,52 @@ impl Reconciler {
             }
         }
         for old in retired {
-            if !wanted_cookies.contains(&old.netns_cookie)
-                || !self
+            let netns_in_use = plan.cookies.contains(&old.netns_cookie)
+                && self
                     .applied
                     .values()
-                    .any(|a| a.netns_cookie == old.netns_cookie)
-            {
-                if let Err(e) = maps.remove_pod(old.netns_cookie) {
-                    log::error!("{e:#}");
-                }
-                if let Err(e) = maps.detach_inbound(old.netns_cookie) {
-                    log::error!("{e:#}");
-                }
+                    .any(|a| a.netns_cookie == old.netns_cookie);
+            let mut results = Vec::new();
+            if !netns_in_use {
+                results.push(maps.remove_pod(old.netns_cookie));
+                results.push(maps.detach_inbound(old.netns_cookie));
             }
-            if let Err(e) = maps.remove_rules(old.pod_id, &old.rules) {
-                log::error!("{e:#}");
-            }
+            results.push(maps.remove_rules(old.pod_id, &old.rules));
+            report.cleanup_errors.extend(
+                results
+                    .into_iter()
+                    .filter_map(|r| r.err())
+                    .map(|e| format!("cleaning up pod slot {}: {e:#}", old.pod_id)),
+            );
         }
-        report
+    }
+}
+
+/// A desired pod, with the entries it should have.
+#[derive(Debug)]
+struct Wanted<'a> {
+    resolved: &'a Resolved,
+    /// `pod_id` is set when a slot is given.
+    config: PodConfig,
+    rules: PodRules,
+}
+
+/// What one pass wants in the maps.
+#[derive(Debug, Default)]
+struct Plan<'a> {
+    pods: BTreeMap<PodKey, Wanted<'a>>,
+    /// Network namespaces of the desired pods.
+    cookies: BTreeSet<u64>,
+}
+
+impl Applied {
+    /// Is this pod already applied exactly as wanted?
+    fn is(&self, want: &Wanted) -> bool {
+        let same_config = PodConfig {
+            pod_id: self.pod_id,
+            ..want.config
+        } == self.config;
+        self.netns_cookie == want.resolved.netns_cookie && same_config && self.rules == want.rules
     }
 }
 
@@ -289,6 +374,7 @@ mod tests {
         pods: BTreeMap<u64, PodConfig>,
         ports: BTreeSet<(u32, u8, u16)>,
         fail_set_pod: bool,
+        fail_remove: bool,
         inbound: BTreeSet<u64>,
         log: Vec<String>,
     }
@@ -316,6 +402,9 @@ mod tests {
             Ok(())
         }
         fn remove_pod(&mut self, c: u64) -> anyhow::Result<()> {
+            if self.fail_remove {
+                anyhow::bail!("EBUSY");
+            }
             self.log.push(format!("pod- {c}"));
             self.pods.remove(&c);
             Ok(())
@@ -444,6 +533,19 @@ mod tests {
         );
         assert!(!m.inbound.contains(&30), "and its inbound link");
         assert!(m.pods.contains_key(&10));
+    }
+
+    #[test]
+    fn cleanup_errors_are_reported_not_swallowed() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[]), pod("b", 20, &[])], &mut m);
+        m.fail_remove = true;
+        let rep = r.reconcile(&[pod("a", 10, &[])], &mut m);
+        assert_eq!(rep.removed.len(), 1);
+        assert_eq!(rep.cleanup_errors.len(), 1, "{:?}", rep.cleanup_errors);
+        assert!(rep.cleanup_errors[0].contains("EBUSY"));
+        assert!(rep.failed.is_empty());
     }
 
     #[test]
