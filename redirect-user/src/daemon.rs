@@ -1,43 +1,40 @@
-//! `redirectd run`: load and attach, then keep the maps in step with the pods file.
+//! `redirectd run`: load and attach, then keep the maps in step with the pod source.
 //!
-//! Flow (one way): the pods file source produces the desired set; netns resolution turns each
-//! pod into a netns cookie; the reconciler applies the difference through the datapath layer.
-//! This task owns the loaded object and the maps; the log pump runs beside it.
+//! The loop reads as the design: **select** (the source published, the resync tick, a
+//! signal) → **resolve** each desired pod's network namespace → **reconcile** the maps →
+//! **publish** status and metrics. Resolving and reconciling block (they read `/proc`, enter
+//! namespaces and make `bpf(2)` calls), so they run on a blocking thread with the [`Engine`]
+//! that owns the maps; this task only waits and publishes. The log pump and the metrics
+//! server run beside it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::atomic::AtomicU64,
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
+use redirect_common::{map_names, PodCounters};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
+    sync::watch,
 };
 
 use crate::{
     datapath::Datapath,
-    kube_source::{self, KubeOptions},
     loader::{self, LoadOptions, ProgramReport},
     metrics::{self, Snapshot},
-    mounts, netns,
-    pods::{self, Desired},
+    mounts,
+    netns::Resolver,
+    pods::{Desired, PodKey},
     probe,
-    reconcile::{NodeSettings, Reconciler, Resolved},
+    reconcile::{NodeSettings, Reconciler, Report, Resolved},
+    sources::{self, PodSource, Published, SourceStats},
     status::{PodStatus, StatusFile},
 };
-
-/// Where the desired pods come from.
-pub enum PodSource {
-    /// A YAML pods file, followed while running.
-    File(PathBuf),
-    /// The Kubernetes API server (this node's pods).
-    Kubernetes(KubeOptions),
-}
 
 /// Everything `run` needs.
 pub struct RunOptions {
@@ -56,6 +53,8 @@ pub struct RunOptions {
     pub resync: Duration,
     /// Capacity of each original-destination map (live captured connections it can hold).
     pub orig_dst_map_size: u32,
+    /// The namespace whose routes lead to the pods (Kubernetes); `None`: the daemon's own.
+    pub node_netns: Option<PathBuf>,
 }
 
 fn kernel_log_level() -> u8 {
@@ -72,7 +71,8 @@ fn kernel_log_level() -> u8 {
 
 /// Forwards kernel aya-log records into the daemon's log for as long as the daemon runs.
 async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
-    // Safety: the logger owns its ring buffer fd for as long as the AsyncFd lives.
+    // SAFETY: the logger owns its ring buffer fd and the AsyncFd owns the logger, so the fd
+    // stays open for as long as it is registered.
     let registered =
         unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
@@ -106,101 +106,107 @@ fn check_cgroup(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Resolves every desired pod's netns; pods whose netns is missing are returned as errors.
-fn resolve(desired: &Desired) -> (Vec<Resolved>, Vec<String>) {
-    let mut resolved = Vec::new();
-    let mut pending = Vec::new();
-    for spec in &desired.pods {
-        let cookie = netns::open(&spec.netns).and_then(|f| netns::cookie(&f));
-        match cookie {
-            Ok(netns_cookie) => resolved.push(Resolved {
-                spec: spec.clone(),
-                netns_cookie,
-            }),
-            Err(e) => pending.push(format!(
-                "pod {}: netns {}: {e:#} (retrying)",
-                spec.key, spec.netns
-            )),
-        }
-    }
-    (resolved, pending)
-}
-
-/// Warns (once per crossing) when a connection map passes 80 % of its capacity: near full,
-/// the LRU maps start evicting entries of live connections.
-fn warn_if_filling(fill: &[(&'static str, usize, u32)], warned: &mut BTreeSet<&'static str>) {
-    for &(name, n, cap) in fill {
-        if cap > 0 && n as u64 * 100 >= u64::from(cap) * 80 {
-            if warned.insert(name) {
-                let consequence = if name == redirect_common::map_names::SOCK_PAIRS {
-                    "when it is full, new proxy connections are not spliced (they take the normal path)"
-                } else {
-                    "when it is full, the oldest entries of open connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size"
-                };
-                log::warn!(
-                    "map {name} is {}% full ({n} of {cap} entries); {consequence}",
-                    n as u64 * 100 / u64::from(cap)
-                );
-            }
-        } else {
-            warned.remove(name);
-        }
-    }
-}
-
-/// Resolves when the Kubernetes source published a new desired set; never without one.
-async fn source_changed(rx: &mut Option<tokio::sync::watch::Receiver<Option<Desired>>>) {
-    match rx {
-        Some(r) => {
-            if r.changed().await.is_err() {
-                // The source task ended (and said why); keep serving what we have.
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// The metrics snapshot after a pass.
-fn snapshot(
-    datapath: &Datapath,
+/// What one pass did, for the loop to publish.
+struct Pass {
+    report: Report,
+    /// Desired pods whose namespace was not found yet, with the reason (retried).
+    pending: Vec<String>,
+    /// How each applied pod's namespace was found, for status.
+    netns: BTreeMap<PodKey, String>,
+    /// Every applied pod with its slot, cookie and counters.
+    applied: Vec<(PodKey, u32, u64, PodCounters)>,
+    /// `(map, entries, capacity)` of the connection maps.
     fill: Vec<(&'static str, usize, u32)>,
-    status: &StatusFile,
-    reconcile_errors: u64,
-    watch_restarts: u64,
-) -> Snapshot {
-    let pods = status
-        .pods
-        .iter()
-        .map(|p| {
-            let c = datapath.counters(p.pod_id).unwrap_or_default();
-            (p.namespace.clone(), p.name.clone(), c)
-        })
-        .collect();
-    Snapshot {
-        ready: true,
-        pods,
-        rejected_pods: status.rejected.len(),
-        reconcile_errors,
-        watch_restarts,
-        maps: fill,
+    /// Verifier instruction count of the per-pod program, when one was loaded.
+    inbound_insns: Option<u32>,
+}
+
+/// Owns the maps, the reconciler's record and the netns resolver. Only its methods touch
+/// the kernel; each may block.
+struct Engine {
+    datapath: Datapath,
+    reconciler: Reconciler,
+    resolver: Resolver,
+    /// The first pass after start also sweeps what a previous run left and no pod owns.
+    first_pass: bool,
+}
+
+impl Engine {
+    /// Resolves, reconciles and reads back what the loop publishes.
+    fn pass(&mut self, desired: &Desired) -> Pass {
+        let (resolved, pending, netns) = self.resolve(desired);
+        let report = self.reconciler.reconcile(&resolved, &mut self.datapath);
+        if self.first_pass {
+            self.sweep_previous_run();
+            self.first_pass = false;
+        }
+        let applied = self
+            .reconciler
+            .applied()
+            .iter()
+            .map(|(k, a)| {
+                let c = self.datapath.counters(a.pod_id).unwrap_or_default();
+                (k.clone(), a.pod_id, a.netns_cookie, c)
+            })
+            .collect();
+        Pass {
+            report,
+            pending,
+            netns,
+            applied,
+            fill: self.datapath.fill(),
+            inbound_insns: self.datapath.inbound_insns.take(),
+        }
+    }
+
+    /// Finds every desired pod's network namespace; pods whose namespace is missing are
+    /// returned with the reason.
+    fn resolve(
+        &mut self,
+        desired: &Desired,
+    ) -> (Vec<Resolved>, Vec<String>, BTreeMap<PodKey, String>) {
+        let mut resolved = Vec::new();
+        let mut pending = Vec::new();
+        let mut described = BTreeMap::new();
+        for spec in &desired.pods {
+            match self.resolver.resolve(&spec.netns) {
+                Ok(found) => {
+                    described.insert(spec.key.clone(), found.description);
+                    resolved.push(Resolved {
+                        spec: spec.clone(),
+                        netns_cookie: found.cookie,
+                        netns_path: found.path,
+                    });
+                }
+                Err(e) => pending.push(format!(
+                    "pod {}: netns {}: {e:#} (retrying)",
+                    spec.key, spec.netns
+                )),
+            }
+        }
+        (resolved, pending, described)
+    }
+
+    /// Removes map entries and inbound links that no applied pod owns, then lets slots the
+    /// previous run used and nobody adopted be reused.
+    fn sweep_previous_run(&mut self) {
+        let applied = self.reconciler.applied();
+        let cookies = applied.values().map(|a| a.netns_cookie).collect();
+        let ids = applied.values().map(|a| a.pod_id).collect();
+        match self.datapath.sweep(&cookies, &ids) {
+            Ok(0) => {}
+            Ok(n) => log::info!("removed {n} map entries a previous run left"),
+            Err(e) => log::error!("sweeping entries of a previous run: {e:#}"),
+        }
+        self.reconciler.release_reserved();
     }
 }
 
-/// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
-/// flowing; the next `run` takes over, `uninstall` removes them.
-pub async fn run(opts: RunOptions) -> Result<()> {
-    let cgroup = match &opts.cgroup {
-        Some(c) => c.clone(),
-        None => mounts::cgroup2_root()?,
-    };
-    check_cgroup(&cgroup)?;
-    if let Some(msg) = probe::missing(&probe::run()) {
-        anyhow::bail!(msg);
-    }
+/// Loads and attaches the programs, and takes over the maps and pods a previous run left.
+fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>)> {
     let mut loaded = loader::load_and_attach(&LoadOptions {
         pin_dir: &opts.pin_dir,
-        cgroup: &cgroup,
+        cgroup,
         kernel_log_level: kernel_log_level(),
         inbound_port: opts.node.inbound_port,
         outbound_port: opts.node.outbound_port,
@@ -213,7 +219,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         Err(e) => log::warn!("kernel log records will not be shown: {e}"),
     }
-    let mut datapath = Datapath::from_ebpf(
+    let datapath = Datapath::from_ebpf(
         &mut loaded.ebpf,
         &opts.pin_dir,
         opts.node.inbound_port,
@@ -229,147 +235,39 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;
-    reconciler.take_over(previous.iter().copied());
     if !previous.is_empty() {
         log::info!(
             "found {} pods of a previous run in the maps; taking over",
             previous.len()
         );
     }
-
-    let mut status = StatusFile {
-        pid: std::process::id(),
-        pods_file: match &opts.source {
-            PodSource::File(p) => p.display().to_string(),
-            PodSource::Kubernetes(k) => format!("kubernetes (node {})", k.node_name),
-        },
-        cgroup: cgroup.display().to_string(),
-        pin_dir: opts.pin_dir.display().to_string(),
-        programs: loaded.programs.clone(),
-        ..Default::default()
+    reconciler.take_over(previous);
+    let engine = Engine {
+        datapath,
+        reconciler,
+        resolver: Resolver::new(opts.node_netns.clone())?,
+        first_pass: true,
     };
-    let mut last_bytes: Option<Vec<u8>> = None;
-    let mut desired = Desired::default();
-    let mut last_resync = Instant::now();
-    let mut first_pass = true;
-    let mut last_problems: BTreeSet<String> = BTreeSet::new();
+    Ok((engine, loaded.programs))
+}
 
-    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
-    if let Some(addr) = opts.metrics_addr {
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, metrics_rx).await {
-                log::error!("{e:#}; metrics, /healthz and /readyz are not served");
-            }
-        });
-    }
-    let mut reconcile_errors = 0u64;
-    let mut map_warned = BTreeSet::new();
+/// Tells the operator and the metrics what each pass did.
+struct Publisher {
+    status: StatusFile,
+    status_file: PathBuf,
+    metrics: Option<watch::Sender<Arc<Snapshot>>>,
+    stats: Arc<SourceStats>,
+    /// Problems already logged (each is logged when it appears).
+    last_problems: BTreeSet<String>,
+    /// Maps already warned about as filling up.
+    map_warned: BTreeSet<&'static str>,
+    reconcile_errors: u64,
+}
 
-    let watch_restarts = Arc::new(AtomicU64::new(0));
-    let (file, mut kube_rx) = match opts.source {
-        PodSource::File(path) => (Some(path), None),
-        PodSource::Kubernetes(k) => {
-            let (tx, rx) = tokio::sync::watch::channel(None);
-            let restarts = watch_restarts.clone();
-            tokio::spawn(async move {
-                if let Err(e) = kube_source::run(k, tx, restarts).await {
-                    log::error!("Kubernetes pod source stopped: {e:#}");
-                }
-            });
-            (None, Some(rx))
-        }
-    };
-    // No first pass (and no sweep of a previous run's entries) before the source has given
-    // its first full desired set: a file is read at once, Kubernetes after its first list.
-    let mut have_desired = file.is_some();
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut tick = tokio::time::interval(opts.poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    log::info!(
-        "serving pods from {} (cgroup {}, pins {})",
-        status.pods_file,
-        cgroup.display(),
-        opts.pin_dir.display()
-    );
-    loop {
-        let mut kube_event = false;
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = source_changed(&mut kube_rx) => kube_event = true,
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-        let mut changed = first_pass && have_desired;
-        if let Some(rx) = kube_rx.as_mut() {
-            if kube_event || rx.has_changed().unwrap_or(false) {
-                if let Some(d) = rx.borrow_and_update().clone() {
-                    desired = d;
-                    have_desired = true;
-                    changed = true;
-                }
-            }
-        }
-        if !have_desired {
-            continue;
-        }
-        let file_read = match &file {
-            Some(path) => std::fs::read(path).map(Some),
-            None => Ok(None),
-        };
-        let pods_file = file.as_deref().unwrap_or(Path::new("-"));
-        match file_read {
-            Ok(None) => {}
-            Ok(Some(bytes)) if last_bytes.as_deref() != Some(bytes.as_slice()) => {
-                match pods::parse_file(&bytes) {
-                    Ok(d) => {
-                        desired = d;
-                        status.file_error = None;
-                    }
-                    Err(e) => {
-                        let msg = format!("pods file {}: {e}", pods_file.display());
-                        if status.file_error.as_deref() != Some(msg.as_str()) {
-                            log::error!("{msg}; still serving its last good version");
-                        }
-                        status.file_error = Some(msg);
-                    }
-                }
-                last_bytes = Some(bytes);
-                changed = true;
-            }
-            Ok(Some(_)) => {}
-            Err(e) => {
-                let msg = format!("pods file {}: {e}", pods_file.display());
-                if status.file_error.as_deref() != Some(msg.as_str()) {
-                    log::error!("{msg}; still serving its last good version");
-                    status.file_error = Some(msg);
-                }
-                last_bytes = None;
-            }
-        }
-        if !changed && last_resync.elapsed() < opts.resync {
-            continue;
-        }
-        last_resync = Instant::now();
-
-        let (resolved, pending) = resolve(&desired);
-        let report = reconciler.reconcile(&resolved, &mut datapath);
-        if first_pass {
-            let cookies = reconciler
-                .applied()
-                .values()
-                .map(|a| a.netns_cookie)
-                .collect();
-            let ids = reconciler.applied().values().map(|a| a.pod_id).collect();
-            match datapath.sweep(&cookies, &ids) {
-                Ok(0) => {}
-                Ok(n) => log::info!("removed {n} map entries a previous run left"),
-                Err(e) => log::error!("sweeping entries of a previous run: {e:#}"),
-            }
-            reconciler.release_reserved();
-            first_pass = false;
-        }
+impl Publisher {
+    fn publish(&mut self, published: &Published, pass: Pass) {
+        let desired = &published.desired;
+        let report = &pass.report;
         for k in &report.added {
             log::info!("pod {k}: in the mesh (outbound and inbound capture on)");
         }
@@ -386,37 +284,37 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             log::error!("{e}");
         }
         let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
-        problems.extend(pending);
+        problems.extend(pass.pending);
         problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));
         let problem_set: BTreeSet<String> = problems.iter().cloned().collect();
-        for p in problem_set.difference(&last_problems) {
+        for p in problem_set.difference(&self.last_problems) {
             log::warn!("{p}");
         }
+        self.last_problems = problem_set;
         for w in &desired.warnings {
-            if !status.warnings.contains(w) {
+            if !self.status.warnings.contains(w) {
                 log::warn!("{w}");
             }
         }
-        last_problems = problem_set;
+        self.reconcile_errors += report.failed.len() as u64;
+        warn_if_filling(&pass.fill, &mut self.map_warned);
+
+        let status = &mut self.status;
         status.rejected = problems;
         status.warnings = desired.warnings.clone();
-        status.pods = reconciler
-            .applied()
+        status.file_error = published.source_error.clone();
+        status.pods = pass
+            .applied
             .iter()
-            .map(|(k, a)| PodStatus {
+            .map(|(k, pod_id, netns_cookie, _)| PodStatus {
                 namespace: k.namespace.clone(),
                 name: k.name.clone(),
-                netns: desired
-                    .pods
-                    .iter()
-                    .find(|p| &p.key == k)
-                    .map(|p| netns::describe(&p.netns))
-                    .unwrap_or_default(),
-                pod_id: a.pod_id,
-                netns_cookie: a.netns_cookie,
+                netns: pass.netns.get(k).cloned().unwrap_or_default(),
+                pod_id: *pod_id,
+                netns_cookie: *netns_cookie,
             })
             .collect();
-        if let Some(insns) = datapath.inbound_insns.take() {
+        if let Some(insns) = pass.inbound_insns {
             status.programs.retain(|p| p.name != "rd_sk_lookup");
             status.programs.push(ProgramReport {
                 name: "rd_sk_lookup".into(),
@@ -425,22 +323,132 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 id: 0,
             });
         }
-        reconcile_errors += report.failed.len() as u64;
-        let fill = datapath.fill();
-        warn_if_filling(&fill, &mut map_warned);
-        if opts.metrics_addr.is_some() {
-            let snapshot = snapshot(
-                &datapath,
-                fill,
-                &status,
-                reconcile_errors,
-                watch_restarts.load(std::sync::atomic::Ordering::Relaxed),
-            );
-            metrics_tx.send_replace(Arc::new(snapshot));
+        if let Some(tx) = &self.metrics {
+            tx.send_replace(Arc::new(Snapshot {
+                ready: true,
+                pods: pass
+                    .applied
+                    .into_iter()
+                    .map(|(k, _, _, c)| (k.namespace, k.name, c))
+                    .collect(),
+                rejected_pods: status.rejected.len(),
+                reconcile_errors: self.reconcile_errors,
+                watch_restarts: self.stats.watch_restarts.load(Ordering::Relaxed),
+                maps: pass.fill,
+            }));
         }
-        if let Err(e) = status.write(&opts.status_file) {
+        if let Err(e) = status.write(&self.status_file) {
             log::error!("{e:#}");
         }
+    }
+}
+
+/// Warns (once per crossing) when a connection map passes 80 % of its capacity: near full,
+/// the LRU maps start evicting entries of live connections.
+fn warn_if_filling(fill: &[(&'static str, usize, u32)], warned: &mut BTreeSet<&'static str>) {
+    for &(name, n, cap) in fill {
+        if cap == 0 || (n as u64) * 100 < u64::from(cap) * 80 {
+            warned.remove(name);
+            continue;
+        }
+        if warned.insert(name) {
+            let consequence = if name == map_names::SOCK_PAIRS {
+                "when it is full, new proxy connections are not spliced (they take the normal path)"
+            } else {
+                "when it is full, the oldest entries of open connections are evicted (counted as orig_dst_evicted); raise --orig-dst-map-size"
+            };
+            log::warn!(
+                "map {name} is {}% full ({n} of {cap} entries); {consequence}",
+                n as u64 * 100 / u64::from(cap)
+            );
+        }
+    }
+}
+
+/// Starts the metrics server, if asked for; returns the channel its snapshots go on.
+fn serve_metrics(addr: Option<std::net::SocketAddr>) -> Option<watch::Sender<Arc<Snapshot>>> {
+    let addr = addr?;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, rx).await {
+            log::error!("{e:#}; metrics, /healthz and /readyz are not served");
+        }
+    });
+    Some(tx)
+}
+
+/// Resolves when the source publishes; never once it has ended (it said why), so the loop
+/// keeps serving what it has.
+async fn published(rx: &mut watch::Receiver<Option<Published>>, open: &mut bool) {
+    if *open && rx.changed().await.is_ok() {
+        return;
+    }
+    *open = false;
+    std::future::pending().await
+}
+
+/// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
+/// flowing; the next `run` takes over, `uninstall` removes them.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let cgroup = match &opts.cgroup {
+        Some(c) => c.clone(),
+        None => mounts::cgroup2_root()?,
+    };
+    check_cgroup(&cgroup)?;
+    if let Some(msg) = probe::missing(&probe::run()) {
+        anyhow::bail!(msg);
+    }
+    let (mut engine, programs) = start(&opts, &cgroup)?;
+    let stats = Arc::new(SourceStats::default());
+    let mut publisher = Publisher {
+        status: StatusFile {
+            pid: std::process::id(),
+            pods_file: opts.source.describe(),
+            cgroup: cgroup.display().to_string(),
+            pin_dir: opts.pin_dir.display().to_string(),
+            programs,
+            ..Default::default()
+        },
+        status_file: opts.status_file.clone(),
+        metrics: serve_metrics(opts.metrics_addr),
+        stats: stats.clone(),
+        last_problems: BTreeSet::new(),
+        map_warned: BTreeSet::new(),
+        reconcile_errors: 0,
+    };
+    log::info!(
+        "serving pods from {} (cgroup {}, pins {})",
+        publisher.status.pods_file,
+        cgroup.display(),
+        opts.pin_dir.display()
+    );
+    // No pass (and no sweep of a previous run's entries) before the source has given its
+    // first full desired set: a file at its first read, Kubernetes after its first list.
+    let mut source = sources::spawn(opts.source, opts.poll, stats);
+    let mut source_open = true;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut resync = tokio::time::interval(opts.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = resync.tick() => {}
+            _ = published(&mut source, &mut source_open) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        let Some(current) = source.borrow_and_update().clone() else {
+            continue;
+        };
+        let desired = current.desired.clone();
+        let (returned, pass) = tokio::task::spawn_blocking(move || {
+            let pass = engine.pass(&desired);
+            (engine, pass)
+        })
+        .await
+        .context("the reconcile pass panicked")?;
+        engine = returned;
+        publisher.publish(&current, pass);
     }
     log::info!(
         "exiting; programs stay attached and pinned under {} (the next `redirectd run` takes over; `redirectd uninstall` removes them)",

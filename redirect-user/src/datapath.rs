@@ -24,7 +24,6 @@ use redirect_common::{
 use crate::{
     annotations::Cidr,
     listeners, loader, netns,
-    pods::NetnsRef,
     rules::{addr_key, addr_of_node_key, node_addr_key, rule_of_key, PodRules},
 };
 
@@ -36,7 +35,7 @@ pub trait PodMaps {
     fn remove_pod(&mut self, netns_cookie: u64) -> Result<()>;
     fn reset_counters(&mut self, pod_id: u32) -> Result<()>;
     /// Attaches (or adopts) the pod's inbound `sk_lookup` program in its network namespace.
-    fn attach_inbound(&mut self, netns_cookie: u64, netns: &NetnsRef) -> Result<()>;
+    fn attach_inbound(&mut self, netns_cookie: u64, netns: &Path) -> Result<()>;
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()>;
     /// The rules the maps hold for slot `pod_id` (with `flags` from its `MESH_PODS` entry).
     fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules>;
@@ -166,7 +165,7 @@ impl Datapath {
         &mut self,
         netns_cookie: u64,
         netns: &std::fs::File,
-        netns_ref: &NetnsRef,
+        netns_path: &Path,
     ) -> Result<()> {
         let ports = [self.inbound_port, self.outbound_port];
         for (port, family, sock) in listeners::find(netns, &ports)? {
@@ -177,9 +176,15 @@ impl Datapath {
             };
             if self.listeners.get(&key, 0).is_err() {
                 self.listeners.insert(key, sock, 0).with_context(|| {
-                    format!("registering the proxy listener on port {port} of {netns_ref}")
+                    format!(
+                        "registering the proxy listener on port {port} of {}",
+                        netns_path.display()
+                    )
                 })?;
-                log::info!("registered the already-running proxy's listener on port {port} in {netns_ref} (family {family})");
+                log::info!(
+                    "registered the already-running proxy's listener on port {port} in {} (family {family})",
+                    netns_path.display()
+                );
             }
         }
         Ok(())
@@ -327,22 +332,27 @@ impl PodMaps for Datapath {
         }
     }
 
-    fn attach_inbound(&mut self, netns_cookie: u64, netns_ref: &NetnsRef) -> Result<()> {
-        let file = netns::open(netns_ref)?;
+    fn attach_inbound(&mut self, netns_cookie: u64, netns: &Path) -> Result<()> {
+        let file = std::fs::File::open(netns)
+            .with_context(|| format!("opening network namespace {}", netns.display()))?;
         // The namespace may have been replaced since it was resolved.
         if netns::cookie(&file)? != netns_cookie {
-            anyhow::bail!("network namespace {netns_ref} changed while being attached; retrying");
+            anyhow::bail!(
+                "network namespace {} changed while being attached; retrying",
+                netns.display()
+            );
         }
         if let Some(insns) = loader::attach_inbound(&self.pin_dir, netns_cookie, &file)
-            .with_context(|| format!("attaching inbound capture to {netns_ref}"))?
+            .with_context(|| format!("attaching inbound capture to {}", netns.display()))?
         {
             log::debug!(
-                "attached rd_sk_lookup to {netns_ref}; verifier processed {insns} instructions"
+                "attached rd_sk_lookup to {}; verifier processed {insns} instructions",
+                netns.display()
             );
             self.inbound_insns = Some(insns);
         }
         // A proxy already listening before we were attached never ran our listen() hook.
-        self.adopt_listeners(netns_cookie, &file, netns_ref)
+        self.adopt_listeners(netns_cookie, &file, netns)
     }
 
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {

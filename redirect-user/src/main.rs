@@ -5,10 +5,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use redirect_user::{
-    daemon::{self, PodSource, RunOptions},
-    kube_source::KubeOptions,
+    daemon::{self, RunOptions},
     loader,
     reconcile::NodeSettings,
+    sources::{KubeOptions, PodSource},
     status,
 };
 
@@ -156,9 +156,6 @@ fn real_main(cli: Cli) -> Result<()> {
             orig_dst_map_size,
             poll_ms,
         } => {
-            if let Some(path) = node_netns {
-                redirect_user::netns::set_node_netns(path)?;
-            }
             // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
             proxy_ports.extend([outbound_port, inbound_port]);
             proxy_ports.sort_unstable();
@@ -197,6 +194,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 poll: Duration::from_millis(poll_ms),
                 resync: Duration::from_secs(1),
                 orig_dst_map_size,
+                node_netns,
             };
             // Before any thread exists: capabilities are per thread, and inherited.
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;

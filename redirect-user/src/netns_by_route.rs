@@ -19,7 +19,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -28,12 +28,14 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
     nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
 /// Where a pod's namespace was found, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,53 +124,36 @@ struct Link {
     peer_nsid: Option<i32>,
 }
 
-/// An rtnetlink socket in the node's namespace.
-struct Rtnl {
-    fd: OwnedFd,
+/// An rtnetlink socket, bound in one network namespace.
+pub(crate) struct Rtnl {
+    sock: Socket,
     seq: u32,
 }
 
 impl Rtnl {
-    /// Opens the socket, inside `netns` when given (a short-lived thread enters it; the
-    /// socket stays bound to that namespace).
+    fn socket() -> Result<Socket> {
+        let mut sock = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
+        sock.bind_auto().context("binding rtnetlink")?;
+        Ok(sock)
+    }
+
+    /// Opens the socket in the node's namespace: `netns` when given, else the daemon's own.
     fn open(netns: Option<&Path>) -> Result<Self> {
-        let ns = netns
-            .map(|p| File::open(p).with_context(|| format!("opening node netns {}", p.display())))
-            .transpose()?;
-        let fd = std::thread::spawn(move || -> Result<OwnedFd> {
-            // Safety: setns on this thread only; socket/bind on an fd we then own.
-            unsafe {
-                if let Some(ns) = &ns {
-                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error())
-                            .context("entering the node netns");
-                    }
-                }
-                let raw = libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_ROUTE,
-                );
-                if raw < 0 {
-                    return Err(std::io::Error::last_os_error()).context("rtnetlink socket");
-                }
-                let fd = OwnedFd::from_raw_fd(raw);
-                let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-                addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-                if libc::bind(
-                    fd.as_raw_fd(),
-                    &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error()).context("binding rtnetlink");
-                }
-                Ok(fd)
-            }
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("rtnetlink thread panicked"))??;
-        Ok(Self { fd, seq: 0 })
+        match netns {
+            Some(p) => Self::open_in(
+                &File::open(p).with_context(|| format!("opening node netns {}", p.display()))?,
+            ),
+            None => Ok(Self {
+                sock: Self::socket()?,
+                seq: 0,
+            }),
+        }
+    }
+
+    /// Opens the socket inside the namespace `ns` (it stays bound there).
+    pub(crate) fn open_in(ns: &File) -> Result<Self> {
+        let sock = crate::netns::run_in(ns, Self::socket)?;
+        Ok(Self { sock, seq: 0 })
     }
 
     /// Sends one request and collects the replies (all parts of a dump).
@@ -185,20 +170,14 @@ impl Rtnl {
         req.finalize();
         let mut buf = vec![0u8; req.buffer_len()];
         req.serialize(&mut buf);
-        // Safety: send/recv on our socket with buffers we own.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if sent < 0 {
-            return Err(std::io::Error::last_os_error()).context("rtnetlink send");
-        }
+        self.sock.send(&buf, 0).context("rtnetlink send")?;
         let mut out = Vec::new();
-        let mut rx = vec![0u8; 64 * 1024];
+        let mut rx: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error()).context("rtnetlink recv");
-            }
+            rx.clear();
+            let n = self.sock.recv(&mut rx, 0).context("rtnetlink recv")?;
+            let n = n.min(rx.len());
             let mut off = 0;
-            let n = n as usize;
             while off < n {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n])
                     .context("parsing an rtnetlink reply")?;
@@ -226,6 +205,33 @@ impl Rtnl {
                 }
             }
         }
+    }
+
+    /// `ip addr`: every address configured in the socket's namespace (each address's local
+    /// address where it has one, as `getifaddrs` gives it).
+    pub(crate) fn addresses(&mut self) -> Result<Vec<IpAddr>> {
+        let replies = self
+            .request(
+                RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+                true,
+            )
+            .context("listing addresses")?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewAddress(m) = r else {
+                continue;
+            };
+            let (mut local, mut address) = (None, None);
+            for a in m.attributes {
+                match a {
+                    AddressAttribute::Local(ip) => local = Some(ip),
+                    AddressAttribute::Address(ip) => address = Some(ip),
+                    _ => {}
+                }
+            }
+            out.extend(local.or(address));
+        }
+        Ok(out)
     }
 
     /// `ip route get IP`: the output interface and gateway, if any.
@@ -411,14 +417,6 @@ fn candidates() -> impl Iterator<Item = PathBuf> {
         .into_iter()
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flat_map(|d| d.flatten().map(|e| e.path()));
-    let procs = std::fs::read_dir("/proc")
-        .into_iter()
-        .flat_map(|d| d.flatten())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(|e| e.path().join("ns/net"));
+    let procs = crate::procfs::pids().map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
     mounts.chain(procs)
 }

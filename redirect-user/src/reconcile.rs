@@ -5,7 +5,10 @@
 //! its `MESH_PODS` entry makes it visible, a changed pod gets a new slot whose entry replaces
 //! the old one in a single map update, and only then are the old rules removed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use redirect_common::{PodConfig, MAX_PODS};
 use serde::Serialize;
@@ -33,6 +36,8 @@ pub struct NodeSettings {
 pub struct Resolved {
     pub spec: PodSpec,
     pub netns_cookie: u64,
+    /// A file of the pod's network namespace.
+    pub netns_path: PathBuf,
 }
 
 /// A pod as it is in the maps.
@@ -239,7 +244,7 @@ impl Reconciler {
         maps: &mut impl PodMaps,
     ) -> anyhow::Result<()> {
         let r = want.resolved;
-        maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
+        maps.attach_inbound(r.netns_cookie, &r.netns_path)?;
         self.applied.insert(
             key.clone(),
             Applied {
@@ -272,7 +277,7 @@ impl Reconciler {
             maps.reset_counters(pod_id)?;
             maps.install_rules(pod_id, &want.rules)?;
             if new_netns {
-                maps.attach_inbound(r.netns_cookie, &r.spec.netns)?;
+                maps.attach_inbound(r.netns_cookie, &r.netns_path)?;
             }
             maps.set_pod(r.netns_cookie, &config)
         })();
@@ -364,7 +369,7 @@ impl Applied {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, path::PathBuf};
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::{annotations::CapturePolicy, pods::NetnsRef};
@@ -424,7 +429,7 @@ mod tests {
                 flags,
             })
         }
-        fn attach_inbound(&mut self, c: u64, _: &NetnsRef) -> anyhow::Result<()> {
+        fn attach_inbound(&mut self, c: u64, _: &std::path::Path) -> anyhow::Result<()> {
             self.log.push(format!("in+ {c}"));
             self.inbound.insert(c);
             Ok(())
@@ -461,6 +466,7 @@ mod tests {
                 },
             },
             netns_cookie: cookie,
+            netns_path: PathBuf::from(format!("/run/netns/{name}")),
         }
     }
 

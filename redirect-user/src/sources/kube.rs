@@ -12,24 +12,20 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
 };
 
+use super::{Published, Publisher, SourceStats};
+use crate::{
+    annotations,
+    pods::{Desired, NetnsRef, PodError, PodKey, PodSpec},
+};
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Config,
-};
-use tokio::sync::watch;
-
-use crate::{
-    annotations,
-    pods::{Desired, NetnsRef, PodError, PodKey, PodSpec},
 };
 
 /// Ours: `"true"` leaves the pod alone even if Istio injected it.
@@ -138,11 +134,7 @@ fn key_of(pod: &Pod) -> String {
 
 /// Lists and watches this node's pods until the process ends, publishing the desired set
 /// after the first full list and after every change. `restarts` counts watch errors.
-pub async fn run(
-    opts: KubeOptions,
-    tx: watch::Sender<Option<Desired>>,
-    restarts: Arc<AtomicU64>,
-) -> Result<()> {
+pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> Result<()> {
     let config = match &opts.api_url {
         Some(url) => Config::new(
             url.parse()
@@ -169,18 +161,18 @@ pub async fn run(
             }
             Ok(watcher::Event::InitDone) => {
                 pods = relist.take().unwrap_or_default();
-                tx.send_replace(Some(desired(&pods)));
+                tx.send_replace(Some(Published::new(desired(&pods))));
             }
             Ok(watcher::Event::Apply(p)) => {
                 pods.insert(key_of(&p), p);
-                tx.send_replace(Some(desired(&pods)));
+                tx.send_replace(Some(Published::new(desired(&pods))));
             }
             Ok(watcher::Event::Delete(p)) => {
                 pods.remove(&key_of(&p));
-                tx.send_replace(Some(desired(&pods)));
+                tx.send_replace(Some(Published::new(desired(&pods))));
             }
             Err(e) => {
-                restarts.fetch_add(1, Ordering::Relaxed);
+                stats.watch_restarts.fetch_add(1, Ordering::Relaxed);
                 log::warn!("pod watch broke ({e}); re-listing with backoff");
             }
         }

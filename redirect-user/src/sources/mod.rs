@@ -1,0 +1,85 @@
+//! Pod sources. Each one produces the desired set of mesh pods on this node and publishes it
+//! on the same kind of channel; the daemon's loop reads whichever source it was given and
+//! never knows more of it than what it publishes.
+
+pub mod file;
+pub mod kube;
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+pub use self::kube::KubeOptions;
+use crate::pods::Desired;
+
+/// Where the desired pods come from.
+pub enum PodSource {
+    /// A YAML pods file, followed while running.
+    File(PathBuf),
+    /// The Kubernetes API server (this node's pods).
+    Kubernetes(KubeOptions),
+}
+
+impl PodSource {
+    /// What to call the source in status and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            PodSource::File(p) => p.display().to_string(),
+            PodSource::Kubernetes(k) => format!("kubernetes (node {})", k.node_name),
+        }
+    }
+}
+
+/// What a source publishes: a full desired set, and what is wrong with the source as a whole
+/// while it keeps serving an earlier set (e.g. a pods file being rewritten).
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub desired: Desired,
+    pub source_error: Option<String>,
+}
+
+impl Published {
+    pub fn new(desired: Desired) -> Self {
+        Self {
+            desired,
+            source_error: None,
+        }
+    }
+}
+
+/// The sending side of a source's channel. `None` until the source has a first full set:
+/// before that the loop applies nothing and sweeps nothing.
+pub type Publisher = watch::Sender<Option<Published>>;
+
+/// What the sources count for the metrics.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Times the Kubernetes pod watch broke and was restarted.
+    pub watch_restarts: AtomicU64,
+}
+
+/// Starts the source on the runtime; returns the channel it publishes on.
+pub fn spawn(
+    source: PodSource,
+    poll: Duration,
+    stats: Arc<SourceStats>,
+) -> watch::Receiver<Option<Published>> {
+    let (tx, rx) = watch::channel(None);
+    match source {
+        PodSource::File(path) => {
+            tokio::spawn(file::run(path, poll, tx));
+        }
+        PodSource::Kubernetes(k) => {
+            tokio::spawn(async move {
+                if let Err(e) = kube::run(k, tx, stats).await {
+                    log::error!("Kubernetes pod source stopped: {e:#}; still serving the last pods it listed");
+                }
+            });
+        }
+    }
+    rx
+}
