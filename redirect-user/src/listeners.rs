@@ -10,15 +10,13 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::{
-        fd::{FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::Path,
 };
 
 use anyhow::{Context as _, Result};
 use redirect_common::{AF_INET, AF_INET6};
+use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
 
 /// `st` of a listening socket in /proc/net/tcp.
 const TCP_LISTEN: &str = "0A";
@@ -49,36 +47,18 @@ fn listening_inodes(pid: &str, ports: &[u16]) -> BTreeMap<u64, (u16, u16)> {
     out
 }
 
-fn pidfd_getfd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
-    // Safety: plain syscalls; the fds they return are ours to own.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let got = libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            fd,
-            0,
-        );
-        if got < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(got as i32))
-    }
+/// Duplicates process `pid`'s file descriptor `fd` into ours (`pidfd_getfd(2)`).
+fn take_fd(pid: i32, fd: i32) -> rustix::io::Result<OwnedFd> {
+    let pid = Pid::from_raw(pid).ok_or(rustix::io::Errno::SRCH)?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())
 }
 
 /// The listening sockets on any of `ports` in the network namespace `netns`, in one scan of
 /// /proc: `(port, family, socket)`.
 pub fn find(netns: &File, ports: &[u16]) -> Result<Vec<(u16, u16, OwnedFd)>> {
     let ino = netns.metadata().context("stat of the netns file")?.ino();
-    let pids: Vec<String> = std::fs::read_dir("/proc")
-        .context("listing /proc")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    let pids: Vec<String> = crate::procfs::pids()
         .filter(|p| crate::netns::inode_of(Path::new(&format!("/proc/{p}/ns/net"))) == Some(ino))
         .collect();
     let Some(first) = pids.first() else {
@@ -111,7 +91,7 @@ pub fn find(netns: &File, ports: &[u16]) -> Result<Vec<(u16, u16, OwnedFd)>> {
             ) else {
                 continue;
             };
-            match pidfd_getfd(pid_n, fd_n) {
+            match take_fd(pid_n, fd_n) {
                 Ok(fd) => found.push((port, family, fd)),
                 Err(e) => log::warn!(
                     "cannot take the proxy's listener (pid {pid}, fd {fd_n}) to register it: {e} (needs CAP_SYS_PTRACE and Linux 5.6)"

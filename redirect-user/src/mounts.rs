@@ -2,13 +2,10 @@
 //! (where programs, links and maps are pinned). Found from `/proc/self/mountinfo`, never
 //! assumed.
 
-use std::{
-    ffi::CString,
-    os::unix::ffi::OsStrExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
+use rustix::mount::{mount, MountFlags};
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -57,13 +54,8 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes()).context("path contains NUL")?;
-    // Safety: statfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
+    let st = rustix::fs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
@@ -81,22 +73,8 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     }
     if !is_bpffs(parent)? {
         if parent == Path::new("/sys/fs/bpf") {
-            let src = CString::new("bpf").expect("static");
-            let dst = CString::new("/sys/fs/bpf").expect("static");
-            // Safety: mount(2) with static, NUL-terminated strings.
-            let rc = unsafe {
-                libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    src.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("mounting bpffs on /sys/fs/bpf (needs CAP_SYS_ADMIN)");
-            }
+            mount("bpf", "/sys/fs/bpf", "bpf", MountFlags::empty(), None)
+                .context("mounting bpffs on /sys/fs/bpf (needs CAP_SYS_ADMIN)")?;
             log::info!("mounted bpffs on /sys/fs/bpf");
         } else {
             bail!(

@@ -2,6 +2,10 @@
 //! other one from its effective, permitted, inheritable and bounding sets.
 
 use anyhow::{Context as _, Result};
+use rustix::{
+    io::Errno,
+    thread::{capabilities, remove_capability_from_bounding_set, set_capabilities, CapabilitySet},
+};
 
 /// The capabilities `redirectd run` needs, and why.
 pub const KEPT: &[(u32, &str)] = &[
@@ -37,23 +41,6 @@ pub fn kept_mask() -> u64 {
     KEPT.iter().fold(0, |m, (c, _)| m | (1u64 << c))
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// `_LINUX_CAPABILITY_VERSION_3`.
-const CAP_V3: u32 = 0x2008_0522;
-
 /// Drops every capability but [`KEPT`] (bounding set first, then the process's sets).
 pub fn drop_all_but_kept() -> Result<()> {
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -61,39 +48,21 @@ pub fn drop_all_but_kept() -> Result<()> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
     let keep = kept_mask();
-    for cap in 0..=last {
-        if keep & (1u64 << cap) == 0 {
-            // Safety: prctl(PR_CAPBSET_DROP) with a capability number.
-            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("dropping capability {cap} from the bounding set"));
+    for cap in (0..=last.min(63)).filter(|c| keep & (1u64 << c) == 0) {
+        let set = CapabilitySet::from_bits_retain(1u64 << cap);
+        match remove_capability_from_bounding_set(set) {
+            // A capability this kernel does not know is not in any set.
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("dropping capability {cap} from the bounding set"))
             }
         }
     }
-    let mut hdr = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // Safety: capget/capset with a v3 header and two data words we own.
-    unsafe {
-        if libc::syscall(
-            libc::SYS_capget,
-            &mut hdr as *mut CapHeader,
-            data.as_mut_ptr(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("capget");
-        }
-        for (i, d) in data.iter_mut().enumerate() {
-            let mask = (keep >> (32 * i)) as u32;
-            d.effective &= mask;
-            d.permitted &= mask;
-            d.inheritable = 0;
-        }
-        if libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("capset");
-        }
-    }
-    Ok(())
+    let kept = CapabilitySet::from_bits_retain(keep);
+    let mut sets = capabilities(None).context("capget")?;
+    sets.effective &= kept;
+    sets.permitted &= kept;
+    sets.inheritable = CapabilitySet::empty();
+    set_capabilities(None, sets).context("capset")
 }
