@@ -1,5 +1,13 @@
-//! The few `bpf(2)` commands aya 0.14 does not expose for our program types: creating a
-//! link for any attach type, pinning and opening objects, and force-detaching a link.
+//! The `bpf(2)` commands aya 0.14 gives us no way to make; everything else (loading, link
+//! creation for connect4/6, getpeername4/6, sockops, sk_lookup and sk_msg, pinning links,
+//! adopting pins) goes through aya.
+//!
+//! - `BPF_LINK_DETACH`: force-detaching a link whoever holds it (aya lacks it).
+//! - `BPF_OBJ_GET`: opening a pinned link as a plain fd, to detach it (aya's
+//!   `PinnedLink::from_pin` keeps its fd private).
+//! - `BPF_LINK_CREATE` and `BPF_OBJ_PIN` for `cgroup/getsockopt` only: aya attaches it, but
+//!   its `CgroupSockoptLink` cannot become an `FdLink`, so it cannot be pinned, and an
+//!   unpinned link would detach when the daemon exits.
 
 use std::{
     ffi::CString,
@@ -14,20 +22,11 @@ use anyhow::{Context as _, Result};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
-/// `enum bpf_attach_type` values (include/uapi/linux/bpf.h) of the hooks we use.
-pub mod attach_type {
-    pub const CGROUP_SOCK_OPS: u32 = 3;
-    pub const CGROUP_INET4_CONNECT: u32 = 10;
-    pub const CGROUP_INET6_CONNECT: u32 = 11;
-    pub const CGROUP_GETSOCKOPT: u32 = 21;
-    pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
-    pub const CGROUP_INET6_GETPEERNAME: u32 = 30;
-    pub const SK_MSG_VERDICT: u32 = 7;
-}
+/// `BPF_CGROUP_GETSOCKOPT` (`enum bpf_attach_type`, include/uapi/linux/bpf.h).
+pub const ATTACH_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// `union bpf_attr`, as raw words; every command uses a prefix of it and the kernel requires
 /// the rest to be zero.
@@ -35,7 +34,8 @@ pub mod attach_type {
 struct Attr([u32; 32]);
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
-    // Safety: `attr` is a zero-padded bpf_attr of the size we pass.
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size we pass, and lives for the call;
+    // the kernel reads (and for some commands writes) only within that size.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -56,8 +56,8 @@ fn path_cstring(path: &Path) -> Result<CString> {
         .with_context(|| format!("path {} contains a NUL byte", path.display()))
 }
 
-/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup or netns fd) as a link; links
-/// attached to a cgroup are always multi-attach, so other products' programs keep running.
+/// `BPF_LINK_CREATE`: attaches `prog` to `target` (a cgroup fd) as a link; links attached
+/// to a cgroup are always multi-attach, so other products' programs keep running.
 pub fn link_create(
     prog: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
@@ -68,11 +68,11 @@ pub fn link_create(
     attr.0[1] = target.as_raw_fd() as u32;
     attr.0[2] = attach;
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-    // Safety: the kernel returned a new fd that we now own.
+    // SAFETY: on success the kernel returned a new fd, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `BPF_OBJ_PIN`: pins a program, map or link at `path` on a bpffs.
+/// `BPF_OBJ_PIN`: pins a link at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     let c = path_cstring(path)?;
     let mut attr = Attr([0; 32]);
@@ -93,7 +93,7 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     attr.0[1] = (ptr >> 32) as u32;
     let fd =
         bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
-    // Safety: the kernel returned a new fd that we now own.
+    // SAFETY: on success the kernel returned a new fd, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -102,19 +102,4 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     let mut attr = Attr([0; 32]);
     attr.0[0] = link.as_raw_fd() as u32;
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
-}
-
-/// `BPF_PROG_ATTACH`: attaches `prog` to `target` (here: an sk_msg verdict program to a
-/// sockhash). Replaces the program already attached, with no gap; it stays attached for as
-/// long as the map lives (the map is pinned).
-pub fn prog_attach(
-    prog: BorrowedFd<'_>,
-    target: BorrowedFd<'_>,
-    attach: u32,
-) -> std::io::Result<()> {
-    let mut attr = Attr([0; 32]);
-    attr.0[0] = target.as_raw_fd() as u32;
-    attr.0[1] = prog.as_raw_fd() as u32;
-    attr.0[2] = attach;
-    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
 }

@@ -19,27 +19,36 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
+    maps::SockHash,
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use redirect_common::map_names;
 use serde::{Deserialize, Serialize};
 
-use crate::{bpf_sys, bpf_sys::attach_type, mounts};
+use crate::{bpf_sys, mounts};
 
 /// The node-wide kernel object built by build.rs from `redirect-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 /// The per-pod inbound object (`sk_lookup`), loaded once per mesh pod.
 static INBOUND_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-inbound"));
-/// `BPF_SK_LOOKUP` attach type.
-const ATTACH_SK_LOOKUP: u32 = 36;
+/// The kinds of cgroup program we attach (each is its own aya program type).
+#[derive(Clone, Copy)]
+enum CgroupKind {
+    SockOps,
+    Sockopt,
+    SockAddr,
+}
 
 /// A program of the object and the hook it attaches to.
 struct ProgramDef {
     name: &'static str,
     hook: &'static str,
-    attach: u32,
+    kind: CgroupKind,
     /// The kernel that brings everything this program needs.
     min_kernel: &'static str,
 }
@@ -50,37 +59,37 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
     ProgramDef {
         name: "rd_getsockopt",
         hook: "cgroup/getsockopt",
-        attach: attach_type::CGROUP_GETSOCKOPT,
+        kind: CgroupKind::Sockopt,
         min_kernel: "5.15",
     },
     ProgramDef {
         name: "rd_sockops",
         hook: "sockops",
-        attach: attach_type::CGROUP_SOCK_OPS,
+        kind: CgroupKind::SockOps,
         min_kernel: "5.15",
     },
     ProgramDef {
         name: "rd_peername4",
         hook: "cgroup/getpeername4",
-        attach: attach_type::CGROUP_INET4_GETPEERNAME,
+        kind: CgroupKind::SockAddr,
         min_kernel: "5.8",
     },
     ProgramDef {
         name: "rd_peername6",
         hook: "cgroup/getpeername6",
-        attach: attach_type::CGROUP_INET6_GETPEERNAME,
+        kind: CgroupKind::SockAddr,
         min_kernel: "5.8",
     },
     ProgramDef {
         name: "rd_connect4",
         hook: "cgroup/connect4",
-        attach: attach_type::CGROUP_INET4_CONNECT,
+        kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
         name: "rd_connect6",
         hook: "cgroup/connect6",
-        attach: attach_type::CGROUP_INET6_CONNECT,
+        kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
 ];
@@ -152,35 +161,33 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .with_context(|| format!("creating {}", generation.display()))?;
 
     let mut programs = Vec::new();
-    let result =
-        (|| -> Result<()> {
-            // Acceleration first: sk_msg on the socket-pair map, so that no socket enters
-            // the map before its verdict program is there.
-            programs.push(attach_sk_msg(&mut ebpf)?);
-            for def in CGROUP_PROGRAMS {
-                let report = load_one(&mut ebpf, def)?;
-                let prog = ebpf
-                    .program(def.name)
-                    .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
-                let link = bpf_sys::link_create(prog.fd()?.as_fd(), cgroup.as_fd(), def.attach)
-                    .with_context(|| {
-                        format!(
-                        "attaching {} ({}) to cgroup {} (needs Linux {} and CAP_BPF/CAP_NET_ADMIN)",
-                        def.name, def.hook, opts.cgroup.display(), def.min_kernel
-                    )
-                    })?;
-                bpf_sys::obj_pin(link.as_fd(), &generation.join(def.name))?;
-                log::info!(
-                    "attached {} ({}) to {}; verifier processed {} instructions",
+    let result = (|| -> Result<()> {
+        // Acceleration first: sk_msg on the socket-pair map, so that no socket enters
+        // the map before its verdict program is there.
+        programs.push(attach_sk_msg(&mut ebpf)?);
+        for def in CGROUP_PROGRAMS {
+            let report = load_one(&mut ebpf, def)?;
+            let pin = generation.join(def.name);
+            attach_cgroup(&mut ebpf, def, &cgroup, &pin).with_context(|| {
+                format!(
+                    "attaching {} ({}) to cgroup {} (needs Linux {} and CAP_BPF/CAP_NET_ADMIN)",
                     def.name,
                     def.hook,
                     opts.cgroup.display(),
-                    report.verified_insns.map_or("?".into(), |n| n.to_string())
-                );
-                programs.push(report);
-            }
-            Ok(())
-        })();
+                    def.min_kernel
+                )
+            })?;
+            log::info!(
+                "attached {} ({}) to {}; verifier processed {} instructions",
+                def.name,
+                def.hook,
+                opts.cgroup.display(),
+                report.verified_insns.map_or("?".into(), |n| n.to_string())
+            );
+            programs.push(report);
+        }
+        Ok(())
+    })();
     if let Err(e) = result {
         // Never leave half a data path: detach what this attempt attached.
         if let Err(cleanup) = remove_link_dir(&generation) {
@@ -202,12 +209,11 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
         let map = ebpf
             .map(map_names::SOCK_PAIRS)
             .ok_or_else(|| anyhow!("map SOCK_PAIRS missing from the object"))?;
-        let aya::maps::Map::SockHash(data) = map else {
-            anyhow::bail!("map SOCK_PAIRS is not a sockhash");
-        };
-        data.fd()
-            .as_fd()
-            .try_clone_to_owned()
+        let pairs: SockHash<_, redirect_common::SockKey> =
+            SockHash::try_from(map).context("map SOCK_PAIRS is not a sockhash")?;
+        pairs
+            .fd()
+            .try_clone()
             .context("duplicating the SOCK_PAIRS fd")?
     };
     let prog: &mut SkMsg = ebpf
@@ -216,12 +222,13 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
         .try_into()?;
     prog.load()
         .context("loading rd_sk_msg (sk_msg; needs Linux 5.15)")?;
-    bpf_sys::prog_attach(
-        prog.fd()?.as_fd(),
-        map_fd.as_fd(),
-        attach_type::SK_MSG_VERDICT,
-    )
-    .context("attaching rd_sk_msg to SOCK_PAIRS")?;
+    // BPF_PROG_ATTACH to the map: replaces the program already attached, with no gap.
+    let id = prog
+        .attach(&map_fd)
+        .context("attaching rd_sk_msg to SOCK_PAIRS")?;
+    // The attachment belongs to the pinned map and must outlive this process (a dropped
+    // link would detach it): keep the link's handle open until exit instead.
+    std::mem::forget(prog.take_link(id)?);
     let info = prog.info().context("reading info of rd_sk_msg")?;
     log::info!(
         "attached rd_sk_msg (sk_msg) to SOCK_PAIRS; verifier processed {} instructions",
@@ -246,16 +253,16 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
             def.name, def.hook, def.min_kernel
         )
     };
-    match def.attach {
-        attach_type::CGROUP_SOCK_OPS => {
+    match def.kind {
+        CgroupKind::SockOps => {
             let p: &mut SockOps = prog.try_into().with_context(ctx)?;
             p.load().with_context(ctx)?;
         }
-        attach_type::CGROUP_GETSOCKOPT => {
+        CgroupKind::Sockopt => {
             let p: &mut CgroupSockopt = prog.try_into().with_context(ctx)?;
             p.load().with_context(ctx)?;
         }
-        _ => {
+        CgroupKind::SockAddr => {
             let p: &mut CgroupSockAddr = prog.try_into().with_context(ctx)?;
             p.load().with_context(ctx)?;
         }
@@ -271,6 +278,41 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
         verified_insns: info.verified_instruction_count(),
         id: info.id(),
     })
+}
+
+/// Attaches a loaded cgroup program as a link and pins it at `pin`. Cgroup links always run
+/// beside the other programs on the hook (multi-attach), so `Single` (no flags) is what the
+/// kernel asks for.
+fn attach_cgroup(ebpf: &mut Ebpf, def: &ProgramDef, cgroup: &File, pin: &Path) -> Result<()> {
+    let prog = ebpf
+        .program_mut(def.name)
+        .ok_or_else(|| anyhow!("program {} missing from the object", def.name))?;
+    let mode = CgroupAttachMode::Single;
+    let link = match def.kind {
+        CgroupKind::SockOps => {
+            let p: &mut SockOps = prog.try_into()?;
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        CgroupKind::SockAddr => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        CgroupKind::Sockopt => {
+            // aya cannot pin this link type (see bpf_sys): create and pin it by hand.
+            let p: &mut CgroupSockopt = prog.try_into()?;
+            let link = bpf_sys::link_create(
+                p.fd()?.as_fd(),
+                cgroup.as_fd(),
+                bpf_sys::ATTACH_CGROUP_GETSOCKOPT,
+            )?;
+            return bpf_sys::obj_pin(link.as_fd(), pin);
+        }
+    };
+    link.pin(pin)
+        .with_context(|| format!("pinning at {}", pin.display()))?;
+    Ok(())
 }
 
 /// Detaches and unpins every link in `dir`, capture links first (see [`uninstall`]), then
@@ -327,7 +369,7 @@ fn inbound_pin(pin_dir: &Path, netns_cookie: u64) -> PathBuf {
 /// run pinned for it. Returns the verifier's instruction count when it loaded a program.
 pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result<Option<u32>> {
     let pin = inbound_pin(pin_dir, netns_cookie);
-    if pin.exists() && bpf_sys::obj_get(&pin).is_ok() {
+    if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
         return Ok(None);
     }
     let _ = std::fs::remove_file(&pin);
@@ -346,9 +388,12 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
         .info()
         .ok()
         .and_then(|i| i.verified_instruction_count());
-    let link = bpf_sys::link_create(prog.fd()?.as_fd(), netns.as_fd(), ATTACH_SK_LOOKUP)
+    let id = prog
+        .attach(netns)
         .context("attaching rd_sk_lookup to the pod's network namespace (needs Linux 5.9)")?;
-    bpf_sys::obj_pin(link.as_fd(), &pin)?;
+    FdLink::from(prog.take_link(id)?)
+        .pin(&pin)
+        .with_context(|| format!("pinning at {}", pin.display()))?;
     Ok(insns)
 }
 
