@@ -107,13 +107,13 @@ const MAX_NAME_LEN: usize = 253;
 pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("not UTF-8 (byte {}): {e}", e.valid_up_to()))?;
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let entries = match &doc {
-        serde_yaml::Value::Null => return Ok(Desired::default()),
-        serde_yaml::Value::Mapping(m) => match m.get("pods") {
-            None | Some(serde_yaml::Value::Null) => return Ok(Desired::default()),
-            Some(serde_yaml::Value::Sequence(s)) => s,
+        serde_yaml_ng::Value::Null => return Ok(Desired::default()),
+        serde_yaml_ng::Value::Mapping(m) => match m.get("pods") {
+            None | Some(serde_yaml_ng::Value::Null) => return Ok(Desired::default()),
+            Some(serde_yaml_ng::Value::Sequence(s)) => s,
             Some(_) => return Err("`pods` must be a list".into()),
         },
         _ => return Err("top level must be a mapping with a `pods` list".into()),
@@ -171,13 +171,13 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     Ok(desired)
 }
 
-fn parse_entry(i: usize, entry: &serde_yaml::Value) -> Result<(PodSpec, Vec<String>), PodError> {
+fn parse_entry(i: usize, entry: &serde_yaml_ng::Value) -> Result<(PodSpec, Vec<String>), PodError> {
     // Name the pod in errors as soon as we can read its name.
     let label = match (entry.get("namespace"), entry.get("name")) {
-        (Some(serde_yaml::Value::String(ns)), Some(serde_yaml::Value::String(n))) => {
+        (Some(serde_yaml_ng::Value::String(ns)), Some(serde_yaml_ng::Value::String(n))) => {
             format!("{ns}/{n}")
         }
-        (_, Some(serde_yaml::Value::String(n))) => format!("default/{n}"),
+        (_, Some(serde_yaml_ng::Value::String(n))) => format!("default/{n}"),
         _ => format!("pods[{i}]"),
     };
     let err = |field: &str, reason: String| PodError {
@@ -185,7 +185,7 @@ fn parse_entry(i: usize, entry: &serde_yaml::Value) -> Result<(PodSpec, Vec<Stri
         field: field.into(),
         reason,
     };
-    let raw: RawPod = serde_yaml::from_value(entry.clone()).map_err(|e| {
+    let raw: RawPod = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
         let msg = e.to_string();
         // serde names the field in its message ("unknown field `x`", "invalid type ... for `y`").
         let field = msg
