@@ -308,13 +308,40 @@ const _: () = assert!(size_of::<NodeAddrKey>() == 16);
 #[cfg(feature = "user")]
 mod user {
     use super::*;
+    // SAFETY: PodConfig is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for PodConfig {}
+    // SAFETY: PortRuleKey is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for PortRuleKey {}
+    // SAFETY: AddrRuleData is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for AddrRuleData {}
+    // SAFETY: OrigDst is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: TupleKey is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for TupleKey {}
+    // SAFETY: PodCounters is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for PodCounters {}
+    // SAFETY: ListenerKey is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: SockKey is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for SockKey {}
+    // SAFETY: NodeAddrKey is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for NodeAddrKey {}
 }

@@ -120,6 +120,7 @@ pub fn is_v4_mapped(a: &[u32; 4]) -> bool {
 /// `p` must point at a readable context field.
 #[inline(always)]
 pub unsafe fn ctx_word(p: *const u32) -> u32 {
+    // SAFETY: the caller promises `p` points at a readable context field.
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -130,6 +131,7 @@ pub unsafe fn ctx_word(p: *const u32) -> u32 {
 #[inline(always)]
 pub unsafe fn ctx_addr6(p: *const [u32; 4]) -> [u32; 4] {
     let w = p as *const u32;
+    // SAFETY: the caller promises `p` points at a readable `[u32; 4]`: four readable words.
     unsafe {
         [
             ctx_word(w),
@@ -148,6 +150,7 @@ pub unsafe fn ctx_addr6(p: *const [u32; 4]) -> [u32; 4] {
 #[inline(always)]
 pub unsafe fn ctx_write_addr6(p: *mut [u32; 4], a: [u32; 4]) {
     let w = p as *mut u32;
+    // SAFETY: the caller promises `p` points at a writable `[u32; 4]`: four writable words.
     unsafe {
         core::ptr::write_volatile(w, a[0]);
         core::ptr::write_volatile(w.add(1), a[1]);

@@ -48,13 +48,13 @@ const IPPROTO_TCP: u32 = 6;
 #[cgroup_sock_addr(connect4)]
 pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // Safety: ctx fields the verifier allows a connect4 program to read.
+    // SAFETY: ctx fields the verifier allows a connect4 program to read.
     let (protocol, ip_be, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
     if protocol != IPPROTO_TCP {
         return ALLOW;
     }
     let dst = Endpoint::v4(ip_be, port as u16);
-    // Safety: the socket of a connect4 program is a full socket the verifier lets us read.
+    // SAFETY: the socket of a connect4 program is a full socket the verifier lets us read.
     let src = unsafe { Endpoint::v4((*(*sa).__bindgen_anon_1.sk).src_ip4, 0) };
     match decide(&ctx, &dst, &src) {
         Decision::Direct => ALLOW,
@@ -63,7 +63,7 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
             to_loopback,
             port_be,
         } => {
-            // Safety: connect4 may write the destination.
+            // SAFETY: connect4 may write the destination.
             unsafe {
                 if to_loopback {
                     (*sa).user_ip4 = LOCALHOST4_BE;
@@ -80,7 +80,7 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // Safety: ctx fields the verifier allows a connect6 program to read, one word at a time.
+    // SAFETY: ctx fields the verifier allows a connect6 program to read, one word at a time.
     let (protocol, port, addr) = unsafe {
         (
             (*sa).protocol,
@@ -92,7 +92,7 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let mapped = is_v4_mapped(&addr);
-    // Safety: the socket of a connect6 program is a full socket the verifier lets us read.
+    // SAFETY: the socket of a connect6 program is a full socket the verifier lets us read.
     let src_addr = unsafe { ctx_addr6(&raw const (*(*sa).__bindgen_anon_1.sk).src_ip6) };
     let (dst, src) = if mapped {
         (
@@ -109,7 +109,7 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
             to_loopback,
             port_be,
         } => {
-            // Safety: connect6 may write the destination, one word at a time.
+            // SAFETY: connect6 may write the destination, one word at a time.
             unsafe {
                 if to_loopback {
                     let loopback = if mapped {
@@ -139,9 +139,9 @@ enum Decision {
 
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
-    // Safety: helper valid for sock_addr programs.
+    // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let pod: PodConfig = match unsafe { MESH_PODS.get(netns_cookie) } {
         Some(pod) => *pod,
         None => return Decision::Direct,
@@ -151,7 +151,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     if is_proxy && pod.flags & POD_FLAG_NO_ACCEL == 0 && is_node_pod_addr(dst) {
         // Remember the proxy's own sockets to other pods of this node: only they are
         // accelerated (sockops).
-        // Safety: helper valid for sock_addr programs.
+        // SAFETY: helper valid for sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = PROXY_SOCKS.insert(cookie, 1, 0);
     }
@@ -171,7 +171,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     if !listening {
         return fail(ctx, &pod, to_loopback);
     }
-    // Safety: helper valid for sock_addr programs.
+    // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         addr_be: dst.addr_be,
@@ -245,7 +245,7 @@ fn listener_registered(netns_cookie: u64, family: u16, port: u16) -> bool {
         family: family.into(),
         port: port.into(),
     };
-    // Safety: `LISTENERS` is a repr(transparent) map definition, so its address is the map
+    // SAFETY: `LISTENERS` is a repr(transparent) map definition, so its address is the map
     // the verifier relocates; a socket found is a reference released right away.
     unsafe {
         let sk = bpf_map_lookup_elem(
@@ -264,7 +264,7 @@ fn listener_registered(netns_cookie: u64, family: u16, port: u16) -> bool {
 /// netns? Checked per connection, never cached: the proxy may start after the application.
 #[inline(always)]
 fn proxy_listening(ctx: &SockAddrContext, family: u16, addr: Option<&Endpoint>, port: u16) -> bool {
-    // Safety: an all-zero tuple is valid.
+    // SAFETY: an all-zero tuple is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if family == AF_INET {
         tuple.__bindgen_anon_1.ipv4 = Tuple4 {
@@ -283,7 +283,7 @@ fn proxy_listening(ctx: &SockAddrContext, family: u16, addr: Option<&Endpoint>, 
         };
         size_of::<Tuple6>()
     };
-    // Safety: helper valid for sock_addr programs; the returned reference is released below.
+    // SAFETY: helper valid for sock_addr programs; the returned reference is released below.
     unsafe {
         let sk = bpf_sk_lookup_tcp(
             ctx.as_ptr(),

@@ -8,7 +8,7 @@ use crate::maps::POD_COUNTERS;
 #[inline(always)]
 pub fn count(pod_id: u32, f: impl FnOnce(&mut PodCounters)) {
     if let Some(c) = POD_COUNTERS.get_ptr_mut(pod_id) {
-        // Safety: a per-CPU slot, only this CPU writes it while the program runs.
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe { f(&mut *c) }
     }
 }

@@ -17,9 +17,9 @@ const PASS: i32 = 1;
 
 #[inline(always)]
 fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
-    // Safety: helper valid for sock_addr programs.
+    // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     unsafe { ORIG_BY_COOKIE.get(cookie) }.copied()
 }
 
@@ -29,7 +29,7 @@ pub fn rd_peername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = original(&ctx) {
         if orig.family == AF_INET {
             let sa = ctx.sock_addr;
-            // Safety: getpeername4 may write the address.
+            // SAFETY: getpeername4 may write the address.
             unsafe {
                 (*sa).user_ip4 = orig.addr_be[0];
                 (*sa).user_port = orig.port_be as u32;
@@ -49,7 +49,7 @@ pub fn rd_peername6(ctx: SockAddrContext) -> i32 {
             orig.addr_be
         };
         let sa = ctx.sock_addr;
-        // Safety: getpeername6 may write the address, one word at a time.
+        // SAFETY: getpeername6 may write the address, one word at a time.
         unsafe {
             ctx_write_addr6(&raw mut (*sa).user_ip6, a);
             (*sa).user_port = orig.port_be as u32;

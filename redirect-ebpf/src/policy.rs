@@ -60,7 +60,7 @@ pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
 /// One of the pod's own addresses (`NODE_ADDRS` maps each mesh pod address to its pod).
 #[inline(always)]
 pub fn is_pod_addr(pod: &PodConfig, addr16: [u8; 16]) -> bool {
-    // Safety: plain-data value, read at once.
+    // SAFETY: plain-data value, read at once.
     unsafe { NODE_ADDRS.get(NodeAddrKey { addr_be: addr16 }) }.is_some_and(|id| *id == pod.pod_id)
 }
 

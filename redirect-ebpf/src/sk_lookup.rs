@@ -29,14 +29,14 @@ static POD_NETNS_COOKIE: Global<u64> = Global::new(0);
 #[sk_lookup]
 pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    // Safety: context fields an sk_lookup program may read, one word at a time.
+    // SAFETY: context fields an sk_lookup program may read, one word at a time.
     let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
     // Loopback destinations (including the listener probes of connect4's
     // bpf_sk_lookup_tcp) are never ours: return before any map lookup.
-    // Safety: as above.
+    // SAFETY: as above.
     let local_loopback = unsafe {
         if family == AF_INET {
             Endpoint::v4((*l).local_ip4, 0).is_loopback()
@@ -48,11 +48,11 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let netns_cookie = POD_NETNS_COOKIE.load();
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
         return SK_PASS;
     };
-    // Safety: as above.
+    // SAFETY: as above.
     let remote = unsafe {
         if family == AF_INET {
             Endpoint::v4((*l).remote_ip4, 0)
@@ -100,7 +100,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn steered_key(ctx: &SkLookupContext, netns_cookie: u64) -> SockKey {
     let l = ctx.lookup;
-    // Safety: sk_lookup context fields, read one word at a time.
+    // SAFETY: sk_lookup context fields, read one word at a time.
     unsafe {
         sock_key(
             netns_cookie,

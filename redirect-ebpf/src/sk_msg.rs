@@ -24,7 +24,7 @@ use redirect_ebpf::{
 /// sk_msg programs).
 #[sk_msg]
 pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
-    // Safety: helper valid for sk_msg programs.
+    // SAFETY: helper valid for sk_msg programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = own_key(&ctx, netns_cookie);
     if ACCEL_FALLBACK.get_ptr(key).is_some() {
@@ -36,7 +36,7 @@ pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
         let _ = ACCEL_FALLBACK.insert(key, 1, 0);
         return SK_PASS;
     }
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     if let Some(pod) = unsafe { MESH_PODS.get(netns_cookie) } {
         count(pod.pod_id, |c| {
             c.accel_msgs += 1;
@@ -49,7 +49,7 @@ pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn own_key(ctx: &SkMsgContext, netns_cookie: u64) -> SockKey {
     let m = ctx.msg;
-    // Safety: sk_msg context fields, read one word at a time.
+    // SAFETY: sk_msg context fields, read one word at a time.
     unsafe {
         sock_key(
             netns_cookie,

@@ -73,9 +73,9 @@ pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
-    // Safety: helper valid for sock_ops programs.
+    // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let orig = unsafe { ORIG_BY_COOKIE.get(cookie) }?;
     Some((cookie, *orig))
 }
@@ -95,7 +95,7 @@ fn on_active_established(ctx: &SockOpsContext) {
             // A lookup marks the new entry referenced: when the map is full, the kernel's
             // LRU evicts unreferenced entries first, which would otherwise be the newest
             // ones, before their proxy asked for them.
-            // Safety: the value is not used.
+            // SAFETY: the value is not used.
             let _ = unsafe { ORIG_BY_TUPLE.get(key) };
         }
     }
@@ -110,10 +110,10 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
     }
-    // Safety: helper valid for sock_ops programs.
+    // SAFETY: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = ACCEL_FALLBACK.remove(own_key(ctx, netns_cookie));
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
         return;
     };
@@ -121,7 +121,7 @@ fn on_state_change(ctx: &SockOpsContext) {
     if remote_port != pod.outbound_port {
         return;
     }
-    // Safety: helper valid for sock_ops programs.
+    // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let had_cookie = ORIG_BY_COOKIE.remove(cookie).is_ok();
     let had_tuple = ORIG_BY_TUPLE.remove(client_key(ctx, netns_cookie)).is_ok();
@@ -143,11 +143,11 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
     if ACCEL_ENABLED.load() == 0 {
         return;
     }
-    // Safety: helper valid for sock_ops programs.
+    // SAFETY: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = own_key(ctx, netns_cookie);
     let proxy_owned = if active {
-        // Safety: helper valid for sock_ops programs.
+        // SAFETY: helper valid for sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let owned = PROXY_SOCKS.get_ptr(cookie).is_some();
         let _ = PROXY_SOCKS.remove(cookie);
@@ -161,7 +161,7 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
         // Not the proxy's, or a connection inside the pod (to or from an application).
         return;
     }
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
         return;
     };
@@ -183,7 +183,7 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
     if !peer_local {
         return;
     }
-    // Safety: the context is this socket's sock_ops, as the helper requires.
+    // SAFETY: the context is this socket's sock_ops, as the helper requires.
     if SOCK_PAIRS.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
         // Ask for the close callback, which forgets the socket's fallback mark.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -194,7 +194,7 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
 #[inline(always)]
 fn own_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
     let ops = ctx.ops;
-    // Safety: sock_ops context fields, read one word at a time.
+    // SAFETY: sock_ops context fields, read one word at a time.
     unsafe {
         sock_key(
             netns_cookie,
@@ -218,12 +218,12 @@ fn on_listen(ctx: &SockOpsContext) {
         return;
     }
     let key = ListenerKey {
-        // Safety: helper valid for sock_ops programs.
+        // SAFETY: helper valid for sock_ops programs.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         family: ctx.family(),
         port,
     };
-    // Safety: the context is the listening socket's sock_ops, as the helper requires.
+    // SAFETY: the context is the listening socket's sock_ops, as the helper requires.
     let _ = LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);
 }
 
@@ -231,7 +231,7 @@ fn on_listen(ctx: &SockOpsContext) {
 #[inline(always)]
 fn client_key(ctx: &SockOpsContext, netns_cookie: u64) -> TupleKey {
     let ops = ctx.ops;
-    // Safety: sock_ops context fields, read one word at a time.
+    // SAFETY: sock_ops context fields, read one word at a time.
     unsafe {
         let client_port_be = ((*ops).local_port as u16).to_be();
         // remote_port holds the network-order port in its upper 16 bits on little endian.

@@ -25,17 +25,17 @@ const SOCKADDR_IN6_LEN: usize = 28;
 #[cgroup_sockopt(getsockopt)]
 pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
-    // Safety: fields a getsockopt program may read.
+    // SAFETY: fields a getsockopt program may read.
     let (level, optname) = unsafe { ((*so).level, (*so).optname) };
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return PASS;
     }
-    // Safety: helper valid for sockopt programs.
+    // SAFETY: helper valid for sockopt programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(key) = server_key(&ctx, netns_cookie) else {
         return PASS;
     };
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let orig = match unsafe { ORIG_BY_TUPLE.get(key) } {
         Some(o) => *o,
         None => match untranslated(&key) {
@@ -43,7 +43,7 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
             None => return PASS,
         },
     };
-    // Safety: optval/optval_end are the kernel's buffer bounds; every write is checked against
+    // SAFETY: optval/optval_end are the kernel's buffer bounds; every write is checked against
     // them first, as the verifier requires.
     unsafe {
         let start = (*so).__bindgen_anon_2.optval as *mut u8;
@@ -83,7 +83,7 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
 /// whose real destination we must know or the proxy would connect to itself.
 #[inline(always)]
 fn untranslated(key: &TupleKey) -> Option<OrigDst> {
-    // Safety: plain-data value, copied out at once.
+    // SAFETY: plain-data value, copied out at once.
     let pod = unsafe { MESH_PODS.get(key.netns_cookie) }.copied()?;
     if u16::from_be(key.server_port_be) == pod.outbound_port {
         // A connection to the proxy's outbound port we hold no destination for.
@@ -102,7 +102,7 @@ fn untranslated(key: &TupleKey) -> Option<OrigDst> {
 /// The [`TupleKey`] of an accepted socket: its peer is the client, its local end the server.
 #[inline(always)]
 fn server_key(ctx: &SockoptContext, netns_cookie: u64) -> Option<TupleKey> {
-    // Safety: the socket of a sockopt program is a full socket the verifier lets us read.
+    // SAFETY: the socket of a sockopt program is a full socket the verifier lets us read.
     unsafe {
         let sk = (*ctx.sockopt).__bindgen_anon_1.sk;
         if sk.is_null() {

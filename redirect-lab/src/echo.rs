@@ -110,7 +110,7 @@ pub fn abort(s: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // Safety: setsockopt with a struct we own; the socket is closed right after.
+    // SAFETY: setsockopt with a struct we own; the socket is closed right after.
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
@@ -150,7 +150,7 @@ fn send_all(s: &TcpStream, size: u64, seed: u64, mode: SendMode) -> Result<Fnv> 
             }
             let mut off: libc::off_t = 0;
             while (off as u64) < size {
-                // Safety: sendfile between fds we own, with an offset we own.
+                // SAFETY: sendfile between fds we own, with an offset we own.
                 let r = unsafe {
                     libc::sendfile(
                         s.as_raw_fd(),
@@ -166,11 +166,11 @@ fn send_all(s: &TcpStream, size: u64, seed: u64, mode: SendMode) -> Result<Fnv> 
         }
         SendMode::Splice => {
             let mut fds = [0; 2];
-            // Safety: pipe2 into an array we own.
+            // SAFETY: pipe2 into an array we own.
             if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
                 return Err(std::io::Error::last_os_error()).context("pipe2");
             }
-            // Safety: the pipe fds are ours from here on.
+            // SAFETY: the pipe fds are ours from here on.
             let (r, mut wp) = unsafe {
                 use std::os::fd::FromRawFd;
                 (
@@ -185,7 +185,7 @@ fn send_all(s: &TcpStream, size: u64, seed: u64, mode: SendMode) -> Result<Fnv> 
                 wp.write_all(&buf[..n])?;
                 let mut moved = 0;
                 while moved < n {
-                    // Safety: splice from our pipe into our socket.
+                    // SAFETY: splice from our pipe into our socket.
                     let m = unsafe {
                         libc::splice(
                             r.as_raw_fd(),

@@ -141,7 +141,7 @@ impl Drop for Cgroup {
         for _ in 0..50 {
             if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
                 for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
-                    // Safety: kill(2).
+                    // SAFETY: kill(2).
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
@@ -173,7 +173,7 @@ impl Proc {
 
     /// Stops the process with SIGTERM, waiting up to 5 s.
     pub fn terminate(&mut self) {
-        // Safety: kill(2) on our own child.
+        // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -232,7 +232,7 @@ pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]
         None => None,
     };
     let uid = placement.uid;
-    // Safety: only async-signal-safe calls (write, setns, setgroups, setgid, setuid) between
+    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid) between
     // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -354,7 +354,7 @@ pub struct Lab {
 impl Lab {
     /// Creates an empty lab. Needs root, iproute2 and cgroup v2.
     pub fn new() -> Result<Self> {
-        // Safety: geteuid(2).
+        // SAFETY: geteuid(2).
         if unsafe { libc::geteuid() } != 0 {
             bail!("the lab needs root (network namespaces, cgroups, BPF): run as root / via `cargo xtask test`");
         }

@@ -109,7 +109,7 @@ enum Cmd {
 }
 
 fn raise_nofile() {
-    // Safety: getrlimit/setrlimit on a struct we own.
+    // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
@@ -133,7 +133,7 @@ fn listen(addr: SocketAddr, v6only: bool) -> Result<TcpListener> {
     s.set_reuseaddr(true)?;
     if addr.is_ipv6() {
         let v: libc::c_int = v6only.into();
-        // Safety: setsockopt with an int we own.
+        // SAFETY: setsockopt with an int we own.
         let rc = unsafe {
             libc::setsockopt(
                 s.as_raw_fd(),
@@ -157,7 +157,7 @@ fn listen(addr: SocketAddr, v6only: bool) -> Result<TcpListener> {
 fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
     let fd = s.as_raw_fd();
-    // Safety: getsockopt into a sockaddr_storage we own, with its true length.
+    // SAFETY: getsockopt into a sockaddr_storage we own, with its true length.
     unsafe {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
         let v6 = s.local_addr()?.is_ipv6()

@@ -449,7 +449,7 @@ fn prog_exists(id: u32) -> bool {
     struct Attr([u32; 32]);
     let mut attr = Attr([0; 32]);
     attr.0[0] = id;
-    // Safety: bpf(BPF_PROG_GET_FD_BY_ID = 13) with a zero-padded attr.
+    // SAFETY: bpf(BPF_PROG_GET_FD_BY_ID = 13) with a zero-padded attr.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -459,7 +459,7 @@ fn prog_exists(id: u32) -> bool {
         )
     };
     if fd >= 0 {
-        // Safety: closing the fd we just got.
+        // SAFETY: closing the fd we just got.
         unsafe { libc::close(fd as i32) };
         true
     } else {

@@ -94,7 +94,8 @@ fn build(release: bool) -> Result<PathBuf> {
     let dir = root()
         .join("target")
         .join(if release { "release" } else { "debug" });
-    // SAFETY of set_var: xtask is single-threaded here.
+    // SAFETY: set_var is sound while no other thread reads the environment; xtask runs no
+    // other thread here.
     unsafe {
         std::env::set_var("REDIRECTD_BIN", dir.join("redirectd"));
         std::env::set_var("REDIRECT_LAB_BIN", dir.join("redirect-lab"));
@@ -103,7 +104,7 @@ fn build(release: bool) -> Result<PathBuf> {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    // Safety: geteuid(2).
+    // SAFETY: geteuid(2).
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root (BPF, network namespaces, cgroups): run it as root");
     }
@@ -200,7 +201,8 @@ fn main() -> Result<()> {
         Task::Test { long, args } => {
             require_root("the tests")?;
             if long {
-                // SAFETY of set_var: xtask is single-threaded here.
+                // SAFETY: set_var is sound while no other thread reads the environment; xtask
+                // runs no other thread here.
                 unsafe { std::env::set_var("REDIRECT_LOAD_SECS", "300") };
             }
             build(false)?;

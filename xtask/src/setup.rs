@@ -81,7 +81,7 @@ pub fn setup() -> Result<()> {
         .collect();
     missing.dedup();
     if !missing.is_empty() {
-        // Safety: geteuid(2).
+        // SAFETY: geteuid(2).
         if unsafe { libc::geteuid() } != 0 {
             bail!("packages {missing:?} are missing and installing them needs root");
         }
