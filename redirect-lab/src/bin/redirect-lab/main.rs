@@ -1,0 +1,171 @@
+//! `redirect-lab`: the lab's programs.
+//!
+//! - `proxy`: a transparent sidecar that behaves like Envoy under Istio: outbound listener on
+//!   127.0.0.1/[::1]:15001, inbound listener on 15006, runs as uid 1337 (the lab starts it so),
+//!   learns the original destination only from `getsockopt(SO_ORIGINAL_DST)` (outbound) or
+//!   `getsockname()` (inbound), connects upstream and relays bytes. One JSON line per
+//!   connection on stdout.
+//! - `server`: answers each connection with the addresses it saw (JSON line, or HTTP for curl).
+//! - `client`: opens connections to targets and prints one JSON line per connection.
+
+mod client;
+mod proxy;
+mod server;
+mod sockets;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The sidecar proxy.
+    Proxy {
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// Wait this long after accepting an outbound connection before asking
+        /// SO_ORIGINAL_DST (a slow or busy proxy).
+        #[arg(long, default_value_t = 0)]
+        answer_delay_ms: u64,
+    },
+    /// A server that reports the addresses it saw.
+    Server {
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+    /// Echoes every byte back; half-closes after the client's FIN.
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+        /// Read this many bytes, then abort the connection with a reset.
+        #[arg(long)]
+        reset_after: Option<u64>,
+    },
+    /// Streams pseudo-random bytes through an echo and checks they come back intact.
+    EchoClient {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        size: u64,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        mode: redirect_lab::echo::SendMode,
+        /// Sleep this long after every 16 KiB read (a slow reader).
+        #[arg(long)]
+        slow_read_us: Option<u64>,
+    },
+    /// Benchmark server: 1 KiB request/response on one port, a sink on another.
+    PerfServer {
+        #[arg(long, default_value_t = 9001)]
+        rr_port: u16,
+        #[arg(long, default_value_t = 9002)]
+        sink_port: u16,
+    },
+    /// Benchmark client: one workload, one JSON line.
+    PerfClient {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, value_enum)]
+        workload: redirect_lab::perf::Workload,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+    },
+    /// A client: `count` connections spread over the targets, `concurrency` at a time.
+    Client {
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Keep every connection open until all have their reply (needs count == concurrency).
+        #[arg(long)]
+        hold: bool,
+        /// With --hold: how long to keep them all open once they are, before asking
+        /// getpeername() again and closing.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+}
+
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    raise_nofile();
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    match Cli::parse().cmd {
+        Cmd::Proxy {
+            outbound_port,
+            inbound_port,
+            answer_delay_ms,
+        } => rt()?.block_on(proxy::run(
+            outbound_port,
+            inbound_port,
+            Duration::from_millis(answer_delay_ms),
+        )),
+        Cmd::Server { ports } => rt()?.block_on(server::run(ports)),
+        Cmd::Client {
+            targets,
+            count,
+            concurrency,
+            hold,
+            hold_ms,
+            timeout_ms,
+        } => rt()?.block_on(client::run(
+            targets,
+            count,
+            concurrency,
+            hold,
+            hold_ms,
+            timeout_ms,
+        )),
+        Cmd::PerfServer { rr_port, sink_port } => redirect_lab::perf::server(rr_port, sink_port),
+        Cmd::PerfClient {
+            target,
+            workload,
+            duration_ms,
+            conns,
+        } => {
+            redirect_lab::perf::client(target, workload, Duration::from_millis(duration_ms), conns)
+        }
+        Cmd::EchoServer { port, reset_after } => redirect_lab::echo::server(port, reset_after),
+        Cmd::EchoClient {
+            target,
+            size,
+            streams,
+            mode,
+            slow_read_us,
+        } => {
+            let slow = slow_read_us.map(Duration::from_micros);
+            redirect_lab::echo::client(target, size, streams, mode, slow)
+        }
+    }
+}
