@@ -1,0 +1,219 @@
+//! What runs in the lab's pods: the sidecar, servers, clients, the lab's measuring tools,
+//! and the daemon.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    bin, echo, perf, run, spawn, which, wire, Daemon, Lab, Netns, Placement, NEXT, PROXY_UID,
+};
+
+impl Lab {
+    /// Starts a lab binary subcommand in a pod (as `uid`, if given). Returns its index in
+    /// `self.procs`.
+    pub fn spawn_in(
+        &mut self,
+        pod: &str,
+        uid: Option<u32>,
+        tag: &str,
+        args: &[&str],
+    ) -> Result<usize> {
+        let log = self.dir.join(format!("{pod}-{tag}.log"));
+        let program = bin("redirect-lab");
+        let mut placement = self.pod(pod).placement();
+        placement.uid = uid;
+        let p = spawn(placement, &log, &program, args)?;
+        self.procs.push(p);
+        Ok(self.procs.len() - 1)
+    }
+
+    /// Starts the sidecar proxy in a pod, as uid 1337, and waits until it listens.
+    pub fn start_sidecar(&mut self, pod: &str) -> Result<usize> {
+        self.start_sidecar_with(pod, &[])
+    }
+
+    /// Starts the lab sidecar with extra `proxy` arguments (e.g. `--answer-delay-ms`).
+    pub fn start_sidecar_with(&mut self, pod: &str, extra: &[&str]) -> Result<usize> {
+        let mut args = vec!["proxy"];
+        args.extend_from_slice(extra);
+        let i = self.spawn_in(pod, Some(PROXY_UID), "sidecar", &args)?;
+        self.wait_listening(pod, 15001)?;
+        Ok(i)
+    }
+
+    /// Starts the test server in a pod on `ports` and waits until it listens.
+    pub fn start_server(&mut self, pod: &str, ports: &[u16]) -> Result<usize> {
+        let mut args = vec!["server".to_string()];
+        for p in ports {
+            args.push("--port".into());
+            args.push(p.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let i = self.spawn_in(pod, None, "server", &args)?;
+        for p in ports {
+            self.wait_listening(pod, *p)?;
+        }
+        Ok(i)
+    }
+
+    /// Starts the echo server in a pod and waits until it listens.
+    pub fn start_echo_server(
+        &mut self,
+        pod: &str,
+        port: u16,
+        reset_after: Option<u64>,
+    ) -> Result<usize> {
+        let port_s = port.to_string();
+        let mut args = vec!["echo-server", "--port", &port_s];
+        let reset;
+        if let Some(r) = reset_after {
+            reset = r.to_string();
+            args.extend(["--reset-after", &reset]);
+        }
+        let i = self.spawn_in(pod, None, &format!("echo{port}"), &args)?;
+        self.wait_listening(pod, port)?;
+        Ok(i)
+    }
+
+    /// Runs the echo client in a pod; one result per stream.
+    pub fn echo(&self, pod: &str, args: &[&str]) -> Result<Vec<echo::EchoResult>> {
+        self.tool(self.pod(pod).placement(), "echo-client", args)
+    }
+
+    /// Runs one benchmark workload (`perf-client`) in a pod.
+    pub fn perf(&self, pod: &str, args: &[&str]) -> Result<perf::Measured> {
+        let mut results = self.tool(self.pod(pod).placement(), "perf-client", args)?;
+        results.pop().context("perf-client printed no result")
+    }
+
+    /// Runs `redirect-lab <subcommand> <args>` at `placement` to completion and parses the
+    /// JSON object it prints on each line.
+    fn tool<T: serde::de::DeserializeOwned>(
+        &self,
+        placement: Placement<'_>,
+        subcommand: &str,
+        args: &[&str],
+    ) -> Result<Vec<T>> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("{subcommand}-{n}.log"));
+        let mut all = vec![subcommand];
+        all.extend_from_slice(args);
+        let mut p = spawn(placement, &log, &bin("redirect-lab"), &all)?;
+        let status = p.child.wait()?;
+        let text = p.log_text();
+        if !status.success() {
+            bail!("{subcommand} {args:?} failed ({status}): {text}");
+        }
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("{subcommand} output {l:?}")))
+            .collect()
+    }
+
+    /// Packets sent and received so far on `dev` in a namespace (`ip -s -j link`).
+    pub fn link_packets(ns: &Netns, dev: &str) -> Result<u64> {
+        let out = run(
+            "ip",
+            &["-n", &ns.name, "-s", "-j", "link", "show", "dev", dev],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let stats = &v[0]["stats64"];
+        let n = stats["rx"]["packets"].as_u64().context("no rx packets")?
+            + stats["tx"]["packets"].as_u64().context("no tx packets")?;
+        Ok(n)
+    }
+
+    /// Waits until something in the pod listens on TCP `port`.
+    pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
+        let ns = &self.pod(pod).netns;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = ns.exec(&["ss", "-Htln", &format!("sport = :{port}")])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on port {port} in pod {pod} after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the lab client in a pod (or, with `pod` None, on the host in the lab's cgroup)
+    /// to completion and returns one result per connection.
+    pub fn client(
+        &self,
+        pod: Option<&str>,
+        uid: Option<u32>,
+        args: &[&str],
+    ) -> Result<Vec<wire::ClientResult>> {
+        let mut placement = match pod {
+            Some(p) => self.pod(p).placement(),
+            None => Placement {
+                netns: None,
+                cgroup: Some(&self.cgroup),
+                uid: None,
+            },
+        };
+        placement.uid = uid;
+        self.client_at(placement, args)
+    }
+
+    /// Runs the lab client at any placement (e.g. the node or the remote node namespace).
+    pub fn client_at(
+        &self,
+        placement: Placement<'_>,
+        args: &[&str],
+    ) -> Result<Vec<wire::ClientResult>> {
+        self.tool(placement, "client", args)
+    }
+
+    /// Runs any program in a pod's cgroup and netns (as `uid`, if given) to completion and
+    /// returns its stdout and stderr. `ip netns exec` would not do: it leaves the caller's
+    /// cgroup, where the programs are not attached.
+    pub fn run_in(
+        &self,
+        pod: &str,
+        uid: Option<u32>,
+        program: &str,
+        args: &[&str],
+    ) -> Result<String> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("run-{n}.log"));
+        let mut placement = self.pod(pod).placement();
+        placement.uid = uid;
+        let path = which(program)?;
+        let mut p = spawn(placement, &log, &path, args)?;
+        let status = p.child.wait()?;
+        let text = p.log_text();
+        if !status.success() {
+            bail!("{program} {args:?} in pod {pod} failed ({status}): {text}");
+        }
+        Ok(text)
+    }
+
+    /// The JSON records a sidecar logged.
+    pub fn sidecar_log(&self, proc_index: usize) -> Vec<wire::ProxyRecord> {
+        self.procs[proc_index]
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Starts `redirectd run` for this lab: attached to the lab's cgroup, pinned under a pin
+    /// dir of its own, following a pods file in the lab directory.
+    pub fn start_daemon(&mut self, pods_yaml: &str, extra: &[&str]) -> Result<()> {
+        let d = Daemon::start(&self.id, &self.dir, &self.cgroup.path, pods_yaml, extra)?;
+        self.daemon = Some(d);
+        Ok(())
+    }
+
+    pub fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("daemon not started")
+    }
+}
