@@ -6,6 +6,12 @@
 //! part of each field's name: `_be` is network byte order, anything else is host order.
 #![no_std]
 
+#[cfg(feature = "status")]
+extern crate alloc;
+
+#[cfg(feature = "status")]
+pub mod status;
+
 use core::mem::size_of;
 
 /// Maximum number of mesh pods one node can hold (size of `MESH_PODS` and `POD_COUNTERS`).

@@ -1,15 +1,13 @@
 //! What runs in the lab's pods: the sidecar, servers, clients, the lab's measuring tools,
 //! and the daemon.
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bin, echo, perf, run, spawn, which, wire, Daemon, Lab, Netns, Placement, NEXT, PROXY_UID,
+    bin, echo, eventually, perf, run, spawn, which, wire, Daemon, Lab, Netns, Placement, NEXT,
+    PROXY_UID,
 };
 
 impl Lab {
@@ -130,17 +128,15 @@ impl Lab {
     /// Waits until something in the pod listens on TCP `port`.
     pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
         let ns = &self.pod(pod).netns;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = ns.exec(&["ss", "-Htln", &format!("sport = :{port}")])?;
-            if !out.trim().is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("nothing listens on port {port} in pod {pod} after 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let filter = format!("sport = :{port}");
+        eventually(
+            Duration::from_secs(10),
+            &format!("a listener on port {port} in pod {pod}"),
+            || {
+                let out = ns.exec(&["ss", "-Htln", &filter]).ok()?;
+                (!out.trim().is_empty()).then_some(())
+            },
+        )
     }
 
     /// Runs the lab client in a pod (or, with `pod` None, on the host in the lab's cgroup)

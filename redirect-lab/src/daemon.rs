@@ -4,12 +4,12 @@ use std::{
     fs::File,
     io::Write as _,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use crate::{bin, run, spawn, Placement, Proc};
+use crate::{bin, eventually, run, spawn, Placement, PodReport, Proc, Report};
 
 /// A running `redirectd`; on drop it is stopped and `redirectd uninstall` removes its pins.
 pub struct Daemon {
@@ -76,18 +76,19 @@ impl Daemon {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = spawn(Placement::default(), &self.log, &self.binary, &args)?;
         self.proc = Some(p);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.status_file.exists() {
-            if let Some(p) = &mut self.proc {
+        let proc = &mut self.proc;
+        let started = eventually(Duration::from_secs(20), "redirectd's first pass", || {
+            if let Some(p) = proc.as_mut() {
                 if let Ok(Some(status)) = p.child.try_wait() {
-                    bail!("redirectd exited ({status}): {}", p.log_text());
+                    return Some(Err(anyhow::anyhow!(
+                        "redirectd exited ({status}): {}",
+                        p.log_text()
+                    )));
                 }
             }
-            if Instant::now() > deadline {
-                bail!("redirectd not ready after 20 s: {}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            self.status_file.exists().then_some(Ok(()))
+        });
+        started.with_context(|| std::fs::read_to_string(&self.log).unwrap_or_default())??;
         Ok(())
     }
 
@@ -106,7 +107,7 @@ impl Daemon {
     }
 
     /// `redirectd status --json`.
-    pub fn status(&self) -> Result<serde_json::Value> {
+    pub fn status(&self) -> Result<Report> {
         let out = run(
             bin("redirectd").to_str().context("non-UTF-8 path")?,
             &[
@@ -122,58 +123,30 @@ impl Daemon {
     }
 
     /// Waits (up to 10 s) until `pred` holds for `redirectd status --json`.
-    pub fn wait_status(
-        &self,
-        what: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(s) = self.status() {
-                if pred(&s) {
-                    return Ok(s);
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "timed out waiting for {what}; status: {s:#}\nlog:\n{}",
-                        self.log_text()
-                    );
-                }
-            } else if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; no status\nlog:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&Report) -> bool) -> Result<Report> {
+        let mut last = None;
+        let found = eventually(Duration::from_secs(10), what, || {
+            let s = self.status().ok()?;
+            let done = pred(&s);
+            last = Some(s.clone());
+            done.then_some(s)
+        });
+        found.with_context(|| format!("last status: {last:#?}\nlog:\n{}", self.log_text()))
     }
 
     /// Waits until exactly the pods `names` (in namespace `lab`) are applied.
-    pub fn wait_pods(&self, names: &[&str]) -> Result<serde_json::Value> {
-        let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        want.sort();
-        self.wait_status(&format!("pods {want:?} applied"), |s| {
-            let mut got: Vec<String> = s["pods"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| p["name"].as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            got.sort();
-            got == want
-        })
+    pub fn wait_pods(&self, names: &[&str]) -> Result<Report> {
+        let mut want: Vec<&str> = names.to_vec();
+        want.sort_unstable();
+        self.wait_status(&format!("pods {want:?} applied"), |s| s.pod_names() == want)
     }
 
     /// The status entry of one pod.
-    pub fn pod_status(&self, name: &str) -> Result<serde_json::Value> {
+    pub fn pod_status(&self, name: &str) -> Result<PodReport> {
         let s = self.status()?;
-        s["pods"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
-            .with_context(|| format!("pod {name} not in status: {s:#}"))
+        s.pod(name)
+            .cloned()
+            .with_context(|| format!("pod {name} not in status: {s:#?}"))
     }
 
     /// Stops the daemon (SIGTERM). Its programs stay pinned and attached.

@@ -16,6 +16,7 @@ mod netns;
 pub mod perf;
 mod process;
 mod topology;
+mod wait;
 pub mod wire;
 
 use std::sync::atomic::AtomicU32;
@@ -25,7 +26,9 @@ pub use cmd::{bin, run, which};
 pub use daemon::Daemon;
 pub use netns::Netns;
 pub use process::{spawn, Placement, Proc};
+pub use redirect_common::status::{PodReport, Report};
 pub use topology::{Lab, Pod};
+pub use wait::eventually;
 
 /// Prefix of every lab object's name; `cargo xtask test` sweeps leftovers with it.
 pub const PREFIX: &str = "rlab-";

@@ -27,7 +27,6 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirect_common::map_names;
-use serde::{Deserialize, Serialize};
 
 use crate::{bpf_sys, mounts};
 
@@ -97,15 +96,7 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
 /// The cgroup programs that send connections to a proxy; detached first on uninstall.
 const CAPTURE_PROGRAMS: &[&str] = &["rd_connect4", "rd_connect6"];
 
-/// What was loaded, for logs and `redirectd status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProgramReport {
-    pub name: String,
-    pub hook: String,
-    /// Instructions the verifier processed (kernel 5.16+), a measure of program cost.
-    pub verified_insns: Option<u32>,
-    pub id: u32,
-}
+pub use redirect_common::status::ProgramReport;
 
 /// Where and how to load.
 pub struct LoadOptions<'a> {

@@ -1,23 +1,14 @@
 //! The daemon's status file (what it applied, rejected and loaded) and `redirectd status`,
 //! which joins it with the live counters in the pinned maps.
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
+pub use redirect_common::status::{PodReport, PodStatus, ProgramReport, Report};
 use redirect_common::{map_names, PodCounters};
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::Datapath, loader::ProgramReport};
-
-/// One applied pod.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodStatus {
-    pub namespace: String,
-    pub name: String,
-    pub netns: String,
-    pub pod_id: u32,
-    pub netns_cookie: u64,
-}
+use crate::datapath::Datapath;
 
 /// Written by `redirectd run` after every reconcile pass (atomically: temp file + rename).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -57,40 +48,16 @@ impl StatusFile {
     }
 }
 
-/// A pod's line in `redirectd status`: its status and its counters by name.
-#[derive(Debug, Serialize)]
-pub struct PodReport {
-    #[serde(flatten)]
-    pub pod: PodStatus,
-    #[serde(flatten)]
-    pub counters: BTreeMap<&'static str, u64>,
-}
-
-impl PodReport {
-    fn new(pod: PodStatus, c: PodCounters) -> Self {
-        Self {
-            pod,
-            counters: PodCounters::NAMES.into_iter().zip(c.values()).collect(),
-        }
+/// A pod's report line from its status and its counters.
+fn pod_report(pod: PodStatus, c: PodCounters) -> PodReport {
+    PodReport {
+        pod,
+        counters: PodCounters::NAMES
+            .into_iter()
+            .map(String::from)
+            .zip(c.values())
+            .collect(),
     }
-
-    fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
-    }
-}
-
-/// The whole `redirectd status` answer.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub pods: Vec<PodReport>,
-    pub rejected: Vec<String>,
-    pub warnings: Vec<String>,
-    pub file_error: Option<String>,
-    pub programs: Vec<ProgramReport>,
-    /// Entries in `SOCK_PAIRS` (accelerated sockets), `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
-    pub sock_pairs: usize,
-    pub orig_by_cookie: usize,
-    pub orig_by_tuple: usize,
 }
 
 pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
@@ -99,7 +66,7 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
     let mut pods = Vec::new();
     for p in status.pods {
         let c = dp.counters(p.pod_id)?;
-        pods.push(PodReport::new(p, c));
+        pods.push(pod_report(p, c));
     }
     let fill = dp.fill();
     let entries = |name: &str| {

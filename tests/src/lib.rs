@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_lab::{wire::ClientResult, Lab};
+use redirect_lab::{wire::ClientResult, Lab, Report};
 
 /// A lab, or a loud failure naming what the test needs.
 pub fn lab() -> Lab {
@@ -45,13 +45,13 @@ pub fn mesh_with_echo(annotations: &[(&str, &str)]) -> Lab {
 }
 
 /// How full the connection maps are: `(SOCK_PAIRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE)`.
-pub type Fill = (Option<u64>, Option<u64>, Option<u64>);
+pub type Fill = (usize, usize, usize);
 
-fn fill_of(status: &serde_json::Value) -> Fill {
+fn fill_of(status: &Report) -> Fill {
     (
-        status["sock_pairs"].as_u64(),
-        status["orig_by_cookie"].as_u64(),
-        status["orig_by_tuple"].as_u64(),
+        status.sock_pairs,
+        status.orig_by_cookie,
+        status.orig_by_tuple,
     )
 }
 
@@ -61,7 +61,7 @@ pub fn map_fill(lab: &mut Lab) -> Fill {
 }
 
 /// Waits until the connection maps are back to `start`; returns the status then.
-pub fn wait_maps_back(lab: &mut Lab, start: Fill) -> serde_json::Value {
+pub fn wait_maps_back(lab: &mut Lab, start: Fill) -> Report {
     lab.daemon()
         .wait_status("maps back to their starting size", |s| fill_of(s) == start)
         .unwrap()

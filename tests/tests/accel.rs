@@ -12,7 +12,7 @@ fn accel_bytes(lab: &mut Lab) -> u64 {
     let d = lab.daemon();
     ["a", "b"]
         .iter()
-        .map(|p| d.pod_status(p).unwrap()["accel_bytes"].as_u64().unwrap())
+        .map(|p| d.pod_status(p).unwrap().counter("accel_bytes"))
         .sum()
 }
 
@@ -179,13 +179,7 @@ fn no_leak_after_ten_thousand_connections() {
         failed.first()
     );
     let st = wait_maps_back(&mut lab, start);
-    let a = &st["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "a")
-        .unwrap()
-        .clone();
-    assert_eq!(a["outbound_captured"].as_u64(), Some(10_000));
-    assert!(a["accel_msgs"].as_u64().unwrap() >= 10_000, "{a:#}");
+    let a = st.pod("a").unwrap();
+    assert_eq!(a.counter("outbound_captured"), 10_000);
+    assert!(a.counter("accel_msgs") >= 10_000, "{a:#?}");
 }

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use redirect_lab::{
+    eventually,
     wire::{ClientResult, ProxyRecord},
     Lab, Placement,
 };
@@ -124,9 +125,9 @@ fn inbound_from_everywhere_reaches_the_sidecar_first() {
     }
     let st = lab.daemon().pod_status("srv").unwrap();
     assert_eq!(
-        st["inbound_captured"].as_u64(),
-        Some(expected_inbound as u64),
-        "{st:#}"
+        st.counter("inbound_captured"),
+        expected_inbound as u64,
+        "{st:#?}"
     );
 }
 
@@ -212,7 +213,7 @@ fn excluded_and_included_inbound_ports() {
     assert_eq!(inbound_records(&lab, se).len(), 1);
     assert_eq!(inbound_records(&lab, si).len(), 1);
     let st = lab.daemon().pod_status("excl").unwrap();
-    assert_eq!(st["inbound_direct"].as_u64(), Some(2), "{st:#}");
+    assert_eq!(st.counter("inbound_direct"), 2, "{st:#?}");
 }
 
 /// Proxy down: fail open lets connections reach the app (counted), fail closed refuses them
@@ -259,18 +260,17 @@ fn proxy_restart_and_fail_modes() {
         assert!(!via_passthrough(ok(&r)), "round {round}: {r:?}");
         sidecar = lab.start_sidecar("open").unwrap();
         let listening = Instant::now();
-        loop {
-            let r = lab
-                .client(Some("plain"), None, &["--target", &open])
-                .unwrap();
-            if via_passthrough(ok(&r)) {
-                break;
-            }
-            assert!(
-                listening.elapsed() < Duration::from_secs(1),
-                "round {round}: not captured 1 s after listen()"
-            );
-        }
+        eventually(
+            Duration::from_secs(1),
+            &format!("round {round}: capture after the new listen()"),
+            || {
+                let r = lab
+                    .client(Some("plain"), None, &["--target", &open])
+                    .unwrap();
+                via_passthrough(ok(&r)).then_some(())
+            },
+        )
+        .unwrap();
         println!(
             "round {round}: captured again {:?} after listen()",
             listening.elapsed()
@@ -278,12 +278,14 @@ fn proxy_restart_and_fail_modes() {
     }
     let d = lab.daemon();
     assert_eq!(
-        d.pod_status("open").unwrap()["inbound_fail_open"].as_u64(),
-        Some(3)
+        d.pod_status("open").unwrap().counter("inbound_fail_open"),
+        3
     );
     assert_eq!(
-        d.pod_status("closed").unwrap()["inbound_fail_closed"].as_u64(),
-        Some(1)
+        d.pod_status("closed")
+            .unwrap()
+            .counter("inbound_fail_closed"),
+        1
     );
 }
 
@@ -299,7 +301,7 @@ fn removed_pod_leaves_no_sk_lookup_link() {
     lab.start_daemon(&pods_yaml(&[lab.pod("srv").yaml_entry(&[])]), &[])
         .unwrap();
     let st = lab.daemon().wait_pods(&["srv"]).unwrap();
-    let cookie = st["pods"][0]["netns_cookie"].as_u64().unwrap();
+    let cookie = st.pods[0].pod.netns_cookie;
     let pin = lab.daemon().pin_dir.join("pods").join(cookie.to_string());
     assert!(pin.exists());
     let shown = redirect_lab::run(
@@ -318,15 +320,12 @@ fn removed_pod_leaves_no_sk_lookup_link() {
     lab.daemon().write_pods("pods: []\n").unwrap();
     lab.daemon().wait_pods(&[]).unwrap();
     assert!(!pin.exists(), "{} still pinned", pin.display());
-    let mut gone = false;
-    for _ in 0..100 {
-        if redirect_lab::run("bpftool", &["link", "show", "id", &id]).is_err() {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(gone, "link {id} still exists");
+    eventually(Duration::from_secs(2), &format!("link {id} gone"), || {
+        redirect_lab::run("bpftool", &["link", "show", "id", &id])
+            .is_err()
+            .then_some(())
+    })
+    .unwrap();
     let r = lab
         .client(Some("plain"), None, &["--target", &target])
         .unwrap();

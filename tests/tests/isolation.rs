@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redirect_lab::{run, spawn, wire::ClientResult, Netns, Placement};
+use redirect_lab::{eventually, run, spawn, wire::ClientResult, Netns, Placement};
 use redirect_tests::{lab, pods_yaml, traffic_during};
 
 /// A namespace that is not in the mesh but has a mesh pod's IP (a stale copy, a
@@ -45,18 +45,17 @@ fn same_ip_outside_the_mesh_is_not_redirected() {
         &["server", "--port", "8080"],
     )
     .unwrap();
-    let mut reply = None;
-    for _ in 0..100 {
-        let r: Vec<ClientResult> = lab
-            .client_at(in_lab(&twin), &["--target", "10.201.0.250:8080"])
-            .unwrap();
-        if r[0].error.is_none() {
-            reply = Some(r);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let r = reply.expect("the twin's server never answered");
+    let r = eventually(
+        Duration::from_secs(5),
+        "the twin's server to answer",
+        || {
+            let r: Vec<ClientResult> = lab
+                .client_at(in_lab(&twin), &["--target", "10.201.0.250:8080"])
+                .unwrap();
+            r[0].error.is_none().then_some(r)
+        },
+    )
+    .unwrap();
     let seen = &r[0].reply.as_ref().unwrap().peer;
     assert_eq!(
         Some(seen),

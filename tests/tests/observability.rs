@@ -1,5 +1,8 @@
 //! The metrics endpoint: Prometheus text with the capture counters, /healthz, /readyz.
 
+use std::time::Duration;
+
+use redirect_lab::eventually;
 use redirect_tests::{lab, pods_yaml};
 
 fn get(url: &str) -> (u16, String) {
@@ -41,16 +44,13 @@ fn metrics_healthz_readyz() {
     // Counters are published after each pass (at least every second).
     let want = r#"redirect_connections_total{direction="outbound",namespace="lab",pod="client",result="captured"} 3"#;
     let mut body = String::new();
-    for _ in 0..40 {
+    let published = eventually(Duration::from_secs(4), "the counters in /metrics", || {
         let (code, b) = get(&format!("{base}/metrics"));
         assert_eq!(code, 200);
         body = b;
-        if body.contains(want) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(body.contains(want), "{body}");
+        body.contains(want).then_some(())
+    });
+    assert!(published.is_ok(), "{body}");
     assert!(body.contains("redirect_ready 1"));
     assert!(body.contains(r#"redirect_pods{state="applied"} 1"#));
     assert!(

@@ -1,7 +1,9 @@
 //! Outbound capture on the real kernel: every test builds its own lab (namespaces, cgroups,
 //! pins) and removes it, even on failure.
 
-use redirect_lab::wire::ServerReply;
+use std::time::Duration;
+
+use redirect_lab::{eventually, wire::ServerReply};
 use redirect_tests::{curl, lab, pods_yaml};
 
 /// curl in a mesh pod to a server outside the mesh, IPv4 and IPv6: the response arrives, the
@@ -55,8 +57,8 @@ fn curl_through_sidecar_ipv4_and_ipv6() {
         assert_eq!(reply.local, dst);
     }
     let st = lab.daemon().pod_status("client").unwrap();
-    assert!(st["outbound_captured"].as_u64().unwrap() >= 2, "{st:#}");
-    assert!(st["orig_dst_answered"].as_u64().unwrap() >= 2, "{st:#}");
+    assert!(st.counter("outbound_captured") >= 2, "{st:#?}");
+    assert!(st.counter("orig_dst_answered") >= 2, "{st:#?}");
 }
 
 /// 1,000 concurrent connections (all open at once) to 50 distinct destinations (5 addresses
@@ -123,7 +125,7 @@ fn thousand_concurrent_connections_keep_their_own_destination() {
     }
     assert_eq!(distinct.len(), 50);
     let st = lab.daemon().pod_status("client").unwrap();
-    assert_eq!(st["outbound_captured"].as_u64(), Some(1000), "{st:#}");
+    assert_eq!(st.counter("outbound_captured"), 1000, "{st:#?}");
 }
 
 /// What must not be redirected: the same client on the host and in a non-mesh netns, the
@@ -228,22 +230,18 @@ fn not_redirected() {
         .unwrap()
     };
     lab.procs.push(host_server);
-    let mut ok = None;
-    for _ in 0..100 {
+    let ok = eventually(Duration::from_secs(5), "the host server to answer", || {
         let r = lab
             .client(None, None, &["--target", "127.0.0.1:47071"])
             .unwrap();
-        if r[0].error.is_none() {
-            ok = Some(r);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    direct(&ok.expect("host server never answered")[0], "127.0.0.1");
+        r[0].error.is_none().then_some(r)
+    })
+    .unwrap();
+    direct(&ok[0], "127.0.0.1");
     assert!(lab.sidecar_log(sidecar).is_empty());
     let st = lab.daemon().pod_status("client").unwrap();
-    assert_eq!(st["outbound_captured"].as_u64(), Some(0), "{st:#}");
-    assert!(st["outbound_direct"].as_u64().unwrap() >= 6, "{st:#}");
+    assert_eq!(st.counter("outbound_captured"), 0, "{st:#?}");
+    assert!(st.counter("outbound_direct") >= 6, "{st:#?}");
 }
 
 /// Proxy not listening: fail open goes direct and is counted; fail closed refuses (and is
@@ -284,12 +282,14 @@ fn proxy_down_fails_open_or_closed() {
 
     let d = lab.daemon();
     assert_eq!(
-        d.pod_status("open").unwrap()["outbound_fail_open"].as_u64(),
-        Some(1)
+        d.pod_status("open").unwrap().counter("outbound_fail_open"),
+        1
     );
     assert_eq!(
-        d.pod_status("closed").unwrap()["outbound_fail_closed"].as_u64(),
-        Some(1)
+        d.pod_status("closed")
+            .unwrap()
+            .counter("outbound_fail_closed"),
+        1
     );
 
     // The proxy starts after the application: the very next connection is captured.
@@ -309,8 +309,11 @@ fn proxy_down_fails_open_or_closed() {
     let err = r[0].error.as_deref().unwrap_or_default();
     assert!(err.contains("Operation not permitted"), "{r:?}");
     assert_eq!(
-        lab.daemon().pod_status("closed").unwrap()["outbound_fail_closed"].as_u64(),
-        Some(2)
+        lab.daemon()
+            .pod_status("closed")
+            .unwrap()
+            .counter("outbound_fail_closed"),
+        2
     );
 }
 
@@ -347,7 +350,7 @@ fn pods_file_followed_while_running() {
         .write_pods(&pods_yaml(&[a.clone(), b.clone(), bad.into()]))
         .unwrap();
     let st = lab.daemon().wait_pods(&["a", "b"]).unwrap();
-    let rejected = st["rejected"].to_string();
+    let rejected = st.rejected.join("\n");
     assert!(
         rejected.contains("default/broken")
             && rejected.contains("excludeOutboundPorts")
@@ -368,7 +371,7 @@ fn pods_file_followed_while_running() {
     // A file that is not YAML at all: the last good version keeps being served.
     lab.daemon().write_pods("pods: [ {{{").unwrap();
     lab.daemon()
-        .wait_status("file error reported", |s| s["file_error"].is_string())
+        .wait_status("file error reported", |s| s.file_error.is_some())
         .unwrap();
     assert!(captured(&lab, "b", sb));
     assert!(lab
@@ -390,14 +393,13 @@ fn uninstall_leaves_nothing_behind() {
         .unwrap();
     let st = lab.daemon().wait_pods(&["client"]).unwrap();
     // The seven node-wide programs (the per-pod sk_lookup one is listed with id 0).
-    let ids: Vec<u64> = st["programs"]
-        .as_array()
-        .unwrap()
+    let ids: Vec<u32> = st
+        .programs
         .iter()
-        .map(|p| p["id"].as_u64().unwrap())
+        .map(|p| p.id)
         .filter(|id| *id != 0)
         .collect();
-    assert_eq!(ids.len(), 7, "{st:#}");
+    assert_eq!(ids.len(), 7, "{st:#?}");
     let target = format!("{}:8080", lab.pod("ext").v4);
     lab.client(Some("client"), None, &["--target", &target])
         .unwrap();
@@ -418,17 +420,11 @@ fn uninstall_leaves_nothing_behind() {
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     // The kernel unloads a program once nothing references it; that is asynchronous (RCU).
     let mut alive = ids.clone();
-    for _ in 0..200 {
-        alive.retain(|id| prog_exists(*id as u32));
-        if alive.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(
-        alive.is_empty(),
-        "programs {alive:?} still loaded after uninstall"
-    );
+    eventually(Duration::from_secs(5), "the programs unloaded", || {
+        alive.retain(|id| prog_exists(*id));
+        alive.is_empty().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {alive:?} still loaded after uninstall"));
     let attached =
         redirect_lab::run("bpftool", &["cgroup", "show", cgroup.to_str().unwrap()]).unwrap();
     assert!(!attached.contains("rd_"), "still attached: {attached}");

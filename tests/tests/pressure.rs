@@ -48,7 +48,7 @@ fn more_live_connections_than_the_map_holds() {
     let drained = |lab: &mut redirect_lab::Lab| {
         lab.daemon()
             .wait_status("maps drained", |s| {
-                s["orig_by_cookie"] == 0 && s["orig_by_tuple"] == 0
+                s.orig_by_cookie == 0 && s.orig_by_tuple == 0
             })
             .unwrap();
     };
@@ -66,9 +66,7 @@ fn more_live_connections_than_the_map_holds() {
     }
     drained(&mut lab);
     let counter = |lab: &mut redirect_lab::Lab, name: &str| {
-        lab.daemon().pod_status("client").unwrap()[name]
-            .as_u64()
-            .unwrap()
+        lab.daemon().pod_status("client").unwrap().counter(name)
     };
     assert_eq!(counter(&mut lab, "orig_dst_evicted"), 0);
     assert_eq!(counter(&mut lab, "orig_dst_missed"), 0);

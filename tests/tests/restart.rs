@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use redirect_common::map_names;
 use redirect_tests::{lab, mesh_with_echo, pods_yaml, traffic_during};
 
 fn dump(pin_dir: &std::path::Path, map: &str) -> String {
@@ -64,11 +65,12 @@ fn upgrade_to_another_binary_under_traffic_loses_nothing() {
 /// The ids of the node-wide programs the daemon loaded (the per-pod inbound program is
 /// listed with id 0: one a pod, adopted across restarts).
 fn program_ids(daemon: &redirect_lab::Daemon) -> Vec<u32> {
-    daemon.status().unwrap()["programs"]
-        .as_array()
+    daemon
+        .status()
         .unwrap()
+        .programs
         .iter()
-        .map(|p| p["id"].as_u64().unwrap() as u32)
+        .map(|p| p.id)
         .filter(|&id| id != 0)
         .collect()
 }
@@ -93,7 +95,12 @@ fn replace_daemon_under_traffic(what: &str, replace: impl FnOnce(&mut redirect_l
     lab.start_daemon(&yaml, &[]).unwrap();
     lab.daemon().wait_pods(&["client", "srv"]).unwrap();
     let mut daemon = lab.daemon.take().unwrap();
-    let maps = ["MESH_PODS", "PORT_RULES", "ADDR_RULES", "NODE_ADDRS"];
+    let maps = [
+        map_names::MESH_PODS,
+        map_names::PORT_RULES,
+        map_names::ADDR_RULES,
+        map_names::NODE_ADDRS,
+    ];
     let before: Vec<String> = maps.iter().map(|m| dump(&daemon.pin_dir, m)).collect();
     let targets = [
         format!("{}:8080", lab.pod("ext").v4),
