@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use redirect_user::{
     daemon::{self, RunOptions},
     loader,
@@ -29,73 +29,123 @@ struct Cli {
     command: Command,
 }
 
+/// `redirectd run`'s flags.
+#[derive(Args)]
+struct RunArgs {
+    /// YAML file of mesh pods (see README); followed while running.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pods: Option<PathBuf>,
+    /// Take the mesh pods of this node from the Kubernetes API server.
+    #[arg(long)]
+    kubernetes: bool,
+    /// This node's name (Kubernetes source).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The API server's URL, unauthenticated (tests, `kubectl proxy`); default: in-cluster
+    /// service account or kubeconfig.
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    /// Cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Directory on a bpffs where maps and links are pinned.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where the daemon writes its status (read by `redirectd status`).
+    #[arg(long, default_value = DEFAULT_STATUS_FILE)]
+    status_file: PathBuf,
+    /// uid of the sidecar proxy; its own connections are never captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// gid of the sidecar proxy (Istio matches uid or gid).
+    #[arg(long, default_value_t = 1337)]
+    proxy_gid: u32,
+    /// The proxy's outbound listener port (on loopback).
+    #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
+    outbound_port: u16,
+    /// The proxy's inbound listener port.
+    #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
+    inbound_port: u16,
+    /// The proxy's own ports, never captured inbound (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
+    proxy_ports: Vec<u16>,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
+    /// (e.g. 127.0.0.1:15080).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Turn same-node acceleration (sockmap) off for every pod.
+    #[arg(long)]
+    no_accel: bool,
+    /// Capacity of each original-destination map: how many captured connections can be
+    /// open on the node at once before the oldest lose their destination (LRU eviction,
+    /// counted as orig_dst_evicted). About 100 bytes each.
+    #[arg(long, default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    orig_dst_map_size: u32,
+    /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's
+    /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
+    #[arg(long)]
+    node_netns: Option<PathBuf>,
+    /// How often to check the pods file, in milliseconds.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    poll_ms: u64,
+}
+
+impl RunArgs {
+    /// Checks the flags together and turns them into the daemon's options.
+    fn into_options(self) -> Result<RunOptions> {
+        let mut proxy_ports = self.proxy_ports;
+        // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
+        proxy_ports.extend([self.outbound_port, self.inbound_port]);
+        proxy_ports.sort_unstable();
+        proxy_ports.dedup();
+        if self.outbound_port == self.inbound_port {
+            bail!(
+                "--outbound-port and --inbound-port are both {}; they must differ",
+                self.outbound_port
+            );
+        }
+        let source = match (self.pods, self.kubernetes) {
+            (Some(path), false) => PodSource::File(path),
+            (None, true) => PodSource::Kubernetes(KubeOptions {
+                node_name: self.node_name.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--kubernetes needs --node-name (or NODE_NAME from the downward API)"
+                    )
+                })?,
+                api_url: self.kube_api_url,
+            }),
+            _ => bail!("give exactly one of --pods FILE and --kubernetes"),
+        };
+        Ok(RunOptions {
+            source,
+            cgroup: self.cgroup,
+            pin_dir: self.pin_dir,
+            status_file: self.status_file,
+            node: NodeSettings {
+                proxy_uid: self.proxy_uid,
+                proxy_gid: self.proxy_gid,
+                outbound_port: self.outbound_port,
+                inbound_port: self.inbound_port,
+                proxy_ports,
+            },
+            accel: !self.no_accel,
+            metrics_addr: self.metrics_addr,
+            poll: Duration::from_millis(self.poll_ms),
+            resync: Duration::from_secs(1),
+            orig_dst_map_size: self.orig_dst_map_size,
+            node_netns: self.node_netns,
+        })
+    }
+}
+
 #[derive(Subcommand)]
-// Parsed once at start: the size of the `run` variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 enum Command {
-    /// Load and attach the programs, then keep the maps in step with the pods file.
-    Run {
-        /// YAML file of mesh pods (see README); followed while running.
-        #[arg(
-            long,
-            required_unless_present = "kubernetes",
-            conflicts_with = "kubernetes"
-        )]
-        pods: Option<PathBuf>,
-        /// Take the mesh pods of this node from the Kubernetes API server.
-        #[arg(long)]
-        kubernetes: bool,
-        /// This node's name (Kubernetes source).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// The API server's URL, unauthenticated (tests, `kubectl proxy`); default: in-cluster
-        /// service account or kubeconfig.
-        #[arg(long)]
-        kube_api_url: Option<String>,
-        /// Cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Directory on a bpffs where maps and links are pinned.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Where the daemon writes its status (read by `redirectd status`).
-        #[arg(long, default_value = DEFAULT_STATUS_FILE)]
-        status_file: PathBuf,
-        /// uid of the sidecar proxy; its own connections are never captured.
-        #[arg(long, default_value_t = 1337)]
-        proxy_uid: u32,
-        /// gid of the sidecar proxy (Istio matches uid or gid).
-        #[arg(long, default_value_t = 1337)]
-        proxy_gid: u32,
-        /// The proxy's outbound listener port (on loopback).
-        #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
-        outbound_port: u16,
-        /// The proxy's inbound listener port.
-        #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
-        inbound_port: u16,
-        /// The proxy's own ports, never captured inbound (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
-        proxy_ports: Vec<u16>,
-        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
-        /// (e.g. 127.0.0.1:15080).
-        #[arg(long)]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Turn same-node acceleration (sockmap) off for every pod.
-        #[arg(long)]
-        no_accel: bool,
-        /// Capacity of each original-destination map: how many captured connections can be
-        /// open on the node at once before the oldest lose their destination (LRU eviction,
-        /// counted as orig_dst_evicted). About 100 bytes each.
-        #[arg(long, default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
-        orig_dst_map_size: u32,
-        /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's
-        /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
-        #[arg(long)]
-        node_netns: Option<PathBuf>,
-        /// How often to check the pods file, in milliseconds.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
-        poll_ms: u64,
-    },
+    /// Load and attach the programs, then keep the maps in step with the pod source.
+    Run(Box<RunArgs>),
     /// Show the applied pods, their capture counters and the loaded programs.
     Status {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -137,65 +187,8 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            pods,
-            kubernetes,
-            node_name,
-            kube_api_url,
-            cgroup,
-            pin_dir,
-            status_file,
-            proxy_uid,
-            proxy_gid,
-            outbound_port,
-            inbound_port,
-            mut proxy_ports,
-            no_accel,
-            metrics_addr,
-            node_netns,
-            orig_dst_map_size,
-            poll_ms,
-        } => {
-            // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
-            proxy_ports.extend([outbound_port, inbound_port]);
-            proxy_ports.sort_unstable();
-            proxy_ports.dedup();
-            if outbound_port == inbound_port {
-                bail!(
-                    "--outbound-port and --inbound-port are both {outbound_port}; they must differ"
-                );
-            }
-            let source = match (pods, kubernetes) {
-                (Some(path), false) => PodSource::File(path),
-                (None, true) => PodSource::Kubernetes(KubeOptions {
-                    node_name: node_name.ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "--kubernetes needs --node-name (or NODE_NAME from the downward API)"
-                        )
-                    })?,
-                    api_url: kube_api_url,
-                }),
-                _ => bail!("give exactly one of --pods FILE and --kubernetes"),
-            };
-            let opts = RunOptions {
-                source,
-                cgroup,
-                pin_dir,
-                status_file,
-                node: NodeSettings {
-                    proxy_uid,
-                    proxy_gid,
-                    outbound_port,
-                    inbound_port,
-                    proxy_ports,
-                },
-                accel: !no_accel,
-                metrics_addr,
-                poll: Duration::from_millis(poll_ms),
-                resync: Duration::from_secs(1),
-                orig_dst_map_size,
-                node_netns,
-            };
+        Command::Run(args) => {
+            let opts = args.into_options()?;
             // Before any thread exists: capabilities are per thread, and inherited.
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
             let rt = tokio::runtime::Builder::new_multi_thread()

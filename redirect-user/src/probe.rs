@@ -34,20 +34,82 @@ fn map(name: &str, t: MapType, since: &'static str) -> Check {
     }
 }
 
-fn helper(prog: &str, t: ProgramType, name: &str, h: BpfHelper, since: &'static str) -> Check {
-    Check {
-        what: format!("helper {name} in {prog} programs"),
-        since,
-        present: is_helper_supported(t, h).ok(),
-    }
-}
+/// The helpers the programs call: `(program type name, type, helper name, helper, since)`.
+const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 9] = {
+    use BpfHelper as H;
+    use ProgramType as P;
+    let cookie = "bpf_get_netns_cookie";
+    [
+        (
+            "cgroup_sock_addr",
+            P::CgroupSockAddr,
+            cookie,
+            H::BPF_FUNC_get_netns_cookie,
+            "5.7",
+        ),
+        (
+            "cgroup_sock_addr",
+            P::CgroupSockAddr,
+            "bpf_sk_lookup_tcp",
+            H::BPF_FUNC_sk_lookup_tcp,
+            "5.2",
+        ),
+        (
+            "cgroup_sock_addr",
+            P::CgroupSockAddr,
+            "bpf_get_socket_cookie",
+            H::BPF_FUNC_get_socket_cookie,
+            "5.0",
+        ),
+        (
+            "sock_ops",
+            P::SockOps,
+            cookie,
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        (
+            "sock_ops",
+            P::SockOps,
+            "bpf_sock_hash_update",
+            H::BPF_FUNC_sock_hash_update,
+            "4.18",
+        ),
+        (
+            "cgroup_sockopt",
+            P::CgroupSockopt,
+            cookie,
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+        (
+            "sk_lookup",
+            P::SkLookup,
+            "bpf_sk_assign",
+            H::BPF_FUNC_sk_assign,
+            "5.9",
+        ),
+        (
+            "sk_msg",
+            P::SkMsg,
+            "bpf_msg_redirect_hash",
+            H::BPF_FUNC_msg_redirect_hash,
+            "4.18",
+        ),
+        (
+            "sk_msg",
+            P::SkMsg,
+            cookie,
+            H::BPF_FUNC_get_netns_cookie,
+            "5.15",
+        ),
+    ]
+};
 
 /// Every feature the programs use.
 pub fn run() -> Vec<Check> {
-    use BpfHelper as H;
-    let addr = ProgramType::CgroupSockAddr;
-    vec![
-        program("cgroup_sock_addr", addr, "4.17"),
+    let mut checks = vec![
+        program("cgroup_sock_addr", ProgramType::CgroupSockAddr, "4.17"),
         program("sock_ops", ProgramType::SockOps, "4.13"),
         program("cgroup_sockopt", ProgramType::CgroupSockopt, "5.3"),
         program("sk_lookup", ProgramType::SkLookup, "5.9"),
@@ -58,75 +120,18 @@ pub fn run() -> Vec<Check> {
         map("percpu_array", MapType::PerCpuArray, "4.6"),
         map("sockhash", MapType::SockHash, "4.18"),
         map("ringbuf", MapType::RingBuf, "5.8"),
-        helper(
-            "cgroup_sock_addr",
-            addr,
-            "bpf_get_netns_cookie",
-            H::BPF_FUNC_get_netns_cookie,
-            "5.7",
-        ),
-        helper(
-            "cgroup_sock_addr",
-            addr,
-            "bpf_sk_lookup_tcp",
-            H::BPF_FUNC_sk_lookup_tcp,
-            "5.2",
-        ),
-        helper(
-            "cgroup_sock_addr",
-            addr,
-            "bpf_get_socket_cookie",
-            H::BPF_FUNC_get_socket_cookie,
-            "5.0",
-        ),
-        helper(
-            "sock_ops",
-            ProgramType::SockOps,
-            "bpf_get_netns_cookie",
-            H::BPF_FUNC_get_netns_cookie,
-            "5.15",
-        ),
-        helper(
-            "sock_ops",
-            ProgramType::SockOps,
-            "bpf_sock_hash_update",
-            H::BPF_FUNC_sock_hash_update,
-            "4.18",
-        ),
-        helper(
-            "cgroup_sockopt",
-            ProgramType::CgroupSockopt,
-            "bpf_get_netns_cookie",
-            H::BPF_FUNC_get_netns_cookie,
-            "5.15",
-        ),
-        helper(
-            "sk_lookup",
-            ProgramType::SkLookup,
-            "bpf_sk_assign",
-            H::BPF_FUNC_sk_assign,
-            "5.9",
-        ),
-        helper(
-            "sk_msg",
-            ProgramType::SkMsg,
-            "bpf_msg_redirect_hash",
-            H::BPF_FUNC_msg_redirect_hash,
-            "4.18",
-        ),
-        helper(
-            "sk_msg",
-            ProgramType::SkMsg,
-            "bpf_get_netns_cookie",
-            H::BPF_FUNC_get_netns_cookie,
-            "5.15",
-        ),
-        Check {
-            what: "socket option SO_NETNS_COOKIE".into(),
-            since: "5.14",
-            present: Some(crate::netns::own_cookie().is_ok()),
-        },
-    ]
+    ];
+    checks.extend(HELPERS.iter().map(|&(prog, t, name, h, since)| Check {
+        what: format!("helper {name} in {prog} programs"),
+        since,
+        present: is_helper_supported(t, h).ok(),
+    }));
+    checks.push(Check {
+        what: "socket option SO_NETNS_COOKIE".into(),
+        since: "5.14",
+        present: Some(crate::netns::own_cookie().is_ok()),
+    });
+    checks
 }
 
 /// The checks that failed, as one line an operator can act on, or `None` if all passed.

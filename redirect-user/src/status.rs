@@ -91,7 +91,15 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
     })
 }
 
+/// Prints `redirectd status` as tables.
 pub fn print(r: &Report) {
+    print_counters(r);
+    print_problems(r);
+    print_programs(&r.programs);
+}
+
+/// The per-pod capture and acceleration counters, and the connection maps' fill.
+fn print_counters(r: &Report) {
     println!(
         "{:<28} {:>5} | {:>9} {:>7} {:>6} {:>6} {:>8} | {:>9} {:>7} {:>6} {:>6}",
         "", "", "OUTBOUND", "", "FAIL", "FAIL", "ORIG-DST", "INBOUND", "", "FAIL", "FAIL"
@@ -148,6 +156,10 @@ pub fn print(r: &Report) {
         "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",
         r.sock_pairs, r.orig_by_cookie, r.orig_by_tuple
     );
+}
+
+/// What is rejected, retried or wrong with the pod source.
+fn print_problems(r: &Report) {
     if let Some(e) = &r.file_error {
         println!("\npods file unusable (serving its last good version): {e}");
     }
@@ -157,12 +169,16 @@ pub fn print(r: &Report) {
     for w in &r.warnings {
         println!("warning: {w}");
     }
-    if !r.programs.is_empty() {
+}
+
+/// The loaded programs and their verifier cost.
+fn print_programs(programs: &[ProgramReport]) {
+    if !programs.is_empty() {
         println!(
             "\n{:<16} {:<22} {:>8} {:>16}",
             "PROGRAM", "HOOK", "ID", "VERIFIED INSNS"
         );
-        for p in &r.programs {
+        for p in programs {
             println!(
                 "{:<16} {:<22} {:>8} {:>16}",
                 p.name,
