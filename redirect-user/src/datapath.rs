@@ -24,7 +24,7 @@ use redirect_common::{
 use crate::{
     annotations::Cidr,
     listeners, loader, netns,
-    rules::{addr_key, addr_of_node_key, node_addr_key, rule_of_key, PodRules},
+    rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
 };
 
 /// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.
@@ -41,23 +41,32 @@ pub trait PodMaps {
     fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules>;
 }
 
-fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+/// Where the daemon's map handles come from: a freshly loaded object, or the pins.
+enum MapSource<'a> {
+    Object(&'a mut Ebpf),
+    Pins(&'a Path),
 }
 
-fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
-    let path = pin_dir.join("maps").join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is redirectd installed with this --pin-dir?)",
-            path.display()
-        )
-    })?;
-    let map = Map::from_map_data(data).with_context(|| format!("reading map {name}"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+impl MapSource<'_> {
+    /// Map `name`, as the type the daemon uses it as.
+    fn get<T: TryFrom<Map, Error = aya::maps::MapError>>(&mut self, name: &str) -> Result<T> {
+        let map = match self {
+            MapSource::Object(ebpf) => ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?,
+            MapSource::Pins(pin_dir) => {
+                let path = pin_dir.join("maps").join(name);
+                let data = MapData::from_pin(&path).with_context(|| {
+                    format!(
+                        "opening pinned map {} (is redirectd installed with this --pin-dir?)",
+                        path.display()
+                    )
+                })?;
+                Map::from_map_data(data).with_context(|| format!("reading map {name}"))?
+            }
+        };
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
 }
 
 /// A map's `max_entries` as the kernel reports it (0 if it cannot be read).
@@ -109,39 +118,32 @@ impl Datapath {
         inbound_port: u16,
         outbound_port: u16,
     ) -> Result<Self> {
-        Ok(Self {
-            pin_dir: pin_dir.to_path_buf(),
-            inbound_port,
-            outbound_port,
-            inbound_insns: None,
-            listeners: take(ebpf, names::LISTENERS)?,
-            node_addrs: take(ebpf, names::NODE_ADDRS)?,
-            sock_pairs: take(ebpf, names::SOCK_PAIRS)?,
-            orig_by_cookie: take(ebpf, names::ORIG_BY_COOKIE)?,
-            orig_by_tuple: take(ebpf, names::ORIG_BY_TUPLE)?,
-            mesh_pods: take(ebpf, names::MESH_PODS)?,
-            port_rules: take(ebpf, names::PORT_RULES)?,
-            addr_rules: take(ebpf, names::ADDR_RULES)?,
-            counters: take(ebpf, names::POD_COUNTERS)?,
-        })
+        let mut dp = Self::open(MapSource::Object(ebpf), pin_dir)?;
+        dp.inbound_port = inbound_port;
+        dp.outbound_port = outbound_port;
+        Ok(dp)
     }
 
     /// Opens the pinned maps (for `status` and tests).
     pub fn from_pins(pin_dir: &Path) -> Result<Self> {
+        Self::open(MapSource::Pins(pin_dir), pin_dir)
+    }
+
+    fn open(mut maps: MapSource, pin_dir: &Path) -> Result<Self> {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             inbound_port: 0,
             outbound_port: 0,
             inbound_insns: None,
-            listeners: pinned(pin_dir, names::LISTENERS)?,
-            node_addrs: pinned(pin_dir, names::NODE_ADDRS)?,
-            sock_pairs: pinned(pin_dir, names::SOCK_PAIRS)?,
-            orig_by_cookie: pinned(pin_dir, names::ORIG_BY_COOKIE)?,
-            orig_by_tuple: pinned(pin_dir, names::ORIG_BY_TUPLE)?,
-            mesh_pods: pinned(pin_dir, names::MESH_PODS)?,
-            port_rules: pinned(pin_dir, names::PORT_RULES)?,
-            addr_rules: pinned(pin_dir, names::ADDR_RULES)?,
-            counters: pinned(pin_dir, names::POD_COUNTERS)?,
+            listeners: maps.get(names::LISTENERS)?,
+            node_addrs: maps.get(names::NODE_ADDRS)?,
+            sock_pairs: maps.get(names::SOCK_PAIRS)?,
+            orig_by_cookie: maps.get(names::ORIG_BY_COOKIE)?,
+            orig_by_tuple: maps.get(names::ORIG_BY_TUPLE)?,
+            mesh_pods: maps.get(names::MESH_PODS)?,
+            port_rules: maps.get(names::PORT_RULES)?,
+            addr_rules: maps.get(names::ADDR_RULES)?,
+            counters: maps.get(names::POD_COUNTERS)?,
         })
     }
 
@@ -268,12 +270,7 @@ impl Datapath {
 impl PodMaps for Datapath {
     fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
         for (kind, port) in &rules.ports {
-            let key = PortRuleKey {
-                pod_id,
-                port: *port,
-                kind: *kind,
-                _pad: 0,
-            };
+            let key = port_key(pod_id, *kind, *port);
             self.port_rules.insert(key, 1, 0).with_context(|| {
                 format!(
                     "writing port rule {port} (kind {kind}) of pod slot {pod_id}; PORT_RULES full?"
@@ -297,12 +294,7 @@ impl PodMaps for Datapath {
 
     fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
         for (kind, port) in &rules.ports {
-            let key = PortRuleKey {
-                pod_id,
-                port: *port,
-                kind: *kind,
-                _pad: 0,
-            };
+            let key = port_key(pod_id, *kind, *port);
             let _ = self.port_rules.remove(&key);
         }
         for (kind, cidr) in &rules.addrs {

@@ -9,8 +9,8 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::lpm_trie::Key;
 use redirect_common::{
-    AddrRuleData, NodeAddrKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP,
-    ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
+    AddrRuleData, NodeAddrKey, PortRuleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
+    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
     POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
     POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
     PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
@@ -129,6 +129,16 @@ pub fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
             IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             IpAddr::V6(a) => a.octets(),
         },
+    }
+}
+
+/// The `PORT_RULES` key of a port rule.
+pub fn port_key(pod_id: u32, kind: u8, port: u16) -> PortRuleKey {
+    PortRuleKey {
+        pod_id,
+        port,
+        kind,
+        _pad: 0,
     }
 }
 
