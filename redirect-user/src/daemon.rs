@@ -3,7 +3,7 @@
 //! The loop reads as the design: **select** (the source published, the resync tick, a
 //! signal) → **resolve** each desired pod's network namespace → **reconcile** the maps →
 //! **publish** status and metrics. Resolving and reconciling block (they read `/proc`, enter
-//! namespaces and make `bpf(2)` calls), so they run on a blocking thread with the [`Engine`]
+//! namespaces and make `bpf(2)` calls), so they run on a blocking thread with the `Engine`
 //! that owns the maps; this task only waits and publishes. The log pump and the metrics
 //! server run beside it.
 

@@ -1,6 +1,8 @@
 //! redirectd: the user-space half of the eBPF sidecar traffic redirector.
 //!
-//! Flow: [`pods`] (sources) → [`reconcile`] → [`datapath`] / [`loader`] (the kernel).
+//! Flow (one way; see `docs/design.md`): [`sources`] publish the desired pods → the
+//! [`daemon`] loop resolves their namespaces ([`netns`]) → [`reconcile`] diffs → [`rules`],
+//! [`datapath`] and [`loader`] write the kernel's maps and links.
 
 pub mod annotations;
 pub mod bpf_sys;
