@@ -39,6 +39,7 @@ pub mod map_names {
     pub const ACCEL_FALLBACK: &str = "ACCEL_FALLBACK";
     pub const PROXY_SOCKS: &str = "PROXY_SOCKS";
     pub const STEERED: &str = "STEERED";
+    pub const POD_SOURCES: &str = "POD_SOURCES";
 }
 
 /// `AF_INET`, as stored in the `family` fields below.
@@ -311,6 +312,28 @@ pub struct NodeAddrKey {
 }
 const _: () = assert!(size_of::<NodeAddrKey>() == 16);
 
+/// [`PodSource::flags`]: `v4_be` holds the pod's IPv4 address.
+pub const POD_SOURCE_HAS_V4: u32 = 1 << 0;
+/// [`PodSource::flags`]: `v6_be` holds the pod's IPv6 address.
+pub const POD_SOURCE_HAS_V6: u32 = 1 << 1;
+
+/// Value of `POD_SOURCES`, indexed by [`PodConfig::pod_id`]: the address of each family a
+/// pod's connections leave from (its first IP of that family). A captured connection whose
+/// socket has no local address yet is bound to it, so the application's `getsockname()` and
+/// the proxy's view of its peer show the pod's address, as under iptables REDIRECT (where
+/// NAT happens below a socket that chose its source for the original destination).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSource {
+    /// IPv4 address, network byte order.
+    pub v4_be: u32,
+    /// `POD_SOURCE_HAS_*` bits.
+    pub flags: u32,
+    /// IPv6 address, network byte order words.
+    pub v6_be: [u32; 4],
+}
+const _: () = assert!(size_of::<PodSource>() == 24);
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -350,4 +373,8 @@ mod user {
     // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
     // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for NodeAddrKey {}
+    // SAFETY: PodSource is #[repr(C)], made only of integers and integer arrays with explicit
+    // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
+    // is a valid value and it can be copied to and from the kernel as bytes.
+    unsafe impl aya::Pod for PodSource {}
 }

@@ -66,6 +66,19 @@ impl Endpoint {
         }
     }
 
+    /// 0.0.0.0 or `::`: a socket's local address before it is bound.
+    #[inline(always)]
+    pub fn is_unspecified(&self) -> bool {
+        if self.family == AF_INET {
+            self.addr_be[0] == 0
+        } else {
+            self.addr_be[0] == 0
+                && self.addr_be[1] == 0
+                && self.addr_be[2] == 0
+                && self.addr_be[3] == 0
+        }
+    }
+
     /// Istio's inbound passthrough source: 127.0.0.6 or ::6.
     #[inline(always)]
     pub fn is_passthrough_source(&self) -> bool {

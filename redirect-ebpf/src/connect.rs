@@ -14,8 +14,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_uid_gid,
         generated::{
-            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_lookup_tcp,
-            bpf_sk_release,
+            bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem,
+            bpf_sk_lookup_tcp, bpf_sk_release,
         },
     },
     macros::cgroup_sock_addr,
@@ -24,7 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    ListenerKey, NodeAddrKey, OrigDst, PodConfig, AF_INET, POD_FLAG_FAIL_CLOSED, POD_FLAG_NO_ACCEL,
+    ListenerKey, NodeAddrKey, OrigDst, PodConfig, AF_INET, AF_INET6, POD_FLAG_FAIL_CLOSED,
+    POD_FLAG_NO_ACCEL, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
 };
 
 use redirect_ebpf::{
@@ -33,7 +34,7 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, PROXY_SOCKS},
+    maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
     policy::{outbound, Outbound},
 };
 
@@ -59,15 +60,13 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
     match decide(&ctx, &dst, &src) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
-        Decision::Redirect {
-            to_loopback,
-            port_be,
-        } => {
+        Decision::Redirect { port_be, bind } => {
+            if let Some(from) = bind {
+                bind4(&ctx, from.addr_be[0]);
+            }
             // SAFETY: connect4 may write the destination.
             unsafe {
-                if to_loopback {
-                    (*sa).user_ip4 = LOCALHOST4_BE;
-                }
+                (*sa).user_ip4 = LOCALHOST4_BE;
                 (*sa).user_port = port_be as u32;
             }
             ALLOW
@@ -105,20 +104,23 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
     match decide(&ctx, &dst, &src) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
-        Decision::Redirect {
-            to_loopback,
-            port_be,
-        } => {
+        Decision::Redirect { port_be, bind } => {
+            if let Some(from) = bind {
+                let addr = if mapped {
+                    [0, 0, V4_MAPPED_WORD_BE, from.addr_be[0]]
+                } else {
+                    from.addr_be
+                };
+                bind6(&ctx, addr);
+            }
+            let loopback = if mapped {
+                [0, 0, V4_MAPPED_WORD_BE, LOCALHOST4_BE]
+            } else {
+                [0, 0, 0, LOOPBACK6_LAST_BE]
+            };
             // SAFETY: connect6 may write the destination, one word at a time.
             unsafe {
-                if to_loopback {
-                    let loopback = if mapped {
-                        [0, 0, V4_MAPPED_WORD_BE, LOCALHOST4_BE]
-                    } else {
-                        [0, 0, 0, LOOPBACK6_LAST_BE]
-                    };
-                    ctx_write_addr6(&raw mut (*sa).user_ip6, loopback);
-                }
+                ctx_write_addr6(&raw mut (*sa).user_ip6, loopback);
                 (*sa).user_port = port_be as u32;
             }
             ALLOW
@@ -126,14 +128,83 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr_be: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr_be: [u32; 4],
+    scope_id: u32,
+}
+
+/// Binds the connecting socket's local address (port 0: the port is still chosen at
+/// connect). Best effort: a socket the kernel will not bind keeps the source it would get.
+#[inline(always)]
+fn bind4(ctx: &SockAddrContext, addr_be: u32) {
+    let mut sa = SockaddrIn {
+        family: AF_INET,
+        port_be: 0,
+        addr_be,
+        zero: [0; 8],
+    };
+    // SAFETY: bpf_bind is valid in connect4 programs; it reads `size_of::<SockaddrIn>()`
+    // bytes of `sa`, which lives on this stack frame for the call.
+    let rc = unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            (&raw mut sa).cast(),
+            size_of::<SockaddrIn>() as i32,
+        )
+    };
+    if rc != 0 {
+        debug!(ctx, "bpf_bind of a captured socket failed: {}", rc);
+    }
+}
+
+/// [`bind4`] for IPv6 sockets (IPv4-mapped addresses for IPv4 destinations).
+#[inline(always)]
+fn bind6(ctx: &SockAddrContext, addr_be: [u32; 4]) {
+    let mut sa = SockaddrIn6 {
+        family: AF_INET6,
+        port_be: 0,
+        flowinfo: 0,
+        addr_be,
+        scope_id: 0,
+    };
+    // SAFETY: bpf_bind is valid in connect6 programs; it reads `size_of::<SockaddrIn6>()`
+    // bytes of `sa`, which lives on this stack frame for the call.
+    let rc = unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            (&raw mut sa).cast(),
+            size_of::<SockaddrIn6>() as i32,
+        )
+    };
+    if rc != 0 {
+        debug!(ctx, "bpf_bind of a captured socket failed: {}", rc);
+    }
+}
+
 enum Decision {
     Direct,
     Refuse,
-    /// Rewrite the destination port (network byte order) and, for outbound capture, the
-    /// address to loopback.
+    /// Rewrite the destination to loopback (127.0.0.1 / ::1, where REDIRECT sends a locally
+    /// made connection) and this port (network byte order); first bind the socket's source
+    /// to `bind` when it has none, so it leaves from the address it would have used for the
+    /// original destination.
     Redirect {
-        to_loopback: bool,
         port_be: u16,
+        bind: Option<Endpoint>,
     },
 }
 
@@ -156,7 +227,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
         let _ = PROXY_SOCKS.insert(cookie, 1, 0);
     }
     let verdict = outbound(&pod, dst, is_proxy, src.is_passthrough_source());
-    let (to_loopback, port) = match verdict {
+    let (to_outbound, port) = match verdict {
         Outbound::Direct => {
             count(pod.pod_id, |c| c.outbound_direct += 1);
             return Decision::Direct;
@@ -167,9 +238,9 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     // Fast path: the listener registered in LISTENERS (at its listen(), or adopted by the
     // daemon); else a socket lookup, so an unregistered proxy is still seen.
     let listening = listener_registered(netns_cookie, dst.family, port)
-        || proxy_listening(ctx, dst.family, (!to_loopback).then_some(dst), port);
+        || proxy_listening(ctx, dst.family, port);
     if !listening {
-        return fail(ctx, &pod, to_loopback);
+        return fail(ctx, &pod, to_outbound);
     }
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -182,9 +253,9 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     };
     if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // The proxy could not learn where to go: do not capture.
-        return fail(ctx, &pod, to_loopback);
+        return fail(ctx, &pod, to_outbound);
     }
-    if to_loopback {
+    if to_outbound {
         count(pod.pod_id, |c| c.outbound_captured += 1);
     } else {
         count(pod.pod_id, |c| c.inbound_captured += 1);
@@ -195,14 +266,38 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
         pod.pod_id,
         dst.port()
     );
+    // The source the kernel would have chosen for the original destination, for a socket
+    // that has none yet: the pod's own address (outbound), or the local address called (the
+    // proxy reaching its own pod; for a loopback one, the kernel's choice is loopback too).
+    let bind = if !src.is_unspecified() {
+        None
+    } else if to_outbound {
+        pod_source(pod.pod_id, dst.family)
+    } else if dst.is_loopback() {
+        None
+    } else {
+        Some(Endpoint { port_be: 0, ..*dst })
+    };
     Decision::Redirect {
-        to_loopback,
         port_be: port.to_be(),
+        bind,
+    }
+}
+
+/// The pod's own address of `family` ([`POD_SOURCES`]), if the daemon knows one.
+#[inline(always)]
+fn pod_source(pod_id: u32, family: u16) -> Option<Endpoint> {
+    let s = POD_SOURCES.get(pod_id)?;
+    if family == AF_INET {
+        (s.flags & POD_SOURCE_HAS_V4 != 0).then(|| Endpoint::v4(s.v4_be, 0))
+    } else {
+        (s.flags & POD_SOURCE_HAS_V6 != 0).then(|| Endpoint::v6(s.v6_be, 0))
     }
 }
 
 /// The pod's proxy is not listening (or we could not record the destination): fail open or
-/// closed as the pod is configured, and count it.
+/// closed as the pod is configured, and count it (as outbound, or as the proxy reaching its
+/// own pod through inbound).
 #[inline(always)]
 fn fail(ctx: &SockAddrContext, pod: &PodConfig, outbound: bool) -> Decision {
     let closed = pod.flags & POD_FLAG_FAIL_CLOSED != 0;
@@ -260,16 +355,16 @@ fn listener_registered(netns_cookie: u64, family: u16, port: u16) -> bool {
     true
 }
 
-/// Is something listening on `addr` (loopback if None):`port` (host order) in the caller's
-/// netns? Checked per connection, never cached: the proxy may start after the application.
+/// Is something listening on loopback:`port` (host order) in the caller's netns? Checked
+/// per connection, never cached: the proxy may start after the application.
 #[inline(always)]
-fn proxy_listening(ctx: &SockAddrContext, family: u16, addr: Option<&Endpoint>, port: u16) -> bool {
+fn proxy_listening(ctx: &SockAddrContext, family: u16, port: u16) -> bool {
     // SAFETY: an all-zero tuple is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if family == AF_INET {
         tuple.__bindgen_anon_1.ipv4 = Tuple4 {
             saddr: LOCALHOST4_BE,
-            daddr: addr.map_or(LOCALHOST4_BE, |a| a.addr_be[0]),
+            daddr: LOCALHOST4_BE,
             sport: 0,
             dport: port.to_be(),
         };
@@ -277,7 +372,7 @@ fn proxy_listening(ctx: &SockAddrContext, family: u16, addr: Option<&Endpoint>, 
     } else {
         tuple.__bindgen_anon_1.ipv6 = Tuple6 {
             saddr: [0, 0, 0, LOOPBACK6_LAST_BE],
-            daddr: addr.map_or([0, 0, 0, LOOPBACK6_LAST_BE], |a| a.addr_be),
+            daddr: [0, 0, 0, LOOPBACK6_LAST_BE],
             sport: 0,
             dport: port.to_be(),
         };

@@ -7,12 +7,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PortRuleKey, SockKey,
-    TupleKey, MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
-    MAX_SOCK_PAIRS,
+    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PodSource,
+    PortRuleKey, SockKey, TupleKey, MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS,
+    MAX_PORT_RULES, MAX_SOCK_PAIRS,
 };
 
 /// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
@@ -92,3 +92,10 @@ pub static PROXY_SOCKS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS
 /// complete.
 #[map]
 pub static STEERED: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
+
+/// The address of each family a pod's connections leave from ([`PodSource`]), indexed by pod
+/// id. Written by the daemon with the pod's rules (before its `MESH_PODS` entry); read by
+/// `connect4/6`, which bind a captured connection's still-unbound socket to it. An array: a
+/// slot is overwritten whenever it is given to a pod.
+#[map]
+pub static POD_SOURCES: Array<PodSource> = Array::pinned(MAX_PODS, 0);

@@ -10,15 +10,15 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     maps::{
-        lpm_trie::Key, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
-        SockHash,
+        lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray,
+        PerCpuValues, SockHash,
     },
     util::nr_cpus,
     Ebpf, Pod,
 };
 use redirect_common::{
     map_names as names, AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
-    PortRuleKey, SockKey, TupleKey, ADDR_POD_IP,
+    PodSource, PortRuleKey, SockKey, TupleKey, ADDR_POD_IP,
 };
 
 use crate::{
@@ -98,6 +98,7 @@ pub struct Datapath {
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     addr_rules: LpmTrie<MapData, AddrRuleData, u32>,
     counters: PerCpuArray<MapData, PodCounters>,
+    sources: Array<MapData, PodSource>,
     listeners: SockHash<MapData, ListenerKey>,
     node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     sock_pairs: SockHash<MapData, SockKey>,
@@ -144,6 +145,7 @@ impl Datapath {
             port_rules: maps.get(names::PORT_RULES)?,
             addr_rules: maps.get(names::ADDR_RULES)?,
             counters: maps.get(names::POD_COUNTERS)?,
+            sources: maps.get(names::POD_SOURCES)?,
         })
     }
 
@@ -269,6 +271,9 @@ impl Datapath {
 
 impl PodMaps for Datapath {
     fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
+        self.sources
+            .set(pod_id, rules.sources, 0)
+            .with_context(|| format!("writing POD_SOURCES entry of pod slot {pod_id}"))?;
         for (kind, port) in &rules.ports {
             let key = port_key(pod_id, *kind, *port);
             self.port_rules.insert(key, 1, 0).with_context(|| {
@@ -293,6 +298,7 @@ impl PodMaps for Datapath {
     }
 
     fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
+        let _ = self.sources.set(pod_id, PodSource::default(), 0);
         for (kind, port) in &rules.ports {
             let key = port_key(pod_id, *kind, *port);
             let _ = self.port_rules.remove(&key);
@@ -354,6 +360,10 @@ impl PodMaps for Datapath {
     fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules> {
         let mut rules = PodRules {
             flags,
+            sources: self
+                .sources
+                .get(&pod_id, 0)
+                .with_context(|| format!("reading POD_SOURCES entry of pod slot {pod_id}"))?,
             ..Default::default()
         };
         for k in self.port_rules.keys() {

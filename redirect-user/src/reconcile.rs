@@ -226,6 +226,9 @@ impl Reconciler {
             match self.applied.insert(key.clone(), new) {
                 Some(old) => {
                     report.updated.push(key.clone());
+                    // Its rules are removed at retire: no other pod may take the slot
+                    // before then, or that pod's identical entries would go with them.
+                    fresh.insert(old.pod_id);
                     replaced.push(old);
                 }
                 None => report.added.push(key.clone()),
@@ -371,6 +374,8 @@ impl Applied {
 mod tests {
     use std::collections::BTreeMap;
 
+    use redirect_common::PORT_EXCLUDE_INBOUND;
+
     use super::*;
     use crate::{annotations::CapturePolicy, pods::NetnsRef};
 
@@ -427,6 +432,7 @@ mod tests {
                     .collect(),
                 addrs: Default::default(),
                 flags,
+                sources: Default::default(),
             })
         }
         fn attach_inbound(&mut self, c: u64, _: &std::path::Path) -> anyhow::Result<()> {
@@ -539,6 +545,24 @@ mod tests {
         );
         assert!(!m.inbound.contains(&30), "and its inbound link");
         assert!(m.pods.contains_key(&10));
+    }
+
+    #[test]
+    fn an_updated_pods_old_slot_is_not_reused_in_the_same_pass() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[1])], &mut m);
+        let old = m.pods[&10].pod_id;
+        // a changes (new slot) and b arrives in the same pass: b must not get a's old slot,
+        // whose rules (the proxy ports, shared by every pod) are removed after.
+        r.reconcile(&[pod("a", 10, &[2]), pod("b", 20, &[])], &mut m);
+        assert_ne!(m.pods[&20].pod_id, old);
+        let b = m.pods[&20].pod_id;
+        assert!(
+            m.ports.contains(&(b, PORT_EXCLUDE_INBOUND, 15001)),
+            "b lost its rules: {:?}",
+            m.ports
+        );
     }
 
     #[test]

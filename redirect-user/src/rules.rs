@@ -9,10 +9,11 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::lpm_trie::Key;
 use redirect_common::{
-    AddrRuleData, NodeAddrKey, PortRuleKey, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
-    POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
+    AddrRuleData, NodeAddrKey, PodSource, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
+    POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES,
+    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL,
+    POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
     PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
@@ -27,6 +28,8 @@ pub struct PodRules {
     pub addrs: BTreeSet<(u32, Cidr)>,
     /// `POD_FLAG_*`.
     pub flags: u32,
+    /// The `POD_SOURCES` entry: the pod's first address of each family.
+    pub sources: PodSource,
 }
 
 impl PodRules {
@@ -67,6 +70,7 @@ impl PodRules {
         }
         r.addrs
             .extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
+        r.sources = sources(ips);
         if policy.fail_closed {
             r.flags |= POD_FLAG_FAIL_CLOSED;
         }
@@ -130,6 +134,28 @@ pub fn node_addr_key(cidr: &Cidr) -> NodeAddrKey {
             IpAddr::V6(a) => a.octets(),
         },
     }
+}
+
+/// The `POD_SOURCES` entry of a pod with addresses `ips`: the first of each family.
+pub fn sources(ips: &[IpAddr]) -> PodSource {
+    let mut s = PodSource::default();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(a) if s.flags & POD_SOURCE_HAS_V4 == 0 => {
+                s.v4_be = u32::from_ne_bytes(a.octets());
+                s.flags |= POD_SOURCE_HAS_V4;
+            }
+            IpAddr::V6(a) if s.flags & POD_SOURCE_HAS_V6 == 0 => {
+                let o = a.octets();
+                for (i, w) in s.v6_be.iter_mut().enumerate() {
+                    *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                }
+                s.flags |= POD_SOURCE_HAS_V6;
+            }
+            _ => {}
+        }
+    }
+    s
 }
 
 /// The `PORT_RULES` key of a port rule.
@@ -318,6 +344,23 @@ mod tests {
         );
         let key = addr_key(1, ADDR_EXCLUDE_OUTBOUND, &cidr("fd00::/8"));
         assert_eq!(key.prefix_len(), ADDR_RULE_FIXED_BITS + 8);
+    }
+
+    #[test]
+    fn sources_are_the_first_address_of_each_family() {
+        let ips: Vec<IpAddr> = ["fd00::5", "10.0.0.5", "10.0.0.6", "fd00::6"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let s = sources(&ips);
+        assert_eq!(s.flags, POD_SOURCE_HAS_V4 | POD_SOURCE_HAS_V6);
+        // Network byte order in memory: the bytes of the address, in order.
+        assert_eq!(s.v4_be.to_ne_bytes(), [10, 0, 0, 5]);
+        assert_eq!(s.v6_be[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(s.v6_be[3].to_ne_bytes(), [0, 0, 0, 5]);
+        let only4 = sources(&ips[1..2]);
+        assert_eq!(only4.flags, POD_SOURCE_HAS_V4);
+        assert_eq!(sources(&[]), PodSource::default());
     }
 
     #[test]

@@ -138,25 +138,42 @@ fn inbound_from_everywhere_reaches_the_sidecar_first() {
 fn proxy_calling_its_own_pod_goes_through_inbound() {
     let mut lab = lab();
     lab.add_pod("srv").unwrap();
-    let sidecar = lab.start_sidecar("srv").unwrap();
+    // Inbound listeners on loopback only: REDIRECT sends a locally made connection to
+    // 127.0.0.1 (::1), so under Istio's rules such a listener is reached; so must it be here.
+    let sidecar = lab
+        .start_sidecar_with("srv", &["--inbound-loopback"])
+        .unwrap();
     lab.start_server("srv", &[8080]).unwrap();
     lab.start_daemon(&pods_yaml(&[lab.pod("srv").yaml_entry(&[])]), &[])
         .unwrap();
     lab.daemon().wait_pods(&["srv"]).unwrap();
-    let target = format!("{}:8080", lab.pod("srv").v4);
+    let srv = lab.pod("srv");
+    let target = format!("{}:8080", srv.v4);
+    let target6 = format!("[{}]:8080", srv.v6);
 
-    let r = lab
-        .client(
-            Some("srv"),
-            Some(redirect_lab::PROXY_UID),
-            &["--target", &target],
-        )
-        .unwrap();
-    assert!(via_passthrough(ok(&r)), "{r:?}");
-    let recs = inbound_records(&lab, sidecar);
-    assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_eq!(recs[0].orig_dst.as_deref(), Some(target.as_str()));
-    assert!(recs[0].local.ends_with(":15006"), "{recs:#?}");
+    for (target, ip, loopback) in [
+        (&target, srv.v4.to_string(), "127.0.0.1:15006"),
+        (&target6, format!("[{}]", srv.v6), "[::1]:15006"),
+    ] {
+        let r = lab
+            .client(
+                Some("srv"),
+                Some(redirect_lab::PROXY_UID),
+                &["--target", target],
+            )
+            .unwrap();
+        assert!(via_passthrough(ok(&r)), "{r:?}");
+        let recs = inbound_records(&lab, sidecar);
+        let rec = recs.last().unwrap();
+        assert_eq!(rec.orig_dst.as_deref(), Some(target.as_str()));
+        // As under REDIRECT: sent to the inbound port on loopback, from the address called
+        // (the source the kernel picks for it), which the caller's getsockname() shows.
+        assert_eq!(rec.local, loopback, "{recs:#?}");
+        assert!(rec.peer.starts_with(&format!("{ip}:")), "{recs:#?}");
+        assert_eq!(r[0].local.as_ref(), Some(&rec.peer), "{r:?}");
+        assert_eq!(r[0].peername.as_ref(), Some(target), "{r:?}");
+    }
+    assert_eq!(inbound_records(&lab, sidecar).len(), 2);
 
     let r = lab
         .client(Some("srv"), None, &["--target", &target])
@@ -165,7 +182,7 @@ fn proxy_calling_its_own_pod_goes_through_inbound() {
         !via_passthrough(ok(&r)),
         "the app calling itself must go direct: {r:?}"
     );
-    assert_eq!(inbound_records(&lab, sidecar).len(), 1);
+    assert_eq!(inbound_records(&lab, sidecar).len(), 2);
 }
 
 /// excludeInboundPorts reach the app directly; includeInboundPorts limits capture to its

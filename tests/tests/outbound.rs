@@ -6,6 +6,47 @@ use std::time::Duration;
 use redirect_lab::{eventually, wire::ServerReply};
 use redirect_tests::{curl, lab, pods_yaml};
 
+/// The application's socket keeps the address it would have had for the original
+/// destination, as under iptables REDIRECT (NAT below the socket): its `getsockname()` shows
+/// the pod's address, the sidecar sees the pod's address as its downstream peer, and
+/// `getpeername()` shows the original destination. IPv4, IPv6 and an IPv4-mapped destination
+/// on a dual-stack socket.
+#[test]
+fn captured_connection_keeps_the_pods_source_address() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+        .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let (client, ext) = (lab.pod("client"), lab.pod("ext"));
+    for (target, source) in [
+        (format!("{}:8080", ext.v4), client.v4.to_string()),
+        (format!("[{}]:8080", ext.v6), format!("[{}]", client.v6)),
+    ] {
+        let r = lab
+            .client(Some("client"), None, &["--target", &target])
+            .unwrap();
+        let r = &r[0];
+        assert!(r.error.is_none(), "{r:?}");
+        let local = r.local.as_deref().unwrap();
+        assert!(local.starts_with(&format!("{source}:")), "{r:?}");
+        assert_eq!(r.peername.as_deref(), Some(target.as_str()), "{r:?}");
+        let records = lab.sidecar_log(sidecar);
+        let rec = records
+            .iter()
+            .find(|rec| rec.peer == local)
+            .unwrap_or_else(|| panic!("the sidecar's peer is not the app's {local}: {records:#?}"));
+        assert_eq!(rec.orig_dst.as_deref(), Some(target.as_str()));
+        assert!(
+            rec.local == "127.0.0.1:15001" || rec.local == "[::1]:15001",
+            "{rec:?}"
+        );
+    }
+}
+
 /// curl in a mesh pod to a server outside the mesh, IPv4 and IPv6: the response arrives, the
 /// sidecar logged the connection with the right original destination, the server saw the
 /// pod's address (the proxy connected upstream), and the app's getpeername is untouched.

@@ -36,6 +36,9 @@ enum Cmd {
         /// SO_ORIGINAL_DST (a slow or busy proxy).
         #[arg(long, default_value_t = 0)]
         answer_delay_ms: u64,
+        /// Bind the inbound listeners to 127.0.0.1 and ::1 only.
+        #[arg(long)]
+        inbound_loopback: bool,
     },
     /// A server that reports the addresses it saw.
     Server {
@@ -126,10 +129,12 @@ fn main() -> Result<()> {
             outbound_port,
             inbound_port,
             answer_delay_ms,
+            inbound_loopback,
         } => rt()?.block_on(proxy::run(
             outbound_port,
             inbound_port,
             Duration::from_millis(answer_delay_ms),
+            inbound_loopback,
         )),
         Cmd::Server { ports } => rt()?.block_on(server::run(ports)),
         Cmd::Client {

@@ -149,7 +149,19 @@ async fn accept_loop(l: TcpListener, outbound: bool, inbound_port: u16, answer_d
     }
 }
 
-pub async fn run(outbound_port: u16, inbound_port: u16, answer_delay: Duration) -> Result<()> {
+/// Runs the sidecar. `inbound_loopback`: the inbound listeners bind 127.0.0.1 and ::1 only
+/// (a listener only a connection REDIRECT sends to loopback can reach).
+pub async fn run(
+    outbound_port: u16,
+    inbound_port: u16,
+    answer_delay: Duration,
+    inbound_loopback: bool,
+) -> Result<()> {
+    let (in4, in6): (IpAddr, IpAddr) = if inbound_loopback {
+        (Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into())
+    } else {
+        (Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into())
+    };
     let mut tasks = Vec::new();
     for (addr, v6only, outbound) in [
         (
@@ -162,16 +174,8 @@ pub async fn run(outbound_port: u16, inbound_port: u16, answer_delay: Duration) 
             true,
             true,
         ),
-        (
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), inbound_port),
-            false,
-            false,
-        ),
-        (
-            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), inbound_port),
-            true,
-            false,
-        ),
+        (SocketAddr::new(in4, inbound_port), false, false),
+        (SocketAddr::new(in6, inbound_port), true, false),
     ] {
         let l = listen(addr, v6only)?;
         tasks.push(tokio::spawn(accept_loop(
