@@ -6,8 +6,8 @@ use std::{sync::atomic::Ordering, time::Duration};
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    bin, echo, eventually, perf, run, spawn, which, wire, Daemon, Lab, Netns, Placement, NEXT,
-    PROXY_UID,
+    bin, echo, envoy, eventually, perf, run, spawn, which, wire, Daemon, Lab, Netns, Placement,
+    Proc, NEXT, PROXY_UID,
 };
 
 impl Lab {
@@ -41,6 +41,41 @@ impl Lab {
         let i = self.spawn_in(pod, Some(PROXY_UID), "sidecar", &args)?;
         self.wait_listening(pod, 15001)?;
         Ok(i)
+    }
+
+    /// Starts Envoy as the pod's sidecar (Istio's listener shapes, see [`crate::envoy`]), as
+    /// uid 1337, and waits until its outbound, inbound and health listeners listen.
+    pub fn start_envoy(&mut self, pod: &str) -> Result<usize> {
+        let p = self.pod(pod);
+        let config = self.dir.join(format!("{pod}-envoy.json"));
+        let bootstrap = envoy::bootstrap(&p.v4.to_string(), &p.v6.to_string());
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log = self.dir.join(format!("{pod}-envoy.log"));
+        let mut placement = p.placement();
+        placement.uid = Some(PROXY_UID);
+        let args = envoy::args(&config);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = spawn(placement, &log, &envoy::binary(), &args)?;
+        self.procs.push(proc);
+        for port in [
+            envoy::OUTBOUND_PORT,
+            envoy::INBOUND_PORT,
+            envoy::HEALTH_PORT,
+        ] {
+            self.wait_listening(pod, port)
+                .with_context(|| self.procs.last().map(Proc::log_text).unwrap_or_default())?;
+        }
+        Ok(self.procs.len() - 1)
+    }
+
+    /// Envoy's access-log records so far (the process at `proc_index`).
+    pub fn envoy_log(&self, proc_index: usize) -> Vec<wire::EnvoyRecord> {
+        self.procs[proc_index]
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Starts the test server in a pod on `ports` and waits until it listens.

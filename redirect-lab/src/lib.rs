@@ -12,6 +12,7 @@ mod cgroup;
 mod cmd;
 mod daemon;
 pub mod echo;
+pub mod envoy;
 mod netns;
 pub mod perf;
 mod process;

@@ -46,3 +46,22 @@ pub struct ClientResult {
     #[serde(default)]
     pub peername_held: Option<String>,
 }
+
+/// A line Envoy's access log writes per connection or request (see [`crate::envoy`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnvoyRecord {
+    /// Which listener took it: `outbound`, `inbound`, `self`, `health`, `stats`.
+    pub listener: String,
+    /// The downstream peer: the application (outbound), the client (inbound).
+    pub downstream_remote: String,
+    /// The downstream local address after the `original_dst` filter: the original destination.
+    pub downstream_local: String,
+    /// The accepted socket's own local address, before any restoring.
+    pub downstream_direct_local: String,
+    /// The upstream Envoy connected to (none for a listener that answers itself).
+    pub upstream_host: Option<String>,
+    /// The local address of Envoy's upstream connection.
+    pub upstream_local: Option<String>,
+    /// Envoy's response flags (`-` when none; e.g. `UF` upstream connection failure).
+    pub flags: String,
+}

