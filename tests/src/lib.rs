@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests in `tests/`.
 
 pub mod fake_apiserver;
+pub mod istio_iptables;
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},

@@ -1,0 +1,173 @@
+//! Istio's `istio-iptables` REDIRECT rule set for a pod's capture options, in the order and
+//! shape of Istio's own golden test outputs (`tools/istio-iptables/pkg/capture/testdata`:
+//! `ip-range`, `outbound-ports-include`, `outbound-ports-exclude`, `inbound-ports-include`,
+//! `inbound-wildcard-exclude`, `ipv6-uid-gid`), proxy uid and gid 1337. The conformance suite
+//! runs these rules in a pod as the reference, beside redirectd.
+
+use anyhow::{bail, Context as _, Result};
+use redirect_lab::Netns;
+
+/// A pod's capture options, as Istio's annotations give them.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub exclude_outbound_ports: Vec<u16>,
+    pub include_outbound_ports: Vec<u16>,
+    pub exclude_outbound_ranges: Vec<String>,
+    /// `None`: `*`.
+    pub include_outbound_ranges: Option<Vec<String>>,
+    pub exclude_inbound_ports: Vec<u16>,
+    /// `None`: `*`.
+    pub include_inbound_ports: Option<Vec<u16>>,
+}
+
+fn join<T: ToString>(v: &[T]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Options {
+    /// The same options as `traffic.sidecar.istio.io/*` annotations (for redirectd).
+    pub fn annotations(&self) -> Vec<(&'static str, String)> {
+        let mut a = Vec::new();
+        let key = |k: &str| -> &'static str {
+            match k {
+                "eop" => "traffic.sidecar.istio.io/excludeOutboundPorts",
+                "iop" => "traffic.sidecar.istio.io/includeOutboundPorts",
+                "eor" => "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "ior" => "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "eip" => "traffic.sidecar.istio.io/excludeInboundPorts",
+                _ => "traffic.sidecar.istio.io/includeInboundPorts",
+            }
+        };
+        if !self.exclude_outbound_ports.is_empty() {
+            a.push((key("eop"), join(&self.exclude_outbound_ports)));
+        }
+        if !self.include_outbound_ports.is_empty() {
+            a.push((key("iop"), join(&self.include_outbound_ports)));
+        }
+        if !self.exclude_outbound_ranges.is_empty() {
+            a.push((key("eor"), self.exclude_outbound_ranges.join(",")));
+        }
+        if let Some(r) = &self.include_outbound_ranges {
+            a.push((key("ior"), r.join(",")));
+        }
+        if !self.exclude_inbound_ports.is_empty() {
+            a.push((key("eip"), join(&self.exclude_inbound_ports)));
+        }
+        if let Some(p) = &self.include_inbound_ports {
+            a.push((key("iip"), join(p)));
+        }
+        a
+    }
+
+    /// The `-t nat` rules for one family (`v6`: ip6tables), each as its arguments.
+    pub fn rules(&self, v6: bool) -> Vec<String> {
+        let (passthrough, localhost) = if v6 {
+            ("::6/128", "::1/128")
+        } else {
+            ("127.0.0.6/32", "127.0.0.1/32")
+        };
+        let of_family = |cidrs: &[String]| -> Vec<String> {
+            cidrs
+                .iter()
+                .filter(|c| c.contains(':') == v6)
+                .cloned()
+                .collect()
+        };
+        let mut r: Vec<String> = [
+            "-N ISTIO_INBOUND",
+            "-N ISTIO_REDIRECT",
+            "-N ISTIO_IN_REDIRECT",
+            "-N ISTIO_OUTPUT",
+            "-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN",
+            "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+            "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        ]
+        .map(String::from)
+        .to_vec();
+        match &self.include_inbound_ports {
+            None => {
+                r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+                let mut excluded = vec![15090, 15021, 15020];
+                excluded.extend(&self.exclude_inbound_ports);
+                for p in excluded {
+                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j RETURN"));
+                }
+                r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into());
+            }
+            Some(ports) if !ports.is_empty() => {
+                r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+                for p in ports {
+                    r.push(format!(
+                        "-A ISTIO_INBOUND -p tcp --dport {p} -j ISTIO_IN_REDIRECT"
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        r.push("-A OUTPUT -p tcp -j ISTIO_OUTPUT".into());
+        for p in &self.exclude_outbound_ports {
+            r.push(format!("-A ISTIO_OUTPUT -p tcp --dport {p} -j RETURN"));
+        }
+        r.push(format!("-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN"));
+        for owner in ["--uid-owner", "--gid-owner"] {
+            r.push(format!("-A ISTIO_OUTPUT -o lo ! -d {localhost} -p tcp ! --dport 15008 -m owner {owner} 1337 -j ISTIO_IN_REDIRECT"));
+            r.push(format!(
+                "-A ISTIO_OUTPUT -o lo -m owner ! {owner} 1337 -j RETURN"
+            ));
+            r.push(format!("-A ISTIO_OUTPUT -m owner {owner} 1337 -j RETURN"));
+        }
+        r.push(format!("-A ISTIO_OUTPUT -d {localhost} -j RETURN"));
+        for c in of_family(&self.exclude_outbound_ranges) {
+            r.push(format!("-A ISTIO_OUTPUT -d {c} -j RETURN"));
+        }
+        for p in &self.include_outbound_ports {
+            r.push(format!(
+                "-A ISTIO_OUTPUT -p tcp --dport {p} -j ISTIO_REDIRECT"
+            ));
+        }
+        match &self.include_outbound_ranges {
+            None => r.push("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into()),
+            Some(ranges) => {
+                for c in of_family(ranges) {
+                    r.push(format!("-A ISTIO_OUTPUT -d {c} -j ISTIO_REDIRECT"));
+                }
+                if !ranges.is_empty() {
+                    r.push("-A ISTIO_OUTPUT -j RETURN".into());
+                }
+            }
+        }
+        r
+    }
+}
+
+/// Installs the rules of both families in `ns`.
+pub fn install(ns: &Netns, options: &Options) -> Result<()> {
+    for (cmd, v6) in [("iptables", false), ("ip6tables", true)] {
+        for rule in options.rules(v6) {
+            let mut args = vec![cmd, "-t", "nat"];
+            args.extend(rule.split_whitespace());
+            ns.exec(&args)
+                .with_context(|| format!("{cmd} -t nat {rule}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes both nat tables from `ns` (flushing would leave the NAT hooks and conntrack on).
+pub fn remove(ns: &Netns) -> Result<()> {
+    let version = ns.exec(&["iptables", "-V"])?;
+    if !version.contains("nf_tables") {
+        bail!("{version}: a legacy iptables nat table cannot be removed; use iptables-nft");
+    }
+    for family in ["ip", "ip6"] {
+        let _ = ns.exec(&["nft", "delete", "table", family, "nat"]);
+    }
+    let left = ns.exec(&["nft", "list", "tables"])?;
+    if left.contains("nat") {
+        bail!("nat tables left in {}: {left}", ns.name);
+    }
+    Ok(())
+}
