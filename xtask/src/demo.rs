@@ -7,14 +7,17 @@ fn step(text: &str) {
     println!("\n==> {text}");
 }
 
+/// Prints what the Envoy sidecar logged since record `from`; returns the records seen.
 fn show_sidecar(lab: &Lab, sidecar: usize, from: usize) -> usize {
-    let records = lab.sidecar_log(sidecar);
+    // Envoy logs a connection when it closes and flushes its log every 10 ms.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let records = lab.envoy_log(sidecar);
     for r in &records[from.min(records.len())..] {
         println!(
-            "    sidecar: {:<8} app {:<22} -> original destination {:<22} (upstream from {})",
-            r.event,
-            r.peer,
-            r.orig_dst.as_deref().unwrap_or("?"),
+            "    envoy: {:<8} from {:<22} -> original destination {:<22} (upstream from {})",
+            r.listener,
+            r.downstream_remote,
+            r.downstream_local,
             r.upstream_local.as_deref().unwrap_or("-")
         );
     }
@@ -22,15 +25,15 @@ fn show_sidecar(lab: &Lab, sidecar: usize, from: usize) -> usize {
 }
 
 pub fn demo() -> Result<()> {
-    step("building a lab: pods `client` and `web` (in the mesh, each with a sidecar running as uid 1337), pod `ext` (outside the mesh)");
+    step("building a lab: pods `client` and `web` (in the mesh, each with Envoy as its sidecar, uid 1337, Istio's listeners), pod `ext` (outside the mesh)");
     let mut lab = Lab::new()?;
     lab.add_pod("client")?;
     lab.add_pod("ext")?;
     lab.add_pod("web")?;
-    let sidecar = lab.start_sidecar("client")?;
-    let web_sidecar = lab.start_sidecar("web")?;
     lab.start_server("ext", &[8080, 5432])?;
     lab.start_server("web", &[8080])?;
+    let sidecar = lab.start_envoy("client")?;
+    let web_sidecar = lab.start_envoy("web")?;
     let web4 = lab.pod("web").v4;
     let (client, ext) = (lab.pod("client"), lab.pod("ext"));
     println!(
@@ -63,7 +66,7 @@ pub fn demo() -> Result<()> {
         println!("    {}", line.split_once("] ").map_or(line, |(_, m)| m));
     }
 
-    step("curl from `client` to ext over IPv4 and IPv6: captured to the sidecar, which finds the original destination with SO_ORIGINAL_DST");
+    step("curl from `client` to ext over IPv4 and IPv6: captured to Envoy's virtualOutbound, which finds the original destination with SO_ORIGINAL_DST");
     let mut seen = 0;
     for url in [
         format!("http://{ext4}:8080/"),
@@ -107,7 +110,8 @@ pub fn demo() -> Result<()> {
         })
         .count();
     println!("    {ok}/20 reached their own destination with getpeername() == destination");
-    seen = lab.sidecar_log(sidecar).len().max(seen);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    seen = lab.envoy_log(sidecar).len().max(seen);
 
     step("not captured: an excluded port (5432), the proxy's own uid, loopback");
     let r = lab.client(Some("client"), None, &["--target", &format!("{ext4}:5432")])?;
@@ -124,12 +128,13 @@ pub fn demo() -> Result<()> {
         "    uid 1337 -> {ext4}:8080: server saw {} (no loop)",
         r[0].reply.as_ref().map_or("error", |x| x.peer.as_str())
     );
+    std::thread::sleep(std::time::Duration::from_millis(200));
     println!(
-        "    sidecar saw {} new connections",
-        lab.sidecar_log(sidecar).len() - seen
+        "    Envoy saw {} new connections",
+        lab.envoy_log(sidecar).len() - seen
     );
 
-    step("inbound: `ext` (outside the mesh) calls `web`: sk_lookup hands the connection to web's sidecar (15006), which reaches the app from 127.0.0.6");
+    step("inbound: `ext` (outside the mesh) calls `web`: sk_lookup hands the connection to web's Envoy (virtualInbound, 15006), which reaches the app from 127.0.0.6");
     let r = lab.client(Some("ext"), None, &["--target", &format!("{web4}:8080")])?;
     let reply = r[0].reply.as_ref().context("no reply from web")?;
     println!(
@@ -139,15 +144,15 @@ pub fn demo() -> Result<()> {
     );
     show_sidecar(&lab, web_sidecar, 0);
 
-    step("mesh to mesh: `client` calls `web`: client's sidecar (outbound), then web's sidecar (inbound), then the app");
-    let before = lab.sidecar_log(web_sidecar).len();
+    step("mesh to mesh: `client` calls `web`: client's Envoy (outbound), then web's Envoy (inbound), then the app");
+    let before = lab.envoy_log(web_sidecar).len();
     let r = lab.client(Some("client"), None, &["--target", &format!("{web4}:8080")])?;
     let reply = r[0].reply.as_ref().context("no reply from web")?;
     show_sidecar(&lab, sidecar, seen);
     show_sidecar(&lab, web_sidecar, before);
     println!("    the app saw the connection from {}", reply.peer);
 
-    step("sidecar stopped: fail open (the default) sends connections direct and counts them");
+    step("Envoy stopped: fail open (the default) sends connections direct and counts them");
     lab.procs[sidecar].kill();
     let r = lab.client(Some("client"), None, &["--target", &format!("{ext4}:8080")])?;
     println!(
