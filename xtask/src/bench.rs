@@ -165,7 +165,7 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
+pub fn bench(quick: bool, cross_node: bool, envoy: bool, root: &Path) -> Result<()> {
     let rounds = if quick { 2 } else { 5 };
     let secs = if quick { 1 } else { 3 };
     let dur = (secs * 1000).to_string();
@@ -190,8 +190,13 @@ pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
             "net.ipv4.ip_local_port_range=1024 65000",
         ])?;
     }
-    lab.start_sidecar("client")?;
-    lab.start_sidecar("server")?;
+    for pod in ["client", "server"] {
+        if envoy {
+            lab.start_envoy(pod)?;
+        } else {
+            lab.start_sidecar(pod)?;
+        }
+    }
     lab.spawn_in("server", None, "perf-server", &["perf-server"])?;
     lab.wait_listening("server", 9001)?;
     lab.wait_listening("server", 9002)?;
@@ -277,6 +282,7 @@ pub fn bench(quick: bool, cross_node: bool, root: &Path) -> Result<()> {
         secs,
         quick,
         cross_node,
+        envoy,
     };
     report(&results, &prog_stats, rss_kib, &shape, root)
 }
@@ -297,6 +303,8 @@ struct Shape {
     secs: u64,
     quick: bool,
     cross_node: bool,
+    /// Envoy in both pods (else the lab's small proxy).
+    envoy: bool,
 }
 
 fn report(
@@ -311,7 +319,9 @@ fn report(
         secs,
         quick,
         cross_node,
+        envoy,
     } = *shape;
+    let sidecar = if envoy { "envoy" } else { "lab" };
     let mut table = String::new();
     let mut figures = json!({});
     writeln!(
@@ -386,6 +396,7 @@ fn report(
         "seconds_per_workload": secs,
         "quick": quick,
         "cross_node": cross_node,
+        "sidecar": sidecar,
         "figures": figures,
         "raw": results.iter().map(|(m, ws)| (m.to_string(), ws.iter().map(|(w, v)| (w.to_string(), serde_json::to_value(v).unwrap_or_default())).collect::<BTreeMap<_, _>>())).collect::<BTreeMap<_, _>>(),
         "programs": prog_json,
@@ -393,10 +404,11 @@ fn report(
     });
     let out = root.join("target").join("bench");
     std::fs::create_dir_all(&out)?;
-    let stem = if cross_node {
-        "bench-cross-node"
-    } else {
-        "bench"
+    let stem = match (cross_node, envoy) {
+        (true, true) => "bench-cross-node",
+        (false, true) => "bench",
+        (true, false) => "bench-cross-node-lab-sidecar",
+        (false, false) => "bench-lab-sidecar",
     };
     std::fs::write(
         out.join(format!("{stem}.json")),
@@ -405,7 +417,7 @@ fn report(
     let svg = chart(&figures);
     std::fs::write(out.join(format!("{stem}.svg")), &svg)?;
     println!("wrote {}/{stem}.json and {stem}.svg", out.display());
-    if !quick && !cross_node {
+    if !quick && !cross_node && envoy {
         let docs = root.join("docs");
         std::fs::create_dir_all(&docs)?;
         std::fs::write(docs.join("bench.json"), serde_json::to_string_pretty(&doc)?)?;
@@ -419,8 +431,8 @@ fn report(
              connection tracking on for the modes after it), \
              {secs} s per workload; each cell is the median across rounds, (min–max) across rounds, \
              and ×ratio to `iptables` from the same run. Lab: two mesh pods on one node (network \
-             namespaces on a bridge), the lab sidecar (a small tokio proxy, uid 1337) in both, a \
-             blocking 1 KiB request/response server and a sink. `rr`: one connection, 1 KiB each \
+             namespaces on a bridge), Envoy 1.40 as the sidecar in both (Istio's listener shapes, \
+             two workers, uid 1337), a blocking 1 KiB request/response server and a sink. `rr`: one connection, 1 KiB each \
              way; `crr`: a new connection per request; `stream`: bulk to the sink; `concurrent`: 32 \
              connections of `rr`.\n\n![chart](bench.svg)\n\n{table}\n\
              Kernel programs, average run time per call (kernel BPF stats, all ebpf rounds):\n\n\

@@ -46,6 +46,10 @@ enum Task {
         /// The server pod on a second (emulated) node, with its own daemon.
         #[arg(long)]
         cross_node: bool,
+        /// The sidecar in both pods: `envoy` (the headline profile) or `lab` (the lab's small
+        /// proxy).
+        #[arg(long, default_value = "envoy", value_parser = ["envoy", "lab"])]
+        sidecar: String,
     },
     /// Fuzz the pods-file and annotation parsers (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
@@ -202,11 +206,15 @@ fn main() -> Result<()> {
             sweep_leftovers()?;
             demo::demo()
         }
-        Task::Bench { quick, cross_node } => {
+        Task::Bench {
+            quick,
+            cross_node,
+            sidecar,
+        } => {
             require_root("the benchmark")?;
             build(true)?;
             sweep_leftovers()?;
-            bench::bench(quick, cross_node, &root())
+            bench::bench(quick, cross_node, sidecar == "envoy", &root())
         }
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Test { long, args } => {
