@@ -73,6 +73,10 @@ pub const POD_FLAG_HAS_EXCLUDE_RANGES: u32 = 1 << 4;
 pub const POD_FLAG_HAS_INCLUDE_RANGES: u32 = 1 << 5;
 /// [`PodConfig::flags`]: the pod has `includeOutboundPorts`.
 pub const POD_FLAG_HAS_INCLUDE_PORTS: u32 = 1 << 6;
+/// [`PodConfig::flags`]: the pod's configuration was rejected before it was ever served:
+/// every connection that would be captured is refused instead (with `POD_FLAG_FAIL_CLOSED`),
+/// so a typo never leaves a mesh pod uncaptured.
+pub const POD_FLAG_REJECTED: u32 = 1 << 7;
 
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;

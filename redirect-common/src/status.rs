@@ -15,7 +15,22 @@ pub struct PodStatus {
     /// The pod's slot in the maps.
     pub pod_id: u32,
     pub netns_cookie: u64,
+    /// Which configuration is in force: `current`, or, when the pod's configuration was
+    /// rejected, `last good kept: <reason>` or `locked, connections refused: <reason>`.
+    #[serde(default)]
+    pub config: String,
 }
+
+impl PodStatus {
+    /// Whether the pod's current configuration was rejected (the last good one, or a lock,
+    /// is in force).
+    pub fn config_rejected(&self) -> bool {
+        !self.config.is_empty() && self.config != CONFIG_CURRENT
+    }
+}
+
+/// [`PodStatus::config`] of a pod whose current configuration is applied.
+pub const CONFIG_CURRENT: &str = "current";
 
 /// A program the daemon loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use redirect_common::{
     ListenerKey, NodeAddrKey, OrigDst, PodConfig, AF_INET, AF_INET6, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_NO_ACCEL, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
+    POD_FLAG_NO_ACCEL, POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
 };
 
 use redirect_ebpf::{
@@ -235,6 +235,10 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
         Outbound::Capture => (true, pod.outbound_port),
         Outbound::CaptureInbound => (false, pod.inbound_port),
     };
+    if pod.flags & POD_FLAG_REJECTED != 0 {
+        // Its configuration was rejected before it was served: refused, never uncaptured.
+        return fail(ctx, &pod, to_outbound);
+    }
     // Fast path: the listener registered in LISTENERS (at its listen(), or adopted by the
     // daemon); else a socket lookup, so an unregistered proxy is still seen.
     let listening = listener_registered(netns_cookie, dst.family, port)

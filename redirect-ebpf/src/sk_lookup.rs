@@ -5,7 +5,7 @@
 //! decided at `connect()` and pass untouched.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext, Global};
-use redirect_common::{ListenerKey, PodConfig, SockKey, POD_FLAG_FAIL_CLOSED};
+use redirect_common::{ListenerKey, PodConfig, SockKey, POD_FLAG_FAIL_CLOSED, POD_FLAG_REJECTED};
 use redirect_ebpf::{
     addr::{ctx_addr6, sock_key, Endpoint, RawEnds},
     counters::count,
@@ -66,6 +66,10 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     if inbound(&pod, port as u16) == Inbound::Direct {
         count(pod.pod_id, |c| c.inbound_direct += 1);
         return SK_PASS;
+    }
+    if pod.flags & POD_FLAG_REJECTED != 0 {
+        // Its configuration was rejected before it was served: refused, never uncaptured.
+        return fail(&pod);
     }
     let key = ListenerKey {
         netns_cookie,

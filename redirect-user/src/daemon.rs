@@ -24,16 +24,17 @@ use tokio::{
 };
 
 use crate::{
+    annotations::CapturePolicy,
     datapath::Datapath,
     loader::{self, LoadOptions, ProgramReport},
     metrics::{self, Snapshot},
     mounts,
     netns::Resolver,
-    pods::{Desired, PodKey},
+    pods::{Desired, PodKey, PodSpec},
     probe,
     reconcile::{NodeSettings, Reconciler, Report, Resolved},
     sources::{self, PodSource, Published, SourceStats},
-    status::{PodStatus, StatusFile},
+    status::{PodStatus, StatusFile, CONFIG_CURRENT},
 };
 
 /// Everything `run` needs.
@@ -121,24 +122,46 @@ struct Pass {
     inbound_insns: Option<u32>,
 }
 
+/// Every desired pod, resolved or not.
+#[derive(Default)]
+struct Resolution {
+    resolved: Vec<Resolved>,
+    /// Desired pods whose namespace is not found for now.
+    unresolved: Vec<PodKey>,
+    /// Why, for each of those.
+    pending: Vec<String>,
+    /// How each resolved pod's namespace was found.
+    netns: BTreeMap<PodKey, String>,
+}
+
 /// Owns the maps, the reconciler's record and the netns resolver. Only its methods touch
 /// the kernel; each may block.
 struct Engine {
     datapath: Datapath,
     reconciler: Reconciler,
     resolver: Resolver,
-    /// The first pass after start also sweeps what a previous run left and no pod owns.
-    first_pass: bool,
+    /// Whether what a previous run left and no pod owns was swept (once, after start, when
+    /// every desired pod was found).
+    swept: bool,
 }
 
 impl Engine {
     /// Resolves, reconciles and reads back what the loop publishes.
     fn pass(&mut self, desired: &Desired) -> Pass {
-        let (resolved, pending, netns) = self.resolve(desired);
-        let report = self.reconciler.reconcile(&resolved, &mut self.datapath);
-        if self.first_pass {
+        let Resolution {
+            resolved,
+            unresolved,
+            pending,
+            netns,
+        } = self.resolve(desired);
+        let report = self
+            .reconciler
+            .reconcile(&resolved, &unresolved, &mut self.datapath);
+        // What a previous run left is swept once every desired pod was found: a pod whose
+        // namespace is not found yet may be one of those entries.
+        if !self.swept && unresolved.is_empty() {
             self.sweep_previous_run();
-            self.first_pass = false;
+            self.swept = true;
         }
         let applied = self
             .reconciler
@@ -159,32 +182,43 @@ impl Engine {
         }
     }
 
-    /// Finds every desired pod's network namespace; pods whose namespace is missing are
-    /// returned with the reason.
-    fn resolve(
-        &mut self,
-        desired: &Desired,
-    ) -> (Vec<Resolved>, Vec<String>, BTreeMap<PodKey, String>) {
-        let mut resolved = Vec::new();
-        let mut pending = Vec::new();
-        let mut described = BTreeMap::new();
-        for spec in &desired.pods {
+    /// Finds every desired pod's network namespace, valid or not (a pod whose configuration
+    /// was rejected is still known, and is kept captured or locked).
+    fn resolve(&mut self, desired: &Desired) -> Resolution {
+        let mut out = Resolution::default();
+        let valid = desired.pods.iter().map(|p| (p, None));
+        let invalid = desired.invalid.iter().map(|p| {
+            let spec = PodSpec {
+                key: p.key.clone(),
+                netns: p.netns.clone(),
+                ips: p.ips.clone(),
+                policy: CapturePolicy::default(),
+            };
+            (spec, Some(p.error.to_string()))
+        });
+        let all: Vec<(PodSpec, Option<String>)> =
+            valid.map(|(p, r)| (p.clone(), r)).chain(invalid).collect();
+        for (spec, rejected) in all {
             match self.resolver.resolve(&spec.netns) {
                 Ok(found) => {
-                    described.insert(spec.key.clone(), found.description);
-                    resolved.push(Resolved {
-                        spec: spec.clone(),
+                    out.netns.insert(spec.key.clone(), found.description);
+                    out.resolved.push(Resolved {
+                        spec,
                         netns_cookie: found.cookie,
                         netns_path: found.path,
+                        rejected,
                     });
                 }
-                Err(e) => pending.push(format!(
-                    "pod {}: netns {}: {e:#} (retrying)",
-                    spec.key, spec.netns
-                )),
+                Err(e) => {
+                    out.pending.push(format!(
+                        "pod {}: netns {}: {e:#} (retrying; what is applied for it stays)",
+                        spec.key, spec.netns
+                    ));
+                    out.unresolved.push(spec.key);
+                }
             }
         }
-        (resolved, pending, described)
+        out
     }
 
     /// Removes map entries and inbound links that no applied pod owns, then lets slots the
@@ -246,7 +280,7 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         datapath,
         reconciler,
         resolver: Resolver::new(opts.node_netns.clone())?,
-        first_pass: true,
+        swept: false,
     };
     Ok((engine, loaded.programs))
 }
@@ -265,6 +299,14 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// The source has no usable desired set yet: only the status says so.
+    fn source_unusable(&mut self, published: &Published) {
+        self.status.file_error = published.source_error.clone();
+        if let Err(e) = self.status.write(&self.status_file) {
+            log::error!("{e:#}");
+        }
+    }
+
     fn publish(&mut self, published: &Published, pass: Pass) {
         let desired = &published.desired;
         let report = &pass.report;
@@ -283,7 +325,20 @@ impl Publisher {
         for e in &report.cleanup_errors {
             log::error!("{e}");
         }
+        let mut config: BTreeMap<&PodKey, String> = BTreeMap::new();
+        for (k, why) in &report.kept {
+            config.insert(k, format!("last good kept: {why}"));
+        }
+        for (k, why) in &report.locked {
+            config.insert(k, format!("locked, connections refused: {why}"));
+        }
         let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
+        problems.extend(report.kept.iter().map(|(k, _)| {
+            format!("pod {k}: its new configuration is rejected; its last good configuration stays in force until the entry is fixed")
+        }));
+        problems.extend(report.locked.iter().map(|(k, _)| {
+            format!("pod {k}: its configuration is rejected and it was never served: its connections are refused until the entry is fixed")
+        }));
         problems.extend(pass.pending);
         problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));
         let problem_set: BTreeSet<String> = problems.iter().cloned().collect();
@@ -312,6 +367,10 @@ impl Publisher {
                 netns: pass.netns.get(k).cloned().unwrap_or_default(),
                 pod_id: *pod_id,
                 netns_cookie: *netns_cookie,
+                config: config
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_else(|| CONFIG_CURRENT.into()),
             })
             .collect();
         if let Some(insns) = pass.inbound_insns {
@@ -326,6 +385,11 @@ impl Publisher {
         if let Some(tx) = &self.metrics {
             tx.send_replace(Arc::new(Snapshot {
                 ready: true,
+                config_rejected: status
+                    .pods
+                    .iter()
+                    .map(|p| (p.namespace.clone(), p.name.clone(), p.config_rejected()))
+                    .collect(),
                 pods: pass
                     .applied
                     .into_iter()
@@ -440,6 +504,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let Some(current) = source.borrow_and_update().clone() else {
             continue;
         };
+        if !current.complete {
+            // Never a full set yet (a pods file unusable since start): apply nothing, remove
+            // nothing; say why.
+            publisher.source_unusable(&current);
+            continue;
+        }
         let desired = current.desired.clone();
         let (returned, pass) = tokio::task::spawn_blocking(move || {
             let pass = engine.pass(&desired);

@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub ready: bool,
     /// `(namespace, name, counters)`.
     pub pods: Vec<(String, String, PodCounters)>,
+    /// `(namespace, name, rejected)`: whether each applied pod's current configuration was
+    /// rejected (its last good one, or a lock, is in force).
+    pub config_rejected: Vec<(String, String, bool)>,
     pub rejected_pods: usize,
     pub reconcile_errors: u64,
     /// Times the Kubernetes pod watch broke and was restarted.
@@ -166,6 +169,17 @@ fn registry(s: &Snapshot) -> Result<Registry> {
             .set(i64::try_from(*n).unwrap_or(i64::MAX));
         capacity.with_label_values(&[*map]).set(i64::from(*cap));
     }
+    let rejected = gauge_vec(
+        &r,
+        "redirect_pod_config_rejected",
+        "1 while a pod's current configuration is rejected: its last good configuration (or, never served, a lock refusing its connections) is in force.",
+        &["namespace", "pod"],
+    )?;
+    for (ns, name, is) in &s.config_rejected {
+        rejected
+            .with_label_values(&[ns.as_str(), name.as_str()])
+            .set(i64::from(*is));
+    }
     let pods = gauge_vec(&r, "redirect_pods", "Pods by state.", &["state"])?;
     pods.with_label_values(&["applied"])
         .set(i64::try_from(s.pods.len()).unwrap_or(i64::MAX));
@@ -299,6 +313,7 @@ mod tests {
         let s = Snapshot {
             ready: true,
             pods: vec![("ns".into(), "we\"ird".into(), c)],
+            config_rejected: vec![("ns".into(), "we\"ird".into(), true)],
             rejected_pods: 1,
             reconcile_errors: 2,
             watch_restarts: 0,
@@ -312,6 +327,10 @@ mod tests {
         );
         assert!(text.contains(r#"redirect_map_entries{map="SOCK_PAIRS"} 4"#));
         assert!(text.contains("redirect_reconcile_errors_total 2"), "{text}");
+        assert!(
+            text.contains(r#"redirect_pod_config_rejected{namespace="ns",pod="we\"ird"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("redirect_ready 1"));
         assert!(text.contains("# HELP redirect_connections_total Connections decided"));
     }

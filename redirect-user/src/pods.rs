@@ -73,12 +73,39 @@ impl fmt::Display for PodError {
     }
 }
 
+/// A mesh pod whose capture configuration is invalid (an annotation), but which is known:
+/// it is never left uncaptured because of it. Served before: its last good configuration
+/// stays in force; new: its connections are refused until the configuration is fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidPod {
+    pub key: PodKey,
+    pub netns: NetnsRef,
+    pub ips: Vec<IpAddr>,
+    pub error: PodError,
+}
+
 /// The desired set from one read of a source.
 #[derive(Debug, Default, Clone)]
 pub struct Desired {
     pub pods: Vec<PodSpec>,
+    /// Mesh pods with an invalid configuration (also listed in `rejected`).
+    pub invalid: Vec<InvalidPod>,
+    /// Every entry rejected, with the reason.
     pub rejected: Vec<PodError>,
     pub warnings: Vec<String>,
+}
+
+/// Why an entry is not a valid pod: unusable (cannot even tell which pod, or where), or a
+/// known pod whose configuration is invalid.
+enum EntryError {
+    Unusable(PodError),
+    Invalid(Box<InvalidPod>),
+}
+
+impl From<PodError> for EntryError {
+    fn from(e: PodError) -> Self {
+        EntryError::Unusable(e)
+    }
 }
 
 #[derive(Deserialize)]
@@ -165,13 +192,30 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                 );
                 desired.pods.push(spec);
             }
-            Err(e) => desired.rejected.push(e),
+            Err(EntryError::Unusable(e)) => desired.rejected.push(e),
+            Err(EntryError::Invalid(pod)) => {
+                let pod = *pod;
+                desired.rejected.push(pod.error.clone());
+                if seen_keys.insert(pod.key.clone())
+                    && !seen_netns.contains_key(&pod.netns)
+                    && !pod.ips.iter().any(|ip| seen_ips.contains_key(ip))
+                {
+                    seen_netns.insert(pod.netns.clone(), pod.key.clone());
+                    for ip in &pod.ips {
+                        seen_ips.insert(*ip, pod.key.clone());
+                    }
+                    desired.invalid.push(pod);
+                }
+            }
         }
     }
     Ok(desired)
 }
 
-fn parse_entry(i: usize, entry: &serde_yaml_ng::Value) -> Result<(PodSpec, Vec<String>), PodError> {
+fn parse_entry(
+    i: usize,
+    entry: &serde_yaml_ng::Value,
+) -> Result<(PodSpec, Vec<String>), EntryError> {
     // Name the pod in errors as soon as we can read its name.
     let label = match (entry.get("namespace"), entry.get("name")) {
         (Some(serde_yaml_ng::Value::String(ns)), Some(serde_yaml_ng::Value::String(n))) => {
@@ -197,7 +241,7 @@ fn parse_entry(i: usize, entry: &serde_yaml_ng::Value) -> Result<(PodSpec, Vec<S
     })?;
     for (field, value) in [("name", &raw.name), ("namespace", &raw.namespace)] {
         if value.is_empty() || value.len() > MAX_NAME_LEN {
-            return Err(err(field, format!("must be 1-{MAX_NAME_LEN} characters")));
+            return Err(err(field, format!("must be 1-{MAX_NAME_LEN} characters")).into());
         }
         if value
             .chars()
@@ -206,25 +250,27 @@ fn parse_entry(i: usize, entry: &serde_yaml_ng::Value) -> Result<(PodSpec, Vec<S
             return Err(err(
                 field,
                 format!("{value:?} has a character not allowed in a name"),
-            ));
+            )
+            .into());
         }
     }
     let netns = match (raw.netns, raw.pid) {
         (Some(p), None) => {
             if !p.is_absolute() {
-                return Err(err(
-                    "netns",
-                    format!("{} is not an absolute path", p.display()),
-                ));
+                return Err(
+                    err("netns", format!("{} is not an absolute path", p.display())).into(),
+                );
             }
             NetnsRef::Path(p)
         }
-        (None, Some(0)) => return Err(err("pid", "0 is not a process".into())),
+        (None, Some(0)) => return Err(err("pid", "0 is not a process".into()).into()),
         (None, Some(pid)) => NetnsRef::Pid(pid),
         (Some(_), Some(_)) => {
-            return Err(err("netns", "give either netns or pid, not both".into()))
+            return Err(err("netns", "give either netns or pid, not both".into()).into())
         }
-        (None, None) => return Err(err("netns", "missing: give netns (a path) or pid".into())),
+        (None, None) => {
+            return Err(err("netns", "missing: give netns (a path) or pid".into()).into())
+        }
     };
     let mut ips = Vec::new();
     for (j, ip) in raw.ips.iter().enumerate() {
@@ -233,17 +279,27 @@ fn parse_entry(i: usize, entry: &serde_yaml_ng::Value) -> Result<(PodSpec, Vec<S
             .parse()
             .map_err(|_| err(&format!("ips[{j}]"), format!("{ip:?} is not an IP address")))?;
         if ips.contains(&addr) {
-            return Err(err(&format!("ips[{j}]"), format!("{addr} is listed twice")));
+            return Err(err(&format!("ips[{j}]"), format!("{addr} is listed twice")).into());
         }
         ips.push(addr);
     }
-    let parsed = annotations::parse(&raw.annotations)
-        .map_err(|e| err(&format!("annotations[{:?}]", e.annotation), e.to_string()))?;
+    let key = PodKey {
+        namespace: raw.namespace,
+        name: raw.name,
+    };
+    let parsed = match annotations::parse(&raw.annotations) {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(EntryError::Invalid(Box::new(InvalidPod {
+                key,
+                netns,
+                ips,
+                error: err(&format!("annotations[{:?}]", e.annotation), e.to_string()),
+            })))
+        }
+    };
     let spec = PodSpec {
-        key: PodKey {
-            namespace: raw.namespace,
-            name: raw.name,
-        },
+        key,
         netns,
         ips,
         policy: parsed.policy,

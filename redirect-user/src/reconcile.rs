@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
 };
 
-use redirect_common::{PodConfig, MAX_PODS};
+use redirect_common::{PodConfig, MAX_PODS, POD_FLAG_REJECTED};
 use serde::Serialize;
 
 use crate::{
@@ -38,6 +38,11 @@ pub struct Resolved {
     pub netns_cookie: u64,
     /// A file of the pod's network namespace.
     pub netns_path: PathBuf,
+    /// Set when the pod's configuration was rejected (the reason): the pod keeps what is
+    /// applied (its last good configuration, or, across a restart, what the previous run
+    /// left), or, never served, is locked: its connections are refused (`spec.policy` is
+    /// then not used).
+    pub rejected: Option<String>,
 }
 
 /// A pod as it is in the maps.
@@ -51,6 +56,14 @@ pub struct Applied {
     rules: PodRules,
 }
 
+impl Applied {
+    /// Locked: its configuration was rejected before it was ever served, and its
+    /// connections are refused.
+    pub fn locked(&self) -> bool {
+        self.config.flags & POD_FLAG_REJECTED != 0
+    }
+}
+
 /// What one pass changed or could not do.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -61,6 +74,11 @@ pub struct Report {
     pub removed: Vec<PodKey>,
     /// Pods that could not be applied, with the reason.
     pub failed: Vec<(PodKey, String)>,
+    /// Pods whose new configuration was rejected (or whose namespace is not found for now):
+    /// what is applied stays in force. With the reason.
+    pub kept: Vec<(PodKey, String)>,
+    /// Pods never served whose configuration was rejected: locked, connections refused.
+    pub locked: Vec<(PodKey, String)>,
     /// Entries of retired pods or slots that could not be removed, with the reason (the
     /// pod is gone from the mesh all the same; the daemon logs these).
     pub cleanup_errors: Vec<String>,
@@ -111,17 +129,23 @@ impl Reconciler {
     /// A previous run's entry for this pod, if its configuration and rules are what we would
     /// write: then the pod is adopted with its slot and counters, and not one map entry
     /// changes (a daemon restart or upgrade is invisible to the data path).
-    fn adoptable(&self, want: &Wanted, maps: &impl PodMaps) -> Option<PodConfig> {
+    ///
+    /// A pod whose configuration was rejected adopts whatever the previous run left for it:
+    /// its last good configuration, kept across the restart.
+    fn adoptable(&self, want: &Wanted, maps: &impl PodMaps) -> Option<(PodConfig, PodRules)> {
         let prev = *self.previous.get(&want.resolved.netns_cookie)?;
         if self.applied.values().any(|a| a.pod_id == prev.pod_id) {
             return None;
+        }
+        let existing = maps.existing_rules(prev.pod_id, prev.flags).ok()?;
+        if want.resolved.rejected.is_some() {
+            return Some((prev, existing));
         }
         let same_config = PodConfig {
             pod_id: prev.pod_id,
             ..want.config
         } == prev;
-        let existing = maps.existing_rules(prev.pod_id, prev.flags).ok()?;
-        (same_config && existing == want.rules).then_some(prev)
+        (same_config && existing == want.rules).then_some((prev, existing))
     }
 
     pub fn applied(&self) -> &BTreeMap<PodKey, Applied> {
@@ -138,18 +162,35 @@ impl Reconciler {
     /// Brings the maps to `desired`. A pod that cannot be applied keeps its previous state
     /// (if any) and is reported; the others proceed. Three steps: plan what each desired pod
     /// should look like, apply installs and updates, then retire what is no longer wanted.
-    pub fn reconcile(&mut self, desired: &[Resolved], maps: &mut impl PodMaps) -> Report {
+    ///
+    /// `keep`: desired pods that could not be resolved this time (their namespace is not
+    /// found for now): whatever is applied for them stays. A pod leaves the maps only when it
+    /// is no longer desired, never because of an error.
+    pub fn reconcile(
+        &mut self,
+        desired: &[Resolved],
+        keep: &[PodKey],
+        maps: &mut impl PodMaps,
+    ) -> Report {
         let mut report = Report::default();
-        let plan = self.plan(desired, &mut report);
+        let plan = self.plan(desired, keep, &mut report);
         let retired = self.apply(&plan, maps, &mut report);
         self.retire(&plan, retired, maps, &mut report);
         report
     }
 
     /// What each desired pod's entries should be. A pod whose network namespace is already
-    /// another desired pod's is reported and left out.
-    fn plan<'a>(&self, desired: &'a [Resolved], report: &mut Report) -> Plan<'a> {
-        let mut plan = Plan::default();
+    /// another desired pod's is reported and left out. `keep`: pods to leave as they are
+    /// (their namespace is not found for now).
+    fn plan<'a>(&self, desired: &'a [Resolved], keep: &[PodKey], report: &mut Report) -> Plan<'a> {
+        let mut plan = Plan {
+            keep: keep
+                .iter()
+                .filter(|k| self.applied.contains_key(*k))
+                .cloned()
+                .collect(),
+            ..Default::default()
+        };
         let mut cookie_owner: BTreeMap<u64, &PodKey> = BTreeMap::new();
         for r in desired {
             if let Some(other) = cookie_owner.get(&r.netns_cookie) {
@@ -161,7 +202,23 @@ impl Reconciler {
             }
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
             plan.cookies.insert(r.netns_cookie);
-            let rules = PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports);
+            if let Some(reason) = &r.rejected {
+                if let Some(a) = self.applied.get(&r.spec.key) {
+                    // What is in force stays: the last good configuration (or the lock).
+                    let state = if a.locked() {
+                        &mut report.locked
+                    } else {
+                        &mut report.kept
+                    };
+                    state.push((r.spec.key.clone(), reason.clone()));
+                    plan.keep.insert(r.spec.key.clone());
+                    continue;
+                }
+            }
+            let rules = match &r.rejected {
+                Some(_) => PodRules::locked(&r.spec.ips, &self.node.proxy_ports),
+                None => PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports),
+            };
             let config = PodConfig {
                 pod_id: 0,
                 proxy_uid: self.node.proxy_uid,
@@ -193,10 +250,13 @@ impl Reconciler {
                 Some(a) if a.is(want) => continue,
                 Some(_) => {}
                 None => {
-                    if let Some(prev) = self.adoptable(want, maps) {
-                        match self.adopt(key, want, prev, maps) {
+                    if let Some((prev, rules)) = self.adoptable(want, maps) {
+                        match self.adopt(key, want, prev, rules, maps) {
                             Ok(()) => report.adopted.push(key.clone()),
                             Err(e) => report.failed.push((key.clone(), format!("{e:#}"))),
+                        }
+                        if let Some(reason) = &want.resolved.rejected {
+                            report.kept.push((key.clone(), reason.clone()));
                         }
                         continue;
                     }
@@ -212,6 +272,9 @@ impl Reconciler {
             if let Err(e) = self.install(key, want, pod_id, maps) {
                 report.failed.push((key.clone(), format!("{e:#}")));
                 continue;
+            }
+            if let Some(reason) = &want.resolved.rejected {
+                report.locked.push((key.clone(), reason.clone()));
             }
             fresh.insert(pod_id);
             let new = Applied {
@@ -244,6 +307,7 @@ impl Reconciler {
         key: &PodKey,
         want: &Wanted,
         prev: PodConfig,
+        rules: PodRules,
         maps: &mut impl PodMaps,
     ) -> anyhow::Result<()> {
         let r = want.resolved;
@@ -254,7 +318,7 @@ impl Reconciler {
                 pod_id: prev.pod_id,
                 netns_cookie: r.netns_cookie,
                 config: prev,
-                rules: want.rules.clone(),
+                rules,
             },
         );
         Ok(())
@@ -311,7 +375,7 @@ impl Reconciler {
         let gone: Vec<PodKey> = self
             .applied
             .keys()
-            .filter(|k| !plan.pods.contains_key(*k))
+            .filter(|k| !plan.pods.contains_key(*k) && !plan.keep.contains(*k))
             .cloned()
             .collect();
         for key in gone {
@@ -321,7 +385,11 @@ impl Reconciler {
             }
         }
         for old in retired {
-            let netns_in_use = plan.cookies.contains(&old.netns_cookie)
+            let netns_in_use = (plan.cookies.contains(&old.netns_cookie)
+                || self
+                    .applied
+                    .iter()
+                    .any(|(k, a)| plan.keep.contains(k) && a.netns_cookie == old.netns_cookie))
                 && self
                     .applied
                     .values()
@@ -357,6 +425,8 @@ struct Plan<'a> {
     pods: BTreeMap<PodKey, Wanted<'a>>,
     /// Network namespaces of the desired pods.
     cookies: BTreeSet<u64>,
+    /// Applied pods left exactly as they are this pass.
+    keep: BTreeSet<PodKey>,
 }
 
 impl Applied {
@@ -473,6 +543,7 @@ mod tests {
             },
             netns_cookie: cookie,
             netns_path: PathBuf::from(format!("/run/netns/{name}")),
+            rejected: None,
         }
     }
 
@@ -480,20 +551,20 @@ mod tests {
     fn add_update_remove() {
         let mut r = Reconciler::new(node());
         let mut m = FakeMaps::default();
-        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &[], &mut m);
         assert_eq!(rep.added.len(), 2);
         assert_eq!(m.pods.len(), 2);
         assert!(m.ports.contains(&(m.pods[&10].pod_id, 1, 5432)));
 
         // Unchanged: nothing written.
         m.log.clear();
-        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[])], &[], &mut m);
         assert!(!rep.changed());
         assert!(m.log.is_empty(), "{:?}", m.log);
 
         // Update: new slot, entry replaced, old rules removed, cookie kept.
         let old_id = m.pods[&10].pod_id;
-        let rep = r.reconcile(&[pod("a", 10, &[6379]), pod("b", 20, &[])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[6379]), pod("b", 20, &[])], &[], &mut m);
         assert_eq!(rep.updated.len(), 1);
         let new_id = m.pods[&10].pod_id;
         assert_ne!(old_id, new_id);
@@ -519,7 +590,7 @@ mod tests {
         );
 
         // Remove b.
-        let rep = r.reconcile(&[pod("a", 10, &[6379])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[6379])], &[], &mut m);
         assert_eq!(rep.removed.len(), 1);
         assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![10]);
         assert_eq!(m.inbound, [10].into(), "a removed pod's inbound link goes");
@@ -529,13 +600,13 @@ mod tests {
     fn same_netns_twice_is_rejected_and_failures_are_isolated() {
         let mut r = Reconciler::new(node());
         let mut m = FakeMaps::default();
-        let rep = r.reconcile(&[pod("a", 10, &[]), pod("b", 10, &[])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[]), pod("b", 10, &[])], &[], &mut m);
         assert_eq!(rep.added.len(), 1);
         assert_eq!(rep.failed.len(), 1);
         assert!(rep.failed[0].1.contains("default/a"));
 
         m.fail_set_pod = true;
-        let rep = r.reconcile(&[pod("a", 10, &[]), pod("c", 30, &[1])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[]), pod("c", 30, &[1])], &[], &mut m);
         assert_eq!(rep.failed.len(), 1);
         let a_id = m.pods[&10].pod_id;
         assert!(
@@ -551,11 +622,11 @@ mod tests {
     fn an_updated_pods_old_slot_is_not_reused_in_the_same_pass() {
         let mut r = Reconciler::new(node());
         let mut m = FakeMaps::default();
-        r.reconcile(&[pod("a", 10, &[1])], &mut m);
+        r.reconcile(&[pod("a", 10, &[1])], &[], &mut m);
         let old = m.pods[&10].pod_id;
         // a changes (new slot) and b arrives in the same pass: b must not get a's old slot,
         // whose rules (the proxy ports, shared by every pod) are removed after.
-        r.reconcile(&[pod("a", 10, &[2]), pod("b", 20, &[])], &mut m);
+        r.reconcile(&[pod("a", 10, &[2]), pod("b", 20, &[])], &[], &mut m);
         assert_ne!(m.pods[&20].pod_id, old);
         let b = m.pods[&20].pod_id;
         assert!(
@@ -565,13 +636,85 @@ mod tests {
         );
     }
 
+    fn rejected(mut p: Resolved) -> Resolved {
+        p.rejected = Some("bad annotation".into());
+        p
+    }
+
+    #[test]
+    fn a_served_pod_keeps_its_last_good_rules_when_its_new_ones_are_rejected() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[5432])], &[], &mut m);
+        let (pods, ports) = (m.pods.clone(), m.ports.clone());
+        m.log.clear();
+        let rep = r.reconcile(&[rejected(pod("a", 10, &[]))], &[], &mut m);
+        assert!(rep.removed.is_empty() && !rep.changed(), "{rep:?}");
+        assert_eq!(rep.kept.len(), 1);
+        assert!(m.log.is_empty(), "nothing written: {:?}", m.log);
+        assert_eq!((m.pods.clone(), m.ports.clone()), (pods, ports));
+        // Fixed: the new configuration is applied.
+        let rep = r.reconcile(&[pod("a", 10, &[6379])], &[], &mut m);
+        assert_eq!(rep.updated.len(), 1);
+        assert!(m.ports.iter().any(|(_, _, p)| *p == 6379));
+    }
+
+    #[test]
+    fn a_new_pod_with_a_rejected_configuration_is_locked_then_fixed() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        let rep = r.reconcile(&[rejected(pod("a", 10, &[]))], &[], &mut m);
+        assert_eq!(rep.locked.len(), 1, "{rep:?}");
+        assert_ne!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+        assert_ne!(m.pods[&10].flags & redirect_common::POD_FLAG_FAIL_CLOSED, 0);
+        // Still rejected: stays locked, nothing rewritten.
+        m.log.clear();
+        let rep = r.reconcile(&[rejected(pod("a", 10, &[]))], &[], &mut m);
+        assert_eq!(rep.locked.len(), 1);
+        assert!(m.log.is_empty(), "{:?}", m.log);
+        let rep = r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
+        assert_eq!(rep.updated.len(), 1);
+        assert_eq!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+    }
+
+    #[test]
+    fn a_pod_whose_namespace_is_not_found_for_now_stays_applied() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[]), pod("b", 20, &[])], &[], &mut m);
+        let b = PodKey {
+            namespace: "default".into(),
+            name: "b".into(),
+        };
+        let rep = r.reconcile(&[pod("a", 10, &[])], std::slice::from_ref(&b), &mut m);
+        assert!(rep.removed.is_empty(), "{rep:?}");
+        assert!(m.pods.contains_key(&20) && m.inbound.contains(&20));
+        // Gone from the desired set: removed.
+        let rep = r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
+        assert_eq!(rep.removed, vec![b]);
+    }
+
+    #[test]
+    fn across_a_restart_a_rejected_pod_keeps_what_the_previous_run_left() {
+        let mut m = FakeMaps::default();
+        Reconciler::new(node()).reconcile(&[pod("a", 10, &[5432])], &[], &mut m);
+        let before = m.pods.clone();
+        let mut r = Reconciler::new(node());
+        r.take_over(m.pods.clone());
+        let rep = r.reconcile(&[rejected(pod("a", 10, &[]))], &[], &mut m);
+        assert_eq!(rep.adopted.len(), 1, "{rep:?}");
+        assert_eq!(rep.kept.len(), 1);
+        assert_eq!(m.pods, before);
+        assert!(m.ports.iter().any(|(_, _, p)| *p == 5432));
+    }
+
     #[test]
     fn cleanup_errors_are_reported_not_swallowed() {
         let mut r = Reconciler::new(node());
         let mut m = FakeMaps::default();
-        r.reconcile(&[pod("a", 10, &[]), pod("b", 20, &[])], &mut m);
+        r.reconcile(&[pod("a", 10, &[]), pod("b", 20, &[])], &[], &mut m);
         m.fail_remove = true;
-        let rep = r.reconcile(&[pod("a", 10, &[])], &mut m);
+        let rep = r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
         assert_eq!(rep.removed.len(), 1);
         assert_eq!(rep.cleanup_errors.len(), 1, "{:?}", rep.cleanup_errors);
         assert!(rep.cleanup_errors[0].contains("EBUSY"));
@@ -582,8 +725,8 @@ mod tests {
     fn pod_moving_to_a_new_netns() {
         let mut r = Reconciler::new(node());
         let mut m = FakeMaps::default();
-        r.reconcile(&[pod("a", 10, &[])], &mut m);
-        r.reconcile(&[pod("a", 11, &[])], &mut m);
+        r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
+        r.reconcile(&[pod("a", 11, &[])], &[], &mut m);
         assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![11]);
         assert_eq!(m.inbound, [11].into());
     }
@@ -592,7 +735,7 @@ mod tests {
     fn a_restart_adopts_what_is_unchanged_and_rewrites_the_rest() {
         let mut m = FakeMaps::default();
         let mut first = Reconciler::new(node());
-        first.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[1])], &mut m);
+        first.reconcile(&[pod("a", 10, &[5432]), pod("b", 20, &[1])], &[], &mut m);
         let before = m.pods.clone();
 
         // A new daemon: a is unchanged, b's annotations changed while it was down, c is new.
@@ -601,6 +744,7 @@ mod tests {
         m.log.clear();
         let rep = r.reconcile(
             &[pod("a", 10, &[5432]), pod("b", 20, &[2]), pod("c", 30, &[])],
+            &[],
             &mut m,
         );
         assert_eq!(rep.adopted.len(), 1);

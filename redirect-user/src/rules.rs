@@ -13,8 +13,8 @@ use redirect_common::{
     ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
     POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES,
     POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL,
-    POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
-    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6, PORT_EXCLUDE_INBOUND,
+    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
@@ -88,6 +88,21 @@ impl PodRules {
         if !policy.include_outbound_ports.is_empty() {
             r.flags |= POD_FLAG_HAS_INCLUDE_PORTS;
         }
+        r
+    }
+}
+
+impl PodRules {
+    /// The rules of a pod whose configuration was rejected before it was ever served: what
+    /// Istio's defaults would capture is refused instead (fail closed), outbound and inbound;
+    /// the proxy's own connections and ports, and connections inside the pod, are untouched.
+    pub fn locked(ips: &[IpAddr], proxy_ports: &[u16]) -> Self {
+        let policy = CapturePolicy {
+            fail_closed: true,
+            ..CapturePolicy::default()
+        };
+        let mut r = Self::compile(&policy, ips, proxy_ports);
+        r.flags |= POD_FLAG_REJECTED;
         r
     }
 }

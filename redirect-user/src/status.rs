@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-pub use redirect_common::status::{PodReport, PodStatus, ProgramReport, Report};
+pub use redirect_common::status::{PodReport, PodStatus, ProgramReport, Report, CONFIG_CURRENT};
 use redirect_common::{map_names, PodCounters};
 use serde::{Deserialize, Serialize};
 

@@ -19,6 +19,7 @@ struct FileState {
 impl FileState {
     /// Takes one read of the file; returns whether what is published changed.
     fn take(&mut self, path: &std::path::Path, read: std::io::Result<Vec<u8>>) -> bool {
+        // Until a first good read, nothing the file says is complete (see Published).
         match read {
             Ok(bytes) if self.last_bytes.as_deref() == Some(bytes.as_slice()) => false,
             Ok(bytes) => {
@@ -71,6 +72,17 @@ mod tests {
     use super::*;
 
     const GOOD: &[u8] = b"pods:\n  - name: a\n    netns: /run/netns/a\n";
+
+    #[test]
+    fn unusable_from_the_start_is_not_a_desired_set() {
+        let path = std::path::Path::new("/pods.yaml");
+        let mut s = FileState::default();
+        assert!(s.take(path, Ok(b"pods: [".to_vec())));
+        assert!(!s.published.complete, "an empty set would remove every pod");
+        assert!(s.published.source_error.is_some());
+        assert!(s.take(path, Ok(GOOD.to_vec())));
+        assert!(s.published.complete);
+    }
 
     #[test]
     fn keeps_the_last_good_version_and_reports_once() {

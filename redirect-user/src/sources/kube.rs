@@ -18,7 +18,7 @@ use std::{
 use super::{Published, Publisher, SourceStats};
 use crate::{
     annotations,
-    pods::{Desired, NetnsRef, PodError, PodKey, PodSpec},
+    pods::{Desired, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
 };
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -42,8 +42,17 @@ pub struct KubeOptions {
     pub api_url: Option<String>,
 }
 
-/// One Pod as the daemon sees it: not ours (`None`), a mesh pod, or invalid.
-pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, PodError> {
+/// A pod that is in the mesh but cannot be served as it is.
+#[derive(Debug)]
+pub enum Rejected {
+    /// Its addresses cannot be read: which namespace is its is unknown.
+    Unusable(PodError),
+    /// Its capture configuration is invalid: never left uncaptured because of it.
+    Invalid(Box<InvalidPod>),
+}
+
+/// One Pod as the daemon sees it: not ours (`None`), a mesh pod, or rejected.
+pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
     let meta = &pod.metadata;
     let key = PodKey {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -88,9 +97,9 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, PodError> {
         .map(|p| p.ip)
         .chain(status.and_then(|s| s.pod_ip.clone()));
     for ip in listed {
-        let ip: IpAddr = ip
-            .parse()
-            .map_err(|_| err("status.podIPs", format!("{ip:?} is not an IP address")))?;
+        let ip: IpAddr = ip.parse().map_err(|_| {
+            Rejected::Unusable(err("status.podIPs", format!("{ip:?} is not an IP address")))
+        })?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -98,12 +107,20 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, PodError> {
     let Some(first) = ips.first().copied() else {
         return Ok(None);
     };
-    let parsed = annotations::parse(&ann).map_err(|e| {
-        err(
-            &format!("metadata.annotations[{:?}]", e.annotation),
-            e.to_string(),
-        )
-    })?;
+    let parsed = match annotations::parse(&ann) {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(Rejected::Invalid(Box::new(InvalidPod {
+                error: err(
+                    &format!("metadata.annotations[{:?}]", e.annotation),
+                    e.to_string(),
+                ),
+                key,
+                netns: NetnsRef::PodIp(first),
+                ips,
+            })))
+        }
+    };
     Ok(Some(PodSpec {
         key,
         netns: NetnsRef::PodIp(first),
@@ -118,7 +135,11 @@ fn desired(pods: &BTreeMap<String, Pod>) -> Desired {
         match pod_to_spec(pod) {
             Ok(Some(spec)) => d.pods.push(spec),
             Ok(None) => {}
-            Err(e) => d.rejected.push(e),
+            Err(Rejected::Unusable(e)) => d.rejected.push(e),
+            Err(Rejected::Invalid(p)) => {
+                d.rejected.push(p.error.clone());
+                d.invalid.push(*p);
+            }
         }
     }
     d
@@ -237,12 +258,16 @@ mod tests {
     }
 
     #[test]
-    fn bad_annotation_names_pod_and_field() {
+    fn bad_annotation_names_pod_and_field_and_keeps_the_pod_known() {
         let mut p = base();
         p["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
             "http".into();
-        let e = pod_to_spec(&pod(p)).unwrap_err();
+        let Err(Rejected::Invalid(invalid)) = pod_to_spec(&pod(p)) else {
+            panic!("a bad annotation must leave the pod known (to keep it captured)");
+        };
+        let e = &invalid.error;
         assert_eq!(e.pod, "shop/web");
         assert!(e.field.contains("excludeOutboundPorts"), "{e}");
+        assert_eq!(invalid.netns, NetnsRef::PodIp("10.0.0.5".parse().unwrap()));
     }
 }

@@ -40,6 +40,10 @@ impl PodSource {
 pub struct Published {
     pub desired: Desired,
     pub source_error: Option<String>,
+    /// Whether `desired` is a full set the source really read. A pods file unusable since
+    /// the daemon started has none: then nothing is applied and nothing removed (what a
+    /// previous run left keeps serving) until it is fixed.
+    pub complete: bool,
 }
 
 impl Published {
@@ -47,6 +51,7 @@ impl Published {
         Self {
             desired,
             source_error: None,
+            complete: true,
         }
     }
 }
