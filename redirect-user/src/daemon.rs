@@ -143,7 +143,12 @@ struct Engine {
     /// Whether what a previous run left and no pod owns was swept (once, after start, when
     /// every desired pod was found).
     swept: bool,
+    started: std::time::Instant,
 }
+
+/// How long after start a previous run's entries wait for pods whose namespace is not found
+/// before they are swept all the same.
+const SWEEP_GRACE: Duration = Duration::from_secs(60);
 
 impl Engine {
     /// Resolves, reconciles and reads back what the loop publishes.
@@ -157,9 +162,10 @@ impl Engine {
         let report = self
             .reconciler
             .reconcile(&resolved, &unresolved, &mut self.datapath);
-        // What a previous run left is swept once every desired pod was found: a pod whose
-        // namespace is not found yet may be one of those entries.
-        if !self.swept && unresolved.is_empty() {
+        // What a previous run left is swept once every desired pod was found (a pod whose
+        // namespace is not found yet may own some of those entries), or, at the latest,
+        // SWEEP_GRACE after start (a pod listed but gone must not hold slots for ever).
+        if !self.swept && (unresolved.is_empty() || self.started.elapsed() >= SWEEP_GRACE) {
             self.sweep_previous_run();
             self.swept = true;
         }
@@ -281,6 +287,7 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         reconciler,
         resolver: Resolver::new(opts.node_netns.clone())?,
         swept: false,
+        started: std::time::Instant::now(),
     };
     Ok((engine, loaded.programs))
 }
