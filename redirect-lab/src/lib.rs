@@ -13,6 +13,7 @@ mod cmd;
 mod daemon;
 pub mod echo;
 pub mod envoy;
+pub mod istio_iptables;
 mod netns;
 pub mod perf;
 mod process;

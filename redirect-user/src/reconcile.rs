@@ -203,7 +203,10 @@ impl Reconciler {
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
             plan.cookies.insert(r.netns_cookie);
             if let Some(reason) = &r.rejected {
-                if let Some(a) = self.applied.get(&r.spec.key) {
+                // Kept only in the namespace it was applied in: a pod recreated in a new one
+                // with a rejected configuration is locked there.
+                let same_netns = |a: &&Applied| a.netns_cookie == r.netns_cookie;
+                if let Some(a) = self.applied.get(&r.spec.key).filter(same_netns) {
                     // What is in force stays: the last good configuration (or the lock).
                     let state = if a.locked() {
                         &mut report.locked
@@ -675,6 +678,17 @@ mod tests {
         let rep = r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
         assert_eq!(rep.updated.len(), 1);
         assert_eq!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+    }
+
+    #[test]
+    fn a_pod_recreated_in_a_new_namespace_with_a_rejected_configuration_is_locked() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
+        let rep = r.reconcile(&[rejected(pod("a", 11, &[]))], &[], &mut m);
+        assert_eq!(rep.locked.len(), 1, "{rep:?}");
+        assert_eq!(m.pods.keys().copied().collect::<Vec<_>>(), vec![11]);
+        assert_ne!(m.pods[&11].flags & POD_FLAG_REJECTED, 0);
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests in `tests/`.
 
 pub mod fake_apiserver;
-pub mod istio_iptables;
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},

@@ -14,13 +14,11 @@
 use std::{fmt::Write as _, time::Duration};
 
 use redirect_lab::{
+    istio_iptables::{self, Options},
     wire::{ClientResult, EnvoyRecord},
     Lab, PROXY_UID,
 };
-use redirect_tests::{
-    istio_iptables::{self, Options},
-    lab, pods_yaml,
-};
+use redirect_tests::{lab, pods_yaml};
 
 /// A connection to make: who, as whom, to where.
 struct Row {

@@ -6,13 +6,9 @@ use std::time::Duration;
 use redirect_lab::{eventually, wire::ServerReply};
 use redirect_tests::{curl, lab, pods_yaml};
 
-/// The application's socket keeps the address it would have had for the original
-/// destination, as under iptables REDIRECT (NAT below the socket): its `getsockname()` shows
-/// the pod's address, the sidecar sees the pod's address as its downstream peer, and
-/// `getpeername()` shows the original destination. IPv4, IPv6 and an IPv4-mapped destination
-/// on a dual-stack socket.
-#[test]
-fn captured_connection_keeps_the_pods_source_address() {
+/// A lab with mesh pod `client` (lab sidecar) and server pod `ext` on 8080, under redirectd;
+/// returns the lab and the sidecar's process index.
+fn client_and_ext() -> (redirect_lab::Lab, usize) {
     let mut lab = lab();
     lab.add_pod("client").unwrap();
     lab.add_pod("ext").unwrap();
@@ -20,6 +16,17 @@ fn captured_connection_keeps_the_pods_source_address() {
     lab.start_server("ext", &[8080]).unwrap();
     lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
         .unwrap();
+    (lab, sidecar)
+}
+
+/// The application's socket keeps the address it would have had for the original
+/// destination, as under iptables REDIRECT (NAT below the socket): its `getsockname()` shows
+/// the pod's address, the sidecar sees the pod's address as its downstream peer, and
+/// `getpeername()` shows the original destination. IPv4, IPv6 and an IPv4-mapped destination
+/// on a dual-stack socket.
+#[test]
+fn captured_connection_keeps_the_pods_source_address() {
+    let (mut lab, sidecar) = client_and_ext();
     lab.daemon().wait_pods(&["client"]).unwrap();
     let (client, ext) = (lab.pod("client"), lab.pod("ext"));
     for (target, source) in [
@@ -425,13 +432,7 @@ fn pods_file_followed_while_running() {
 /// goes direct afterwards.
 #[test]
 fn uninstall_leaves_nothing_behind() {
-    let mut lab = lab();
-    lab.add_pod("client").unwrap();
-    lab.add_pod("ext").unwrap();
-    let sidecar = lab.start_sidecar("client").unwrap();
-    lab.start_server("ext", &[8080]).unwrap();
-    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
-        .unwrap();
+    let (mut lab, sidecar) = client_and_ext();
     let st = lab.daemon().wait_pods(&["client"]).unwrap();
     // The seven node-wide programs (the per-pod sk_lookup one is listed with id 0).
     let ids: Vec<u32> = st

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use redirect_lab::{perf::Measured, run, Daemon, Lab};
+use redirect_lab::{istio_iptables, perf::Measured, run, Daemon, Lab};
 use serde_json::{json, Value};
 
 const MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf+sockmap"];
@@ -17,60 +17,18 @@ const MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf+sockmap"];
 const KEPT_MARKER: &str = "<!-- written by hand below; kept by cargo xtask bench -->";
 const WORKLOADS: [&str; 4] = ["rr", "crr", "stream", "concurrent"];
 
-/// Istio's `istio-iptables` REDIRECT rule set (uid/gid 1337, 127.0.0.6 passthrough,
-/// 15001/15006, the proxy's ports excluded inbound), as `iptables -t nat` arguments.
-fn istio_rules() -> Vec<Vec<&'static str>> {
-    let rules: &[&str] = &[
-        "-N ISTIO_INBOUND",
-        "-N ISTIO_REDIRECT",
-        "-N ISTIO_IN_REDIRECT",
-        "-N ISTIO_OUTPUT",
-        "-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN",
-        "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
-        "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
-        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
-        "-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN",
-        "-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN",
-        "-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN",
-        "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
-        "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
-        "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
-        "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
-        "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
-        "-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
-        "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
-        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
-        "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
-    ];
-    rules.iter().map(|r| r.split(' ').collect()).collect()
-}
-
+/// Istio's `istio-iptables` REDIRECT rules with the default options (uid/gid 1337,
+/// 127.0.0.6 passthrough, 15001/15006, the proxy's ports excluded inbound), both families, in
+/// `pod`; or their removal: the nat tables go, not only their rules (a flush would leave the
+/// NAT hooks and connection tracking on for every later mode).
 fn iptables(lab: &Lab, pod: &str, install: bool) -> Result<()> {
     let ns = &lab.pod(pod).netns;
     if install {
-        for rule in istio_rules() {
-            let mut args = vec!["iptables", "-t", "nat"];
-            args.extend(rule);
-            ns.exec(&args)
-                .context("installing Istio's iptables rules")?;
-        }
+        istio_iptables::install(ns, &istio_iptables::Options::default())
+            .context("installing Istio's iptables rules")
     } else {
-        ns.exec(&["iptables", "-t", "nat", "-F"])?;
-        ns.exec(&["iptables", "-t", "nat", "-X"])?;
-        // Flushing leaves the nat table, and with it the NAT hooks and connection tracking,
-        // active in the namespace: every later mode would pay for them. Remove the table.
-        let version = ns.exec(&["iptables", "-V"])?;
-        anyhow::ensure!(
-            version.contains("nf_tables"),
-            "{version}: a legacy iptables nat table cannot be removed, and would stay active under the other modes; use iptables-nft"
-        );
-        ns.exec(&["nft", "delete", "table", "ip", "nat"])?;
-        let left = ns.exec(&["nft", "list", "tables"])?;
-        anyhow::ensure!(left.trim().is_empty(), "tables left in {pod}: {left}");
+        istio_iptables::remove(ns)
     }
-    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

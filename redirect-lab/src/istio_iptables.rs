@@ -2,10 +2,11 @@
 //! shape of Istio's own golden test outputs (`tools/istio-iptables/pkg/capture/testdata`:
 //! `ip-range`, `outbound-ports-include`, `outbound-ports-exclude`, `inbound-ports-include`,
 //! `inbound-wildcard-exclude`, `ipv6-uid-gid`), proxy uid and gid 1337. The conformance suite
-//! runs these rules in a pod as the reference, beside redirectd.
+//! runs these rules in a pod as the reference, beside redirectd; the benchmark's `iptables`
+//! mode runs the default set.
 
+use crate::Netns;
 use anyhow::{bail, Context as _, Result};
-use redirect_lab::Netns;
 
 /// A pod's capture options, as Istio's annotations give them.
 #[derive(Debug, Clone, Default)]
