@@ -317,37 +317,9 @@ impl Publisher {
     fn publish(&mut self, published: &Published, pass: Pass) {
         let desired = &published.desired;
         let report = &pass.report;
-        for k in &report.added {
-            log::info!("pod {k}: in the mesh (outbound and inbound capture on)");
-        }
-        for k in &report.adopted {
-            log::info!("pod {k}: taken over from the previous run unchanged");
-        }
-        for k in &report.updated {
-            log::info!("pod {k}: configuration updated");
-        }
-        for k in &report.removed {
-            log::info!("pod {k}: removed from the mesh");
-        }
-        for e in &report.cleanup_errors {
-            log::error!("{e}");
-        }
-        let mut config: BTreeMap<&PodKey, String> = BTreeMap::new();
-        for (k, why) in &report.kept {
-            config.insert(k, format!("last good kept: {why}"));
-        }
-        for (k, why) in &report.locked {
-            config.insert(k, format!("locked, connections refused: {why}"));
-        }
-        let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
-        problems.extend(report.kept.iter().map(|(k, _)| {
-            format!("pod {k}: its new configuration is rejected; its last good configuration stays in force until the entry is fixed")
-        }));
-        problems.extend(report.locked.iter().map(|(k, _)| {
-            format!("pod {k}: its configuration is rejected and it was never served: its connections are refused until the entry is fixed")
-        }));
-        problems.extend(pass.pending);
-        problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));
+        log_changes(report);
+        let config = config_in_force(report);
+        let problems = problems(desired, report, &pass.pending);
         let problem_set: BTreeSet<String> = problems.iter().cloned().collect();
         for p in problem_set.difference(&self.last_problems) {
             log::warn!("{p}");
@@ -412,6 +384,51 @@ impl Publisher {
             log::error!("{e:#}");
         }
     }
+}
+
+/// Logs what a pass changed in the maps.
+fn log_changes(report: &Report) {
+    for k in &report.added {
+        log::info!("pod {k}: in the mesh (outbound and inbound capture on)");
+    }
+    for k in &report.adopted {
+        log::info!("pod {k}: taken over from the previous run unchanged");
+    }
+    for k in &report.updated {
+        log::info!("pod {k}: configuration updated");
+    }
+    for k in &report.removed {
+        log::info!("pod {k}: removed from the mesh");
+    }
+    for e in &report.cleanup_errors {
+        log::error!("{e}");
+    }
+}
+
+/// For each pod whose current configuration was rejected, which one is in force and why.
+fn config_in_force(report: &Report) -> BTreeMap<&PodKey, String> {
+    let mut config = BTreeMap::new();
+    for (k, why) in &report.kept {
+        config.insert(k, format!("last good kept: {why}"));
+    }
+    for (k, why) in &report.locked {
+        config.insert(k, format!("locked, connections refused: {why}"));
+    }
+    config
+}
+
+/// Everything an operator should act on after a pass, one line each.
+fn problems(desired: &Desired, report: &Report, pending: &[String]) -> Vec<String> {
+    let mut problems: Vec<String> = desired.rejected.iter().map(ToString::to_string).collect();
+    problems.extend(report.kept.iter().map(|(k, _)| {
+        format!("pod {k}: its new configuration is rejected; its last good configuration stays in force until the entry is fixed")
+    }));
+    problems.extend(report.locked.iter().map(|(k, _)| {
+        format!("pod {k}: its configuration is rejected and it was never served: its connections are refused until the entry is fixed")
+    }));
+    problems.extend(pending.iter().cloned());
+    problems.extend(report.failed.iter().map(|(k, e)| format!("pod {k}: {e}")));
+    problems
 }
 
 /// Warns (once per crossing) when a connection map passes 80 % of its capacity: near full,

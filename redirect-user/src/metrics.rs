@@ -127,13 +127,12 @@ fn gauge(registry: &Registry, name: &str, help: &str, value: u64) -> Result<()> 
         .with_context(|| format!("registering {name}"))
 }
 
-/// A registry holding a snapshot's values.
-fn registry(s: &Snapshot) -> Result<Registry> {
-    let r = Registry::new();
+/// The per-pod counters of a snapshot, in `r`.
+fn per_pod_counters(r: &Registry, s: &Snapshot) -> Result<()> {
     let mut families: Vec<(&'static str, IntCounterVec)> = Vec::new();
     for (_, f, _) in &PER_POD {
         if !families.iter().any(|(m, _)| *m == f.metric) {
-            families.push((f.metric, counter_vec(&r, f)?));
+            families.push((f.metric, counter_vec(r, f)?));
         }
     }
     for (ns, name, c) in &s.pods {
@@ -151,6 +150,13 @@ fn registry(s: &Snapshot) -> Result<Registry> {
                 .inc_by(value);
         }
     }
+    Ok(())
+}
+
+/// A registry holding a snapshot's values.
+fn registry(s: &Snapshot) -> Result<Registry> {
+    let r = Registry::new();
+    per_pod_counters(&r, s)?;
     let entries = gauge_vec(
         &r,
         "redirect_map_entries",

@@ -212,6 +212,37 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     Ok(desired)
 }
 
+/// Where the entry says its network namespace is: `(field, reason)` when it does not say
+/// it usably.
+fn netns_ref(netns: Option<PathBuf>, pid: Option<u32>) -> Result<NetnsRef, (&'static str, String)> {
+    match (netns, pid) {
+        (Some(p), None) if !p.is_absolute() => {
+            Err(("netns", format!("{} is not an absolute path", p.display())))
+        }
+        (Some(p), None) => Ok(NetnsRef::Path(p)),
+        (None, Some(0)) => Err(("pid", "0 is not a process".into())),
+        (None, Some(pid)) => Ok(NetnsRef::Pid(pid)),
+        (Some(_), Some(_)) => Err(("netns", "give either netns or pid, not both".into())),
+        (None, None) => Err(("netns", "missing: give netns (a path) or pid".into())),
+    }
+}
+
+/// The entry's addresses, each once: `(field, reason)` for the first bad one.
+fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
+    let mut out = Vec::new();
+    for (j, ip) in ips.iter().enumerate() {
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| (format!("ips[{j}]"), format!("{ip:?} is not an IP address")))?;
+        if out.contains(&addr) {
+            return Err((format!("ips[{j}]"), format!("{addr} is listed twice")));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
 fn parse_entry(
     i: usize,
     entry: &serde_yaml_ng::Value,
@@ -254,35 +285,8 @@ fn parse_entry(
             .into());
         }
     }
-    let netns = match (raw.netns, raw.pid) {
-        (Some(p), None) => {
-            if !p.is_absolute() {
-                return Err(
-                    err("netns", format!("{} is not an absolute path", p.display())).into(),
-                );
-            }
-            NetnsRef::Path(p)
-        }
-        (None, Some(0)) => return Err(err("pid", "0 is not a process".into()).into()),
-        (None, Some(pid)) => NetnsRef::Pid(pid),
-        (Some(_), Some(_)) => {
-            return Err(err("netns", "give either netns or pid, not both".into()).into())
-        }
-        (None, None) => {
-            return Err(err("netns", "missing: give netns (a path) or pid".into()).into())
-        }
-    };
-    let mut ips = Vec::new();
-    for (j, ip) in raw.ips.iter().enumerate() {
-        let addr: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| err(&format!("ips[{j}]"), format!("{ip:?} is not an IP address")))?;
-        if ips.contains(&addr) {
-            return Err(err(&format!("ips[{j}]"), format!("{addr} is listed twice")).into());
-        }
-        ips.push(addr);
-    }
+    let netns = netns_ref(raw.netns, raw.pid).map_err(|(field, reason)| err(field, reason))?;
+    let ips = addresses(&raw.ips).map_err(|(field, reason)| err(&field, reason))?;
     let key = PodKey {
         namespace: raw.namespace,
         name: raw.name,
