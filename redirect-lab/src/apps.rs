@@ -29,12 +29,19 @@ impl Lab {
         Ok(self.procs.len() - 1)
     }
 
-    /// Starts the sidecar proxy in a pod, as uid 1337, and waits until it listens.
+    /// Starts the sidecar in a pod: Envoy (see [`Lab::start_envoy`]), as uid 1337, and waits
+    /// until it listens.
     pub fn start_sidecar(&mut self, pod: &str) -> Result<usize> {
+        self.start_envoy(pod)
+    }
+
+    /// Starts the lab's small proxy as the sidecar (the benchmark's `--sidecar lab`).
+    pub fn start_lab_sidecar(&mut self, pod: &str) -> Result<usize> {
         self.start_sidecar_with(pod, &[])
     }
 
-    /// Starts the lab sidecar with extra `proxy` arguments (e.g. `--answer-delay-ms`).
+    /// Starts the lab's small proxy as the sidecar with extra `proxy` arguments, for faults
+    /// Envoy cannot make (e.g. `--answer-delay-ms`, a late `SO_ORIGINAL_DST`).
     pub fn start_sidecar_with(&mut self, pod: &str, extra: &[&str]) -> Result<usize> {
         let mut args = vec!["proxy"];
         args.extend_from_slice(extra);
@@ -227,15 +234,33 @@ impl Lab {
         Ok(text)
     }
 
-    /// The JSON records a sidecar logged.
+    /// What a sidecar logged, one record per connection its outbound or inbound listener
+    /// took (Envoy's access log mapped to the lab sidecar's records).
     pub fn sidecar_log(&self, proc_index: usize) -> Vec<wire::ProxyRecord> {
-        self.procs[proc_index]
-            .log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+        let proc = &self.procs[proc_index];
+        if !proc.log.to_string_lossy().ends_with("-envoy.log") {
+            return proc
+                .log_text()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+        }
+        // Envoy logs a connection when it closes, and flushes every 10 ms: read until the
+        // log stops growing.
+        let mut last = usize::MAX;
+        for _ in 0..50 {
+            let n = proc.log_text().len();
+            if n == last {
+                break;
+            }
+            last = n;
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        self.envoy_log(proc_index)
+            .iter()
+            .filter_map(wire::EnvoyRecord::as_proxy_record)
             .collect()
     }
-
     /// Starts `redirectd run` for this lab: attached to the lab's cgroup, pinned under a pin
     /// dir of its own, following a pods file in the lab directory.
     pub fn start_daemon(&mut self, pods_yaml: &str, extra: &[&str]) -> Result<()> {

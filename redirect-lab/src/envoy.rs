@@ -119,6 +119,18 @@ fn http_answer(name: &str, port: u16, body: &str) -> Value {
     l
 }
 
+/// No circuit breaking, as Istio configures its passthrough clusters (Envoy's default
+/// allows 1,024 connections per cluster).
+fn unlimited() -> Value {
+    let max = u32::MAX;
+    json!({"thresholds": [{
+        "max_connections": max,
+        "max_pending_requests": max,
+        "max_requests": max,
+        "max_retries": max,
+    }]})
+}
+
 /// Envoy's bootstrap for a lab pod whose addresses are `pod_v4` and `pod_v6`.
 pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
     let mut outbound = dual_stack("virtualOutbound", OUTBOUND_PORT);
@@ -153,12 +165,14 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
                     "type": "ORIGINAL_DST",
                     "lb_policy": "CLUSTER_PROVIDED",
                     "connect_timeout": "5s",
+                    "circuit_breakers": unlimited(),
                 },
                 {
                     "name": "InboundPassthroughCluster",
                     "type": "ORIGINAL_DST",
                     "lb_policy": "CLUSTER_PROVIDED",
                     "connect_timeout": "5s",
+                    "circuit_breakers": unlimited(),
                     "upstream_bind_config": {
                         "source_address": {"address": "127.0.0.6", "port_value": 0},
                         "extra_source_addresses": [{"address": {"address": "::6", "port_value": 0}}],

@@ -65,3 +65,21 @@ pub struct EnvoyRecord {
     /// Envoy's response flags (`-` when none; e.g. `UF` upstream connection failure).
     pub flags: String,
 }
+
+impl EnvoyRecord {
+    /// The record as the lab sidecar would have written it, for a connection Envoy's
+    /// `virtualOutbound` or `virtualInbound` took (`None` for its other listeners).
+    pub fn as_proxy_record(&self) -> Option<ProxyRecord> {
+        if self.listener != "outbound" && self.listener != "inbound" {
+            return None;
+        }
+        Some(ProxyRecord {
+            event: self.listener.clone(),
+            peer: self.downstream_remote.clone(),
+            local: self.downstream_direct_local.clone(),
+            orig_dst: Some(self.downstream_local.clone()),
+            upstream_local: self.upstream_local.clone(),
+            error: (self.flags != "-").then(|| self.flags.clone()),
+        })
+    }
+}

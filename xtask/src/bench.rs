@@ -152,7 +152,7 @@ pub fn bench(quick: bool, cross_node: bool, envoy: bool, root: &Path) -> Result<
         if envoy {
             lab.start_envoy(pod)?;
         } else {
-            lab.start_sidecar(pod)?;
+            lab.start_lab_sidecar(pod)?;
         }
     }
     lab.spawn_in("server", None, "perf-server", &["perf-server"])?;
