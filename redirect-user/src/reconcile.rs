@@ -201,7 +201,6 @@ impl Reconciler {
                 continue;
             }
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
-            plan.cookies.insert(r.netns_cookie);
             if let Some(reason) = &r.rejected {
                 // Kept only in the namespace it was applied in: a pod recreated in a new one
                 // with a rejected configuration is locked there.
@@ -388,15 +387,11 @@ impl Reconciler {
             }
         }
         for old in retired {
-            let netns_in_use = (plan.cookies.contains(&old.netns_cookie)
-                || self
-                    .applied
-                    .iter()
-                    .any(|(k, a)| plan.keep.contains(k) && a.netns_cookie == old.netns_cookie))
-                && self
-                    .applied
-                    .values()
-                    .any(|a| a.netns_cookie == old.netns_cookie);
+            // What is still applied is exactly what is desired or kept.
+            let netns_in_use = self
+                .applied
+                .values()
+                .any(|a| a.netns_cookie == old.netns_cookie);
             let mut results = Vec::new();
             if !netns_in_use {
                 results.push(maps.remove_pod(old.netns_cookie));
@@ -426,8 +421,6 @@ struct Wanted<'a> {
 #[derive(Debug, Default)]
 struct Plan<'a> {
     pods: BTreeMap<PodKey, Wanted<'a>>,
-    /// Network namespaces of the desired pods.
-    cookies: BTreeSet<u64>,
     /// Applied pods left exactly as they are this pass.
     keep: BTreeSet<PodKey>,
 }
