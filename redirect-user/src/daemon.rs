@@ -114,7 +114,7 @@ struct Pass {
     pending: Vec<String>,
     /// How each applied pod's namespace was found, for status.
     netns: BTreeMap<PodKey, String>,
-    /// Every applied pod with its slot, cookie and counters.
+    /// Every applied pod with its slot, cookie and counters (zero unless metrics are served).
     applied: Vec<(PodKey, u32, u64, PodCounters)>,
     /// `(map, entries, capacity)` of the connection maps.
     fill: Vec<(&'static str, usize, u32)>,
@@ -144,6 +144,8 @@ struct Engine {
     /// every desired pod was found).
     swept: bool,
     started: std::time::Instant,
+    /// Whether each pass reads the pods' counters (only the metrics show them).
+    read_counters: bool,
 }
 
 /// How long after start a previous run's entries wait for pods whose namespace is not found
@@ -174,7 +176,11 @@ impl Engine {
             .applied()
             .iter()
             .map(|(k, a)| {
-                let c = self.datapath.counters(a.pod_id).unwrap_or_default();
+                let c = if self.read_counters {
+                    self.datapath.counters(a.pod_id).unwrap_or_default()
+                } else {
+                    PodCounters::default()
+                };
                 (k.clone(), a.pod_id, a.netns_cookie, c)
             })
             .collect();
@@ -288,6 +294,7 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         resolver: Resolver::new(opts.node_netns.clone())?,
         swept: false,
         started: std::time::Instant::now(),
+        read_counters: opts.metrics_addr.is_some(),
     };
     Ok((engine, loaded.programs))
 }
