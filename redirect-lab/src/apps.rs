@@ -76,6 +76,23 @@ impl Lab {
         Ok(self.procs.len() - 1)
     }
 
+    /// Envoy's access-log records once its log stops growing: Envoy logs a connection when it
+    /// closes and flushes every 10 ms, so a connection that just ended is logged a little
+    /// later (read until two reads 40 ms apart agree, at most 2 s).
+    pub fn envoy_log_settled(&self, proc_index: usize) -> Vec<wire::EnvoyRecord> {
+        let proc = &self.procs[proc_index];
+        let mut last = usize::MAX;
+        for _ in 0..50 {
+            let n = proc.log_text().len();
+            if n == last {
+                break;
+            }
+            last = n;
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        self.envoy_log(proc_index)
+    }
+
     /// Envoy's access-log records so far (the process at `proc_index`).
     pub fn envoy_log(&self, proc_index: usize) -> Vec<wire::EnvoyRecord> {
         self.procs[proc_index]
@@ -245,18 +262,7 @@ impl Lab {
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
         }
-        // Envoy logs a connection when it closes, and flushes every 10 ms: read until the
-        // log stops growing.
-        let mut last = usize::MAX;
-        for _ in 0..50 {
-            let n = proc.log_text().len();
-            if n == last {
-                break;
-            }
-            last = n;
-            std::thread::sleep(Duration::from_millis(40));
-        }
-        self.envoy_log(proc_index)
+        self.envoy_log_settled(proc_index)
             .iter()
             .filter_map(wire::EnvoyRecord::as_proxy_record)
             .collect()

@@ -23,21 +23,28 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A program the build or `cargo xtask setup` put in the target directory: `$var` if set
+/// (xtask sets it), else `relative` under one of the three directories above the running test
+/// or xtask executable.
+pub(crate) fn locate(var: &str, relative: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .skip(1)
+        .take(3)
+        .map(|dir| dir.join(relative))
+        .find(|candidate| candidate.is_file())
+}
+
 /// Path of a workspace binary: `$<NAME>_BIN` if set (xtask sets it), else next to the
 /// running test or xtask executable's target directory.
 pub fn bin(name: &str) -> PathBuf {
     let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
-    if let Some(p) = std::env::var_os(&var) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    for dir in exe.ancestors().skip(1).take(3) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("binary {name} not found: set {var} or build it first (`cargo xtask build`)");
+    locate(&var, Path::new(name)).unwrap_or_else(|| {
+        panic!("binary {name} not found: set {var} or build it first (`cargo xtask build`)")
+    })
 }
 
 /// Finds `program` on PATH (or /usr/sbin, /usr/bin).

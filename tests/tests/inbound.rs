@@ -8,13 +8,7 @@ use redirect_lab::{
     wire::{ClientResult, ProxyRecord},
     Lab, Placement,
 };
-use redirect_tests::{lab, pods_yaml};
-
-fn ok(r: &[ClientResult]) -> &ClientResult {
-    assert_eq!(r.len(), 1);
-    assert!(r[0].error.is_none(), "{:?}", r[0]);
-    &r[0]
-}
+use redirect_tests::{lab, ok, pods_yaml};
 
 /// The app saw the connection come from the sidecar's passthrough address.
 fn via_passthrough(r: &ClientResult) -> bool {

@@ -9,9 +9,7 @@ fn step(text: &str) {
 
 /// Prints what the Envoy sidecar logged since record `from`; returns the records seen.
 fn show_sidecar(lab: &Lab, sidecar: usize, from: usize) -> usize {
-    // Envoy logs a connection when it closes and flushes its log every 10 ms.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let records = lab.envoy_log(sidecar);
+    let records = lab.envoy_log_settled(sidecar);
     for r in &records[from.min(records.len())..] {
         println!(
             "    envoy: {:<8} from {:<22} -> original destination {:<22} (upstream from {})",
@@ -110,8 +108,7 @@ pub fn demo() -> Result<()> {
         })
         .count();
     println!("    {ok}/20 reached their own destination with getpeername() == destination");
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    seen = lab.envoy_log(sidecar).len().max(seen);
+    seen = lab.envoy_log_settled(sidecar).len().max(seen);
 
     step("not captured: an excluded port (5432), the proxy's own uid, loopback");
     let r = lab.client(Some("client"), None, &["--target", &format!("{ext4}:5432")])?;
@@ -128,10 +125,9 @@ pub fn demo() -> Result<()> {
         "    uid 1337 -> {ext4}:8080: server saw {} (no loop)",
         r[0].reply.as_ref().map_or("error", |x| x.peer.as_str())
     );
-    std::thread::sleep(std::time::Duration::from_millis(200));
     println!(
         "    Envoy saw {} new connections",
-        lab.envoy_log(sidecar).len() - seen
+        lab.envoy_log_settled(sidecar).len() - seen
     );
 
     step("inbound: `ext` (outside the mesh) calls `web`: sk_lookup hands the connection to web's Envoy (virtualInbound, 15006), which reaches the app from 127.0.0.6");
@@ -145,7 +141,7 @@ pub fn demo() -> Result<()> {
     show_sidecar(&lab, web_sidecar, 0);
 
     step("mesh to mesh: `client` calls `web`: client's Envoy (outbound), then web's Envoy (inbound), then the app");
-    let before = lab.envoy_log(web_sidecar).len();
+    let before = lab.envoy_log_settled(web_sidecar).len();
     let r = lab.client(Some("client"), None, &["--target", &format!("{web4}:8080")])?;
     let reply = r[0].reply.as_ref().context("no reply from web")?;
     show_sidecar(&lab, sidecar, seen);
