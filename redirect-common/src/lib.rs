@@ -6,11 +6,14 @@
 //! part of each field's name: `_be` is network byte order, anything else is host order.
 #![no_std]
 
-#[cfg(feature = "status")]
+#[cfg(any(feature = "status", feature = "cni"))]
 extern crate alloc;
 
 #[cfg(feature = "status")]
 pub mod status;
+
+#[cfg(feature = "cni")]
+pub mod cni;
 
 use core::mem::size_of;
 

@@ -226,7 +226,11 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = PROXY_SOCKS.insert(cookie, 1, 0);
     }
-    let verdict = outbound(&pod, dst, is_proxy, src.is_passthrough_source());
+    // An unbound socket to `::6` leaves from `::6` (the kernel picks the destination's own
+    // address on lo), and Istio's rule 2 returns it; to 127.0.0.6 it leaves from 127.0.0.1.
+    let from_passthrough = src.is_passthrough_source()
+        || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source());
+    let verdict = outbound(&pod, dst, is_proxy, from_passthrough);
     let (to_outbound, port) = match verdict {
         Outbound::Direct => {
             count(pod.pod_id, |c| c.outbound_direct += 1);

@@ -86,7 +86,9 @@ pub fn outbound(
         return Outbound::Direct;
     }
     let addr16 = dst.addr16();
-    let over_lo = dst.is_loopback() || is_pod_addr(pod, addr16);
+    // `::6` is on lo in an Istio pod (istio-iptables adds it for the inbound passthrough),
+    // as 127.0.0.6 is in 127.0.0.0/8: both go over lo.
+    let over_lo = dst.is_loopback() || dst.is_passthrough_source() || is_pod_addr(pod, addr16);
     if over_lo {
         // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
         // resolving to itself) goes through inbound. 4: an app calling itself.

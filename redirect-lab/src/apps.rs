@@ -149,7 +149,8 @@ impl Lab {
 
     /// Runs `redirect-lab <subcommand> <args>` at `placement` to completion and parses the
     /// JSON object it prints on each line.
-    fn tool<T: serde::de::DeserializeOwned>(
+    /// Runs a lab binary subcommand at `placement` to completion; returns its JSON lines.
+    pub fn tool<T: serde::de::DeserializeOwned>(
         &self,
         placement: Placement<'_>,
         subcommand: &str,
@@ -186,16 +187,35 @@ impl Lab {
 
     /// Waits until something in the pod listens on TCP `port`.
     pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
-        let ns = &self.pod(pod).netns;
+        Self::wait_listening_in(&self.pod(pod).netns, port)
+    }
+
+    /// Waits until something in the namespace listens on TCP `port`.
+    pub fn wait_listening_in(ns: &Netns, port: u16) -> Result<()> {
         let filter = format!("sport = :{port}");
         eventually(
             Duration::from_secs(10),
-            &format!("a listener on port {port} in pod {pod}"),
+            &format!("a listener on port {port} in {}", ns.name),
             || {
                 let out = ns.exec(&["ss", "-Htln", &filter]).ok()?;
                 (!out.trim().is_empty()).then_some(())
             },
         )
+    }
+
+    /// Starts a lab binary subcommand at any placement (a CNI sandbox). Returns its index in
+    /// `self.procs`.
+    pub fn spawn_at(
+        &mut self,
+        placement: Placement<'_>,
+        tag: &str,
+        args: &[&str],
+    ) -> Result<usize> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("{tag}-{n}.log"));
+        let p = spawn(placement, &log, &bin("redirect-lab"), args)?;
+        self.procs.push(p);
+        Ok(self.procs.len() - 1)
     }
 
     /// Runs the lab client in a pod (or, with `pod` None, on the host in the lab's cgroup)

@@ -10,6 +10,7 @@
 mod apps;
 mod cgroup;
 mod cmd;
+pub mod cni;
 mod daemon;
 pub mod echo;
 pub mod envoy;

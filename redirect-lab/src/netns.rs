@@ -19,6 +19,12 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A namespace as a container runtime makes one: nothing configured, lo down.
+    pub fn bare(name: String) -> Result<Self> {
+        run("ip", &["netns", "add", &name])?;
+        Ok(Self { name })
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.name))
     }

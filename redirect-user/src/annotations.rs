@@ -7,6 +7,8 @@
 
 use std::{collections::BTreeMap, collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
 
+use serde::{Deserialize, Serialize};
+
 /// `traffic.sidecar.istio.io/excludeOutboundPorts`
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 /// `traffic.sidecar.istio.io/includeOutboundPorts`
@@ -19,8 +21,8 @@ pub const INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutbo
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 /// `traffic.sidecar.istio.io/includeInboundPorts` (default `*`)
 pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-/// Ours: `open` (default) or `closed`: what happens to a connection that should be captured
-/// while the pod's proxy is not listening.
+/// Ours: `closed` (default, as under Istio) or `open`: what happens to a connection that
+/// should be captured while the pod's proxy is not listening (refused, or sent direct).
 pub const FAIL_MODE: &str = "redirectd.dev/failMode";
 /// Ours: `"true"` (default) or `"false"`: same-node acceleration (sockmap) for this pod.
 pub const ACCEL: &str = "redirectd.dev/accel";
@@ -53,7 +55,7 @@ impl fmt::Display for AnnotationError {
 impl std::error::Error for AnnotationError {}
 
 /// An IP network: address (host bits cleared) and prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix_len: u8,
@@ -109,7 +111,7 @@ impl FromStr for Cidr {
 }
 
 /// A port list that may be `*`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum PortSelection {
     /// `*`: every port.
     #[default]
@@ -119,7 +121,7 @@ pub enum PortSelection {
 }
 
 /// A range list that may be `*`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RangeSelection {
     /// `*`: every destination.
     #[default]
@@ -129,7 +131,7 @@ pub enum RangeSelection {
 }
 
 /// What the pod's annotations say about capture, in typed form.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapturePolicy {
     pub exclude_outbound_ports: BTreeSet<u16>,
     pub include_outbound_ports: BTreeSet<u16>,
@@ -137,13 +139,21 @@ pub struct CapturePolicy {
     pub include_outbound_ranges: RangeSelection,
     pub exclude_inbound_ports: BTreeSet<u16>,
     pub include_inbound_ports: PortSelection,
+    /// Refuse (default) or send direct a connection to capture while the proxy is down.
     pub fail_closed: bool,
     /// Same-node acceleration for this pod's sockets.
     pub accel: bool,
+    /// The pod's proxy's uid and gid, when the pod says (the istio-proxy container's
+    /// security context); `None`: the node's `--proxy-uid` / `--proxy-gid`.
+    #[serde(default)]
+    pub proxy_uid: Option<u32>,
+    #[serde(default)]
+    pub proxy_gid: Option<u32>,
 }
 
 impl Default for CapturePolicy {
-    /// Istio's defaults: capture every outbound destination and every inbound port.
+    /// Istio's defaults: capture every outbound destination and every inbound port, and refuse
+    /// a connection to capture while the proxy is not listening.
     fn default() -> Self {
         Self {
             exclude_outbound_ports: BTreeSet::new(),
@@ -152,8 +162,10 @@ impl Default for CapturePolicy {
             include_outbound_ranges: RangeSelection::All,
             exclude_inbound_ports: BTreeSet::new(),
             include_inbound_ports: PortSelection::All,
-            fail_closed: false,
+            fail_closed: true,
             accel: true,
+            proxy_uid: None,
+            proxy_gid: None,
         }
     }
 }
@@ -284,7 +296,10 @@ mod tests {
         assert_eq!(p.include_outbound_ranges, RangeSelection::All);
         assert_eq!(p.include_inbound_ports, PortSelection::All);
         assert!(p.exclude_outbound_ports.is_empty());
-        assert!(!p.fail_closed);
+        assert!(
+            p.fail_closed,
+            "Istio refuses while the proxy is not listening"
+        );
     }
 
     #[test]
@@ -294,7 +309,7 @@ mod tests {
             (EXCLUDE_OUTBOUND_RANGES, "10.96.0.0/12, fd00::/8"),
             (INCLUDE_OUTBOUND_RANGES, ""),
             (INCLUDE_INBOUND_PORTS, "80,8080"),
-            (FAIL_MODE, "closed"),
+            (FAIL_MODE, "open"),
         ]))
         .unwrap()
         .policy;
@@ -308,7 +323,7 @@ mod tests {
             p.include_inbound_ports,
             PortSelection::Ports([80, 8080].into())
         );
-        assert!(p.fail_closed);
+        assert!(!p.fail_closed, "failMode: open is the opt-in");
     }
 
     #[test]

@@ -16,15 +16,19 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya_log::EbpfLogger;
-use redirect_common::{map_names, PodCounters};
+use redirect_common::{
+    cni::{CniCommand, CniReply},
+    map_names, PodCounters,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     annotations::CapturePolicy,
+    cni::{self, CniCall, CniOptions, Registry},
     datapath::Datapath,
     loader::{self, LoadOptions, ProgramReport},
     metrics::{self, Snapshot},
@@ -56,6 +60,8 @@ pub struct RunOptions {
     pub orig_dst_map_size: u32,
     /// The namespace whose routes lead to the pods (Kubernetes); `None`: the daemon's own.
     pub node_netns: Option<PathBuf>,
+    /// Serve the chained CNI plugin (pods registered at sandbox creation).
+    pub cni: Option<CniOptions>,
 }
 
 fn kernel_log_level() -> u8 {
@@ -112,6 +118,8 @@ struct Pass {
     report: Report,
     /// Desired pods whose namespace was not found yet, with the reason (retried).
     pending: Vec<String>,
+    /// Those pods.
+    unresolved: Vec<PodKey>,
     /// How each applied pod's namespace was found, for status.
     netns: BTreeMap<PodKey, String>,
     /// Every applied pod with its slot, cookie and counters (zero unless metrics are served).
@@ -187,6 +195,7 @@ impl Engine {
         Pass {
             report,
             pending,
+            unresolved,
             netns,
             applied,
             fill: self.datapath.fill(),
@@ -482,6 +491,77 @@ async fn published(rx: &mut watch::Receiver<Option<Published>>, open: &mut bool)
     std::future::pending().await
 }
 
+/// The loop's end of the CNI plugin's socket.
+struct CniLink {
+    registry: Registry,
+    calls: mpsc::Receiver<CniCall>,
+}
+
+impl CniLink {
+    /// Reads the registrations a previous run left and starts serving the plugin.
+    fn start(opts: &CniOptions, source: watch::Receiver<Option<Published>>) -> Result<Self> {
+        let registry = Registry::load(&opts.state_file)?;
+        let (tx, calls) = mpsc::channel(256);
+        let socket = opts.socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cni::serve(&socket, source, tx).await {
+                log::error!("{e:#}; the CNI plugin's ADD fails for mesh pods (they do not start) until redirectd is restarted");
+            }
+        });
+        Ok(Self { registry, calls })
+    }
+}
+
+/// The next CNI call, never if there is no CNI link.
+async fn next_call(link: &mut Option<CniLink>) -> Option<CniCall> {
+    match link {
+        Some(l) => l.calls.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers CNI calls after a pass, from what the pass left in the maps.
+fn answer_calls(calls: Vec<CniCall>, pass: &Pass) {
+    for call in calls {
+        let key = &call.key;
+        let applied = pass
+            .applied
+            .iter()
+            .find(|(k, ..)| k == key)
+            .map(|(_, id, ..)| *id);
+        let problem = if pass.unresolved.contains(key) {
+            pass.pending
+                .iter()
+                .find(|p| p.starts_with(&format!("pod {key}:")))
+                .cloned()
+        } else if let Some((_, e)) = pass.report.failed.iter().find(|(k, _)| k == key) {
+            Some(format!("pod {key}: {e}"))
+        } else {
+            None
+        };
+        let reply = cni::outcome(&call, applied, problem);
+        if call.request.command == CniCommand::Add {
+            match &reply {
+                CniReply::Captured { .. } => log::info!(
+                    "pod {key}: captured at CNI ADD (sandbox {}); maps written {} µs after the plugin's request",
+                    call.request.container_id,
+                    call.received.elapsed().as_micros()
+                ),
+                other => log::warn!("pod {key}: CNI ADD not captured: {other:?}"),
+            }
+        }
+        let _ = call.reply.send(reply);
+    }
+}
+
+fn answer_all(calls: Vec<CniCall>, reason: &str) {
+    for call in calls {
+        let _ = call.reply.send(CniReply::Unavailable {
+            reason: reason.to_string(),
+        });
+    }
+}
+
 /// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
 /// flowing; the next `run` takes over, `uninstall` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -520,28 +600,56 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // No pass (and no sweep of a previous run's entries) before the source has given its
     // first full desired set: a file at its first read, Kubernetes after its first list.
     let mut source = sources::spawn(opts.source, opts.poll, stats);
+    let mut cni = match &opts.cni {
+        Some(c) => Some(CniLink::start(c, source.clone())?),
+        None => None,
+    };
     let mut source_open = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut resync = tokio::time::interval(opts.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut calls = Vec::new();
         tokio::select! {
             _ = resync.tick() => {}
             _ = published(&mut source, &mut source_open) => {}
+            Some(call) = next_call(&mut cni) => calls.push(call),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        if let Some(link) = cni.as_mut() {
+            while let Ok(call) = link.calls.try_recv() {
+                calls.push(call);
+            }
+        }
         let Some(current) = source.borrow_and_update().clone() else {
+            answer_all(calls, "redirectd has not read its pod source yet");
             continue;
         };
         if !current.complete {
             // Never a full set yet (a pods file unusable since start): apply nothing, remove
             // nothing; say why.
             publisher.source_unusable(&current);
+            answer_all(calls, "redirectd's pod source is unusable (see its status)");
             continue;
         }
-        let desired = current.desired.clone();
+        let desired = match cni.as_mut() {
+            Some(link) => {
+                let mut kept = Vec::new();
+                for call in calls {
+                    match cni::take(&mut link.registry, &call) {
+                        None => kept.push(call),
+                        Some(reply) => {
+                            let _ = call.reply.send(reply);
+                        }
+                    }
+                }
+                calls = kept;
+                link.registry.overlay(&current)
+            }
+            None => current.desired.clone(),
+        };
         let (returned, pass) = tokio::task::spawn_blocking(move || {
             let pass = engine.pass(&desired);
             (engine, pass)
@@ -549,6 +657,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .await
         .context("the reconcile pass panicked")?;
         engine = returned;
+        answer_calls(calls, &pass);
         publisher.publish(&current, pass);
     }
     log::info!(

@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod bpf_sys;
+pub mod cni;
 pub mod daemon;
 pub mod datapath;
 pub mod listeners;

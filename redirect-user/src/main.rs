@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use redirect_user::{
+    cni::CniOptions,
     daemon::{self, RunOptions},
     loader,
     reconcile::NodeSettings,
@@ -14,6 +15,7 @@ use redirect_user::{
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 const DEFAULT_STATUS_FILE: &str = "/run/redirectd/status.json";
+const DEFAULT_CNI_STATE: &str = "/run/redirectd/cni-pods.json";
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +91,13 @@ struct RunArgs {
     /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
     #[arg(long)]
     node_netns: Option<PathBuf>,
+    /// Serve the chained CNI plugin (`redirect-cni`) on this unix socket: pods are captured
+    /// when their sandbox is created, before any container starts.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+    /// Where the pods registered by the CNI plugin are kept across restarts.
+    #[arg(long, default_value = DEFAULT_CNI_STATE)]
+    cni_state: PathBuf,
     /// How often to check the pods file, in milliseconds.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
@@ -138,6 +147,10 @@ impl RunArgs {
             resync: Duration::from_secs(1),
             orig_dst_map_size: self.orig_dst_map_size,
             node_netns: self.node_netns,
+            cni: self.cni_socket.map(|socket| CniOptions {
+                socket,
+                state_file: self.cni_state,
+            }),
         })
     }
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::annotations::{self, CapturePolicy};
 
 /// `namespace/name` of a pod.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
 pub struct PodKey {
     pub namespace: String,
     pub name: String,

@@ -223,8 +223,8 @@ impl Reconciler {
             };
             let config = PodConfig {
                 pod_id: 0,
-                proxy_uid: self.node.proxy_uid,
-                proxy_gid: self.node.proxy_gid,
+                proxy_uid: r.spec.policy.proxy_uid.unwrap_or(self.node.proxy_uid),
+                proxy_gid: r.spec.policy.proxy_gid.unwrap_or(self.node.proxy_gid),
                 outbound_port: self.node.outbound_port,
                 inbound_port: self.node.inbound_port,
                 flags: rules.flags,

@@ -21,6 +21,10 @@ struct State {
     lists: u64,
     watches: u64,
     paths: Vec<String>,
+    /// Bodies of the Events posted.
+    events: Vec<Value>,
+    /// Pods only a direct GET finds (see `apply_unlisted`).
+    unlisted: BTreeMap<String, Value>,
 }
 
 /// The server; dropped, it stops accepting (its threads end with their connections).
@@ -71,29 +75,76 @@ fn respond_watch(mut s: TcpStream, state: &Arc<Mutex<State>>) {
     }
 }
 
+fn respond(mut s: &TcpStream, code: &str, body: &str) {
+    let _ = write!(
+        s,
+        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// `GET /api/v1/namespaces/NS/pods/NAME`: the pod, or a 404 Status.
+fn respond_get(s: &TcpStream, state: &Arc<Mutex<State>>, ns: &str, name: &str) {
+    let pod = {
+        let st = state.lock().unwrap();
+        let key = format!("{ns}/{name}");
+        st.pods.get(&key).or_else(|| st.unlisted.get(&key)).cloned()
+    };
+    match pod {
+        Some(p) => respond(s, "200 OK", &p.to_string()),
+        None => respond(
+            s,
+            "404 Not Found",
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("pods \"{name}\" not found"), "reason": "NotFound", "code": 404})
+            .to_string(),
+        ),
+    }
+}
+
 fn handle(s: TcpStream, state: Arc<Mutex<State>>) {
     let mut reader = BufReader::new(s.try_clone().unwrap());
     let mut request = String::new();
     if reader.read_line(&mut request).is_err() {
         return;
     }
+    let mut content_length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
             break;
         }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
     }
+    let mut body = vec![0u8; content_length];
+    if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+        return;
+    }
+    let method = request.split_whitespace().next().unwrap_or("").to_string();
     let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
     state.lock().unwrap().paths.push(path.clone());
-    if !path.starts_with("/api/v1/pods") {
-        let _ = write!(
-            &s,
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-    } else if path.contains("watch=true") || path.contains("watch=1") {
-        respond_watch(s, &state);
-    } else {
-        respond_list(s, &state);
+    let parts: Vec<&str> = path.split('?').next().unwrap_or("").split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", ["", "api", "v1", "namespaces", _, "events"]) => {
+            let mut event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            event["metadata"]["name"] = json!("ev");
+            state.lock().unwrap().events.push(event.clone());
+            respond(&s, "201 Created", &event.to_string());
+        }
+        ("GET", ["", "api", "v1", "namespaces", ns, "pods", name]) => {
+            respond_get(&s, &state, ns, name)
+        }
+        ("GET", ["", "api", "v1", "pods"])
+            if path.contains("watch=true") || path.contains("watch=1") =>
+        {
+            respond_watch(s, &state)
+        }
+        ("GET", ["", "api", "v1", "pods"]) => respond_list(s, &state),
+        _ => respond(&s, "404 Not Found", "{}"),
     }
 }
 
@@ -176,6 +227,25 @@ impl FakeApiServer {
         self.state.lock().unwrap().paths.clone()
     }
 
+    /// The Events posted so far (their JSON bodies).
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// A change that the watch streams do not announce and lists do not show: the pod only
+    /// exists for a direct GET (a watch lagging behind the API server).
+    pub fn apply_unlisted(&self, pod: &Pod) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let v = serde_json::to_value(pod).unwrap();
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        st.unlisted.insert(name, v);
+    }
+
     /// `(lists, watches)` served so far.
     pub fn requests(&self) -> (u64, u64) {
         let st = self.state.lock().unwrap();
@@ -201,4 +271,31 @@ pub fn mesh_pod(name: &str, node: &str, ips: &[&str], annotations: &[(&str, &str
         "status": {"phase": "Running", "podIP": ips[0], "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
     }))
     .unwrap()
+}
+
+/// An Istio-injected pod of `namespace` on `node`, just bound: Pending, no address yet (its
+/// sandbox is being created), with this uid and these annotations.
+pub fn pending_pod(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    annotations: &[(&str, &str)],
+) -> Pod {
+    let mut pod = mesh_pod(name, node, &["0.0.0.0"], annotations);
+    pod.metadata.namespace = Some(namespace.into());
+    pod.metadata.uid = Some(uid.into());
+    pod.status = serde_json::from_value(json!({"phase": "Pending"})).unwrap();
+    pod
+}
+
+/// `pod` with its sandbox's addresses, as kubelet reports them once the sandbox is up.
+pub fn with_ips(mut pod: Pod, ips: &[std::net::IpAddr], phase: &str) -> Pod {
+    pod.status = serde_json::from_value(json!({
+        "phase": phase,
+        "podIP": ips[0].to_string(),
+        "podIPs": ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    pod
 }

@@ -78,6 +78,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("bpftool", "bpftool"),
     ("procps", "ps"),
+    // The real CNI plugins (bridge, host-local, loopback) the lab's container runtime chains
+    // redirect-cni after.
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -99,7 +102,11 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// An absolute path must exist; a bare name must be on PATH.
 fn on_path(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return std::path::Path::new(bin).is_file();
+    }
     redirect_lab::which(bin).is_ok()
 }
 

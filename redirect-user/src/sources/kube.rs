@@ -4,26 +4,33 @@
 //! re-lists after a broken watch or a 410 Gone, with backoff.
 //!
 //! A pod is in the mesh when Istio injected a sidecar (the `sidecar.istio.io/status`
-//! annotation, or an `istio-proxy` container, also as a native sidecar init container), it is
-//! Running with an IP, it is not on the host network, its `sidecar.istio.io/interceptionMode`
-//! is REDIRECT or TPROXY (or unset), and `redirectd.dev/skip` is not "true". Its
-//! `traffic.sidecar.istio.io/*` annotations go through the same parser as the pods file.
+//! annotation, or an `istio-proxy` container, also as a native sidecar init container) that is
+//! not a gateway (`istio-proxy ... router`), it is not on the host network, its interception
+//! mode is REDIRECT or TPROXY (the `sidecar.istio.io/interceptionMode` annotation, else the
+//! istio-proxy container's `ISTIO_META_INTERCEPTION_MODE`, else `proxy.istio.io/config`;
+//! default REDIRECT), and `redirectd.dev/skip` is not "true". It is served as soon as it has
+//! an address and is not finished: Pending (init containers running) or Running. Its
+//! `traffic.sidecar.istio.io/*` annotations go through the same parser as the pods file; its
+//! proxy's uid and gid come from the istio-proxy container's security context.
+//! Annotation warnings and rejections are logged, shown in status and recorded as Kubernetes
+//! Events on the pod.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{atomic::Ordering, Arc},
 };
 
-use super::{Published, Publisher, SourceStats};
+use super::{Member, Membership, Published, Publisher, SourceStats};
 use crate::{
-    annotations,
+    annotations::{self, CapturePolicy},
     pods::{Desired, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
 };
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Event, ObjectReference, Pod};
 use kube::{
+    api::PostParams,
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Config,
 };
@@ -32,7 +39,11 @@ use kube::{
 pub const SKIP: &str = "redirectd.dev/skip";
 const ISTIO_STATUS: &str = "sidecar.istio.io/status";
 const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+const PROXY_CONFIG: &str = "proxy.istio.io/config";
+const INTERCEPTION_MODE_ENV: &str = "ISTIO_META_INTERCEPTION_MODE";
 const ISTIO_PROXY: &str = "istio-proxy";
+/// Istio's default proxy uid and gid.
+const ISTIO_PROXY_ID: u32 = 1337;
 
 /// Where to find the API server and which node we are.
 pub struct KubeOptions {
@@ -51,87 +62,242 @@ pub enum Rejected {
     Invalid(Box<InvalidPod>),
 }
 
-/// One Pod as the daemon sees it: not ours (`None`), a mesh pod, or rejected.
-pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
-    let meta = &pod.metadata;
-    let key = PodKey {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
-    };
-    let ann: BTreeMap<String, String> = meta.annotations.clone().unwrap_or_default();
-    let spec = pod.spec.as_ref();
-    let injected = ann.contains_key(ISTIO_STATUS)
-        || spec.is_some_and(|s| {
-            s.containers.iter().any(|c| c.name == ISTIO_PROXY)
-                || s.init_containers
-                    .iter()
-                    .flatten()
-                    .any(|c| c.name == ISTIO_PROXY)
-        });
-    if !injected
-        || ann.get(SKIP).is_some_and(|v| v == "true")
-        || spec.and_then(|s| s.host_network).unwrap_or(false)
-    {
-        return Ok(None);
+fn key_of_pod(pod: &Pod) -> PodKey {
+    PodKey {
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone().unwrap_or_default(),
     }
-    if let Some(mode) = ann.get(INTERCEPTION_MODE) {
-        if mode != "REDIRECT" && mode != "TPROXY" {
-            return Ok(None);
+}
+
+/// The injected istio-proxy container (a regular container, or a native sidecar).
+fn istio_proxy(pod: &Pod) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == ISTIO_PROXY)
+}
+
+/// The pod's interception mode and where it was read, by Istio's precedence.
+fn interception_mode(pod: &Pod, ann: &BTreeMap<String, String>) -> Option<(String, String)> {
+    if let Some(m) = ann.get(INTERCEPTION_MODE) {
+        return Some((
+            m.trim().to_string(),
+            format!("annotation {INTERCEPTION_MODE}"),
+        ));
+    }
+    let env = istio_proxy(pod)
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| env.iter().find(|e| e.name == INTERCEPTION_MODE_ENV))
+        .and_then(|e| e.value.clone());
+    if let Some(m) = env {
+        return Some((
+            m.trim().to_string(),
+            format!("istio-proxy env {INTERCEPTION_MODE_ENV}"),
+        ));
+    }
+    let config = ann.get(PROXY_CONFIG)?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(config).ok()?;
+    let m = doc.get("interceptionMode")?.as_str()?;
+    Some((
+        m.trim().to_string(),
+        format!("annotation {PROXY_CONFIG} interceptionMode"),
+    ))
+}
+
+/// The proxy's uid and gid from the istio-proxy container's security context, else the
+/// pod's, else Istio's 1337.
+fn proxy_ids(pod: &Pod) -> Result<(u32, u32), String> {
+    let container = istio_proxy(pod).and_then(|c| c.security_context.as_ref());
+    let pod_level = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let uid = container
+        .and_then(|c| c.run_as_user)
+        .or_else(|| pod_level.and_then(|p| p.run_as_user));
+    let gid = container
+        .and_then(|c| c.run_as_group)
+        .or_else(|| pod_level.and_then(|p| p.run_as_group));
+    let id = |v: Option<i64>, what: &str| match v {
+        None => Ok(ISTIO_PROXY_ID),
+        Some(v) => u32::try_from(v).map_err(|_| format!("{what} {v} is not a uid/gid")),
+    };
+    Ok((id(uid, "runAsUser")?, id(gid, "runAsGroup")?))
+}
+
+/// Whether the pod is in the mesh, with which configuration, whatever its phase; and the
+/// warnings its annotations give.
+pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
+    let key = key_of_pod(pod);
+    let ann: BTreeMap<String, String> = pod.metadata.annotations.clone().unwrap_or_default();
+    let outside = |why: &str| (Membership::Outside(why.to_string()), Vec::new());
+    let spec = pod.spec.as_ref();
+    let proxy = istio_proxy(pod);
+    if !ann.contains_key(ISTIO_STATUS) && proxy.is_none() {
+        return outside("no Istio sidecar injected");
+    }
+    if ann.get(SKIP).is_some_and(|v| v == "true") {
+        return outside("redirectd.dev/skip is \"true\"");
+    }
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return outside("on the host network");
+    }
+    if proxy
+        .and_then(|c| c.args.as_ref())
+        .is_some_and(|args| args.iter().any(|a| a == "router"))
+    {
+        return outside("a gateway (istio-proxy runs as router), not a sidecar");
+    }
+    let invalid = |field: String, reason: String| {
+        let e = PodError {
+            pod: key.to_string(),
+            field,
+            reason,
+        };
+        (Membership::Invalid(e), Vec::new())
+    };
+    if let Some((mode, from)) = interception_mode(pod, &ann) {
+        match mode.as_str() {
+            "REDIRECT" | "TPROXY" => {}
+            "NONE" => return outside("interception mode NONE"),
+            other => {
+                return invalid(
+                    from,
+                    format!("interception mode {other:?} is not REDIRECT, TPROXY or NONE"),
+                )
+            }
         }
     }
-    let status = pod.status.as_ref();
-    if status.and_then(|s| s.phase.as_deref()) != Some("Running") {
-        return Ok(None);
-    }
-    let err = |field: &str, reason: String| PodError {
-        pod: key.to_string(),
-        field: field.into(),
-        reason,
+    let (uid, gid) = match proxy_ids(pod) {
+        Ok(ids) => ids,
+        Err(e) => return invalid("istio-proxy securityContext".into(), e),
     };
-    let mut ips: Vec<IpAddr> = Vec::new();
-    // Every entry of status.podIPs (dual stack), not only podIP.
+    match annotations::parse(&ann) {
+        Ok(parsed) => {
+            let policy = CapturePolicy {
+                proxy_uid: Some(uid),
+                proxy_gid: Some(gid),
+                ..parsed.policy
+            };
+            let warnings = parsed
+                .warnings
+                .into_iter()
+                .map(|w| format!("pod {key}: {w}"))
+                .collect();
+            (Membership::Mesh(policy), warnings)
+        }
+        Err(e) => invalid(
+            format!("metadata.annotations[{:?}]", e.annotation),
+            e.to_string(),
+        ),
+    }
+}
+
+/// The pod's addresses (every entry of `status.podIPs`, dual stack, and `status.podIP`).
+fn pod_ips(pod: &Pod, key: &PodKey) -> Result<Vec<IpAddr>, PodError> {
+    let status = pod.status.as_ref();
     let listed = status
         .and_then(|s| s.pod_ips.clone())
         .unwrap_or_default()
         .into_iter()
         .map(|p| p.ip)
         .chain(status.and_then(|s| s.pod_ip.clone()));
+    let mut ips: Vec<IpAddr> = Vec::new();
     for ip in listed {
-        let ip: IpAddr = ip.parse().map_err(|_| {
-            Rejected::Unusable(err("status.podIPs", format!("{ip:?} is not an IP address")))
+        let ip: IpAddr = ip.parse().map_err(|_| PodError {
+            pod: key.to_string(),
+            field: "status.podIPs".into(),
+            reason: format!("{ip:?} is not an IP address"),
         })?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
     }
+    Ok(ips)
+}
+
+/// One Pod as the daemon serves it now: not served (`None`: not in the mesh, no address yet,
+/// or finished), a mesh pod, or rejected.
+pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
+    let (membership, _) = membership(pod);
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(membership, Membership::Outside(_)) || matches!(phase, Some("Succeeded" | "Failed"))
+    {
+        return Ok(None);
+    }
+    let key = key_of_pod(pod);
+    let ips = pod_ips(pod, &key).map_err(Rejected::Unusable)?;
     let Some(first) = ips.first().copied() else {
         return Ok(None);
     };
-    let parsed = match annotations::parse(&ann) {
-        Ok(p) => p,
-        Err(e) => {
-            return Err(Rejected::Invalid(Box::new(InvalidPod {
-                error: err(
-                    &format!("metadata.annotations[{:?}]", e.annotation),
-                    e.to_string(),
-                ),
-                key,
-                netns: NetnsRef::PodIp(first),
-                ips,
-            })))
-        }
-    };
-    Ok(Some(PodSpec {
-        key,
-        netns: NetnsRef::PodIp(first),
-        ips,
-        policy: parsed.policy,
-    }))
+    match membership {
+        Membership::Mesh(policy) => Ok(Some(PodSpec {
+            key,
+            netns: NetnsRef::PodIp(first),
+            ips,
+            policy,
+        })),
+        Membership::Invalid(error) => Err(Rejected::Invalid(Box::new(InvalidPod {
+            key,
+            netns: NetnsRef::PodIp(first),
+            ips,
+            error,
+        }))),
+        Membership::Outside(_) => Ok(None),
+    }
 }
 
-fn desired(pods: &BTreeMap<String, Pod>) -> Desired {
+/// Asks the API server about one pod (for the CNI plugin, when the watch has not seen it).
+#[derive(Clone)]
+pub struct Fetcher {
+    client: Client,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fetcher")
+    }
+}
+
+impl Fetcher {
+    /// The pod's uid and membership; `None` when the API server has no such pod.
+    pub async fn member(&self, key: &PodKey) -> Result<Option<Member>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
+        let pod = api
+            .get_opt(&key.name)
+            .await
+            .with_context(|| format!("getting pod {key} from the API server"))?;
+        Ok(pod.map(|p| Member {
+            uid: p.metadata.uid.clone(),
+            membership: membership(&p).0,
+        }))
+    }
+}
+
+/// What the watch has seen, turned into what the loop needs.
+fn publish(pods: &BTreeMap<String, Pod>, fetcher: &Fetcher) -> (Published, Vec<(Pod, String)>) {
     let mut d = Desired::default();
+    let mut members = BTreeMap::new();
+    let mut notes = Vec::new();
     for pod in pods.values() {
+        let (membership, warnings) = membership(pod);
+        match &membership {
+            Membership::Invalid(e) => notes.push((pod.clone(), e.to_string())),
+            Membership::Mesh(_) => {
+                notes.extend(warnings.iter().map(|w| (pod.clone(), w.clone())));
+                d.warnings.extend(warnings);
+            }
+            Membership::Outside(_) => {}
+        }
+        members.insert(
+            key_of_pod(pod),
+            Member {
+                uid: pod.metadata.uid.clone(),
+                membership,
+            },
+        );
         match pod_to_spec(pod) {
             Ok(Some(spec)) => d.pods.push(spec),
             Ok(None) => {}
@@ -142,7 +308,66 @@ fn desired(pods: &BTreeMap<String, Pod>) -> Desired {
             }
         }
     }
-    d
+    let mut published = Published::new(d);
+    published.members = members;
+    published.fetcher = Some(fetcher.clone());
+    (published, notes)
+}
+
+/// Records each warning or rejection once per pod (by uid) as a Kubernetes Event on the pod.
+struct Recorder {
+    client: Client,
+    node: String,
+    recorded: BTreeSet<(String, String)>,
+}
+
+impl Recorder {
+    fn record(&mut self, notes: Vec<(Pod, String)>) {
+        for (pod, message) in notes {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if !self.recorded.insert((uid.clone(), message.clone())) {
+                continue;
+            }
+            let key = key_of_pod(&pod);
+            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let event = Event {
+                metadata: kube::api::ObjectMeta {
+                    generate_name: Some(format!("{}.", key.name)),
+                    namespace: Some(key.namespace.clone()),
+                    ..Default::default()
+                },
+                involved_object: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(key.name.clone()),
+                    namespace: Some(key.namespace.clone()),
+                    uid: Some(uid),
+                    ..Default::default()
+                },
+                reason: Some("RedirectdConfig".into()),
+                message: Some(message),
+                type_: Some("Warning".into()),
+                source: Some(k8s_openapi::api::core::v1::EventSource {
+                    component: Some("redirectd".into()),
+                    host: Some(self.node.clone()),
+                }),
+                reporting_component: Some("redirectd".into()),
+                reporting_instance: Some(self.node.clone()),
+                first_timestamp: Some(now.clone()),
+                last_timestamp: Some(now),
+                count: Some(1),
+                ..Default::default()
+            };
+            let api: Api<Event> = Api::namespaced(self.client.clone(), &key.namespace);
+            tokio::spawn(async move {
+                if let Err(e) = api.create(&PostParams::default(), &event).await {
+                    log::warn!("recording an Event on pod {key}: {e}");
+                }
+            });
+        }
+    }
 }
 
 fn key_of(pod: &Pod) -> String {
@@ -166,6 +391,14 @@ pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> R
             .context("no Kubernetes configuration (in-cluster service account or kubeconfig)")?,
     };
     let client = Client::try_from(config).context("building the Kubernetes client")?;
+    let fetcher = Fetcher {
+        client: client.clone(),
+    };
+    let mut recorder = Recorder {
+        client: client.clone(),
+        node: opts.node_name.clone(),
+        recorded: BTreeSet::new(),
+    };
     let api: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name));
     let mut stream = watcher(api, wc).default_backoff().boxed();
@@ -174,29 +407,32 @@ pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> R
     log::info!("watching the pods of node {}", opts.node_name);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Init) => relist = Some(BTreeMap::new()),
+            Ok(watcher::Event::Init) => {
+                relist = Some(BTreeMap::new());
+                continue;
+            }
             Ok(watcher::Event::InitApply(p)) => {
                 if let Some(r) = relist.as_mut() {
                     r.insert(key_of(&p), p);
                 }
+                continue;
             }
-            Ok(watcher::Event::InitDone) => {
-                pods = relist.take().unwrap_or_default();
-                tx.send_replace(Some(Published::new(desired(&pods))));
-            }
+            Ok(watcher::Event::InitDone) => pods = relist.take().unwrap_or_default(),
             Ok(watcher::Event::Apply(p)) => {
                 pods.insert(key_of(&p), p);
-                tx.send_replace(Some(Published::new(desired(&pods))));
             }
             Ok(watcher::Event::Delete(p)) => {
                 pods.remove(&key_of(&p));
-                tx.send_replace(Some(Published::new(desired(&pods))));
             }
             Err(e) => {
                 stats.watch_restarts.fetch_add(1, Ordering::Relaxed);
                 log::warn!("pod watch broke ({e}); re-listing with backoff");
+                continue;
             }
         }
+        let (published, notes) = publish(&pods, &fetcher);
+        tx.send_replace(Some(published));
+        recorder.record(notes);
     }
     anyhow::bail!("the pod watch ended")
 }
@@ -244,7 +480,21 @@ mod tests {
                 p["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = "NONE".into()
             }),
             Box::new(|p| p["spec"]["hostNetwork"] = true.into()),
-            Box::new(|p| p["status"]["phase"] = "Pending".into()),
+            Box::new(|p| p["status"]["phase"] = "Succeeded".into()),
+            Box::new(|p| p["status"]["phase"] = "Failed".into()),
+            Box::new(|p| {
+                p["spec"]["containers"][0]["name"] = "istio-proxy".into();
+                p["spec"]["containers"][0]["args"] =
+                    serde_json::json!(["proxy", "router", "--domain", "x"]);
+            }),
+            Box::new(|p| {
+                p["spec"]["containers"] = serde_json::json!([{"name": "istio-proxy",
+                    "env": [{"name": "ISTIO_META_INTERCEPTION_MODE", "value": "NONE"}]}]);
+            }),
+            Box::new(|p| {
+                p["metadata"]["annotations"]["proxy.istio.io/config"] =
+                    "interceptionMode: NONE\nholdApplicationUntilProxyStarts: true\n".into()
+            }),
             Box::new(|p| {
                 p["status"]["podIP"] = serde_json::Value::Null;
                 p["status"]["podIPs"] = serde_json::json!([]);
@@ -269,5 +519,70 @@ mod tests {
         assert_eq!(e.pod, "shop/web");
         assert!(e.field.contains("excludeOutboundPorts"), "{e}");
         assert_eq!(invalid.netns, NetnsRef::PodIp("10.0.0.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn pending_pod_with_an_ip_is_served_before_its_containers_run() {
+        let mut p = base();
+        p["status"]["phase"] = "Pending".into();
+        assert!(pod_to_spec(&pod(p)).unwrap().is_some());
+    }
+
+    #[test]
+    fn interception_mode_precedence_annotation_then_env_then_proxy_config() {
+        let with = |ann: Option<&str>, env: Option<&str>, config: Option<&str>| {
+            let mut p = base();
+            p["spec"]["containers"] = serde_json::json!([{"name": "app"}, {"name": "istio-proxy",
+                "env": env.map(|v| vec![serde_json::json!({"name": "ISTIO_META_INTERCEPTION_MODE", "value": v})]).unwrap_or_default()}]);
+            if let Some(a) = ann {
+                p["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = a.into();
+            }
+            if let Some(c) = config {
+                p["metadata"]["annotations"]["proxy.istio.io/config"] =
+                    format!("interceptionMode: {c}\n").into();
+            }
+            membership(&pod(p)).0
+        };
+        let mesh = |m: &Membership| matches!(m, Membership::Mesh(_));
+        assert!(mesh(&with(None, None, None)), "default REDIRECT");
+        assert!(mesh(&with(Some("REDIRECT"), Some("NONE"), Some("NONE"))));
+        assert!(!mesh(&with(None, Some("NONE"), Some("REDIRECT"))));
+        assert!(mesh(&with(None, Some("TPROXY"), Some("NONE"))));
+        assert!(!mesh(&with(None, None, Some("NONE"))));
+        let Membership::Invalid(e) = with(None, Some("REDIRCT"), None) else {
+            panic!("a misspelt mode is rejected, not ignored");
+        };
+        assert!(e.field.contains("ISTIO_META_INTERCEPTION_MODE"), "{e}");
+    }
+
+    #[test]
+    fn proxy_uid_and_gid_from_the_istio_proxy_security_context() {
+        let mut p = base();
+        p["spec"]["containers"] = serde_json::json!([{"name": "app"}, {"name": "istio-proxy",
+            "securityContext": {"runAsUser": 2001, "runAsGroup": 2002}}]);
+        let Membership::Mesh(policy) = membership(&pod(p)).0 else {
+            panic!("mesh pod expected");
+        };
+        assert_eq!(
+            (policy.proxy_uid, policy.proxy_gid),
+            (Some(2001), Some(2002))
+        );
+        let Membership::Mesh(policy) = membership(&pod(base())).0 else {
+            panic!("mesh pod expected");
+        };
+        assert_eq!(
+            (policy.proxy_uid, policy.proxy_gid),
+            (Some(1337), Some(1337))
+        );
+    }
+
+    #[test]
+    fn annotation_warnings_are_kept() {
+        let mut p = base();
+        p["metadata"]["annotations"]["traffic.sidecar.istio.io/kubevirtInterfaces"] = "net1".into();
+        let (m, warnings) = membership(&pod(p));
+        assert!(matches!(m, Membership::Mesh(_)));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("shop/web") && warnings[0].contains("kubevirtInterfaces"));
     }
 }

@@ -6,6 +6,7 @@ pub mod file;
 pub mod kube;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
@@ -13,8 +14,11 @@ use std::{
 
 use tokio::sync::watch;
 
-pub use self::kube::KubeOptions;
-use crate::pods::Desired;
+pub use self::kube::{Fetcher, KubeOptions};
+use crate::{
+    annotations::CapturePolicy,
+    pods::{Desired, PodError, PodKey},
+};
 
 /// Where the desired pods come from.
 pub enum PodSource {
@@ -34,6 +38,27 @@ impl PodSource {
     }
 }
 
+/// Whether a pod the source knows is in the mesh, whether or not it can be served yet (the
+/// CNI plugin asks about pods before they have an address the source has seen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// In the mesh, with this configuration.
+    Mesh(CapturePolicy),
+    /// In the mesh, but its capture configuration is invalid.
+    Invalid(PodError),
+    /// Not in the mesh, and why (not injected, `redirectd.dev/skip`, interception mode NONE,
+    /// a gateway, host network, not in the pods file).
+    Outside(String),
+}
+
+/// What a source knows of one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The pod's `metadata.uid`, when the source has one (Kubernetes).
+    pub uid: Option<String>,
+    pub membership: Membership,
+}
+
 /// What a source publishes: a full desired set, and what is wrong with the source as a whole
 /// while it keeps serving an earlier set (e.g. a pods file being rewritten).
 #[derive(Debug, Clone, Default)]
@@ -44,14 +69,42 @@ pub struct Published {
     /// the daemon started has none: then nothing is applied and nothing removed (what a
     /// previous run left keeps serving) until it is fixed.
     pub complete: bool,
+    /// Every pod the source knows on this node, served or not yet.
+    pub members: BTreeMap<PodKey, Member>,
+    /// How to ask the API server about a pod the source has not seen yet (Kubernetes only).
+    pub fetcher: Option<Fetcher>,
 }
 
 impl Published {
+    /// A desired set that is all the source knows (the pods file): its pods are the members.
     pub fn new(desired: Desired) -> Self {
+        let mut members = BTreeMap::new();
+        for p in &desired.pods {
+            let m = Membership::Mesh(p.policy.clone());
+            members.insert(
+                p.key.clone(),
+                Member {
+                    uid: None,
+                    membership: m,
+                },
+            );
+        }
+        for p in &desired.invalid {
+            let m = Membership::Invalid(p.error.clone());
+            members.insert(
+                p.key.clone(),
+                Member {
+                    uid: None,
+                    membership: m,
+                },
+            );
+        }
         Self {
             desired,
             source_error: None,
             complete: true,
+            members,
+            fetcher: None,
         }
     }
 }

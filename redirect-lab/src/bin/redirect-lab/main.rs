@@ -7,11 +7,13 @@
 //!   connection on stdout.
 //! - `server`: answers each connection with the addresses it saw (JSON line, or HTTP for curl).
 //! - `client`: opens connections to targets and prints one JSON line per connection.
+//! - `validate`: Istio's istio-validation check (CNI mode), as its validator makes it.
 
 mod client;
 mod proxy;
 mod server;
 mod sockets;
+mod validate;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -85,6 +87,21 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         conns: usize,
     },
+    /// Istio's istio-validation check: run as the proxy's uid before any proxy exists.
+    Validate {
+        /// Check IPv6 (::1 listeners, ::6 probe) instead of IPv4.
+        #[arg(long)]
+        ipv6: bool,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// Istio's iptables probe port.
+        #[arg(long, default_value_t = 15002)]
+        probe_port: u16,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// A client: `count` connections spread over the targets, `concurrency` at a time.
     Client {
         #[arg(long = "target", required = true)]
@@ -137,6 +154,18 @@ fn main() -> Result<()> {
             inbound_loopback,
         )),
         Cmd::Server { ports } => rt()?.block_on(server::run(ports)),
+        Cmd::Validate {
+            ipv6,
+            outbound_port,
+            inbound_port,
+            probe_port,
+            timeout_ms,
+        } => rt()?.block_on(validate::run(
+            ipv6,
+            (outbound_port, inbound_port),
+            probe_port,
+            Duration::from_millis(timeout_ms),
+        )),
         Cmd::Client {
             targets,
             count,
