@@ -171,6 +171,11 @@ enum Command {
     },
     /// Check this kernel for every program type, map type and helper the data path needs.
     Probe,
+    /// Put the chained CNI plugin on this node, or take it off (the DaemonSet's installer).
+    Cni {
+        #[command(subcommand)]
+        action: CniAction,
+    },
     /// Detach every program and remove every link, map and pin redirectd made.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -180,6 +185,98 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         drain_ms: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum CniAction {
+    /// Copy `redirect-cni` into the CNI bin dir and add it to the primary CNI configuration
+    /// (the first file of the conf dir by name; a lone .conf becomes a .conflist).
+    Install {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The plugin binary to copy (default: `redirect-cni` next to this executable).
+        #[arg(long)]
+        plugin_binary: Option<PathBuf>,
+        /// The daemon's socket, as the plugin will find it on the node.
+        #[arg(long, default_value = "/var/run/redirectd/cni.sock")]
+        socket: PathBuf,
+        /// Namespaces whose pods start without asking the daemon (comma-separated): the
+        /// daemon's own and the system's, which must start while it is down.
+        #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+        exclude_namespaces: Vec<String>,
+        /// Bound on the plugin's wait for the daemon, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+        timeout_seconds: u64,
+        /// Keep running: put the plugin back whenever the primary CNI rewrites its file.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` checks, in milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        poll_ms: u64,
+    },
+    /// Take the plugin out of the primary CNI configuration and remove its binary.
+    Uninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
+}
+
+fn cni_command(action: CniAction) -> Result<()> {
+    use redirect_user::cni::install::{self, Change, InstallOptions};
+    match action {
+        CniAction::Install {
+            bin_dir,
+            conf_dir,
+            plugin_binary,
+            socket,
+            exclude_namespaces,
+            timeout_seconds,
+            watch,
+            poll_ms,
+        } => {
+            let binary = match plugin_binary {
+                Some(b) => b,
+                None => std::env::current_exe()
+                    .context("finding this executable")?
+                    .with_file_name(install::PLUGIN_TYPE),
+            };
+            let plugin = serde_json::json!({
+                "type": install::PLUGIN_TYPE,
+                "socket": socket,
+                "excludeNamespaces": exclude_namespaces,
+                "timeoutSeconds": timeout_seconds,
+            });
+            let opts = InstallOptions {
+                binary,
+                bin_dir,
+                conf_dir,
+                plugin,
+            };
+            install::install(&opts, watch.then(|| Duration::from_millis(poll_ms)))
+        }
+        CniAction::Uninstall { bin_dir, conf_dir } => {
+            match install::remove(&conf_dir)? {
+                Change::Written(p) => {
+                    println!("removed {} from {}", install::PLUGIN_TYPE, p.display())
+                }
+                Change::Unchanged | Change::NoPrimary => {
+                    println!("{} was not in the CNI configuration", install::PLUGIN_TYPE)
+                }
+            }
+            if install::remove_binary(&bin_dir)? {
+                println!(
+                    "removed {} from {}",
+                    install::PLUGIN_TYPE,
+                    bin_dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -238,6 +335,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 None => Ok(()),
             }
         }
+        Command::Cni { action } => cni_command(action),
         Command::Uninstall { pin_dir, drain_ms } => {
             let removed = loader::uninstall(&pin_dir, Duration::from_millis(drain_ms))?;
             println!(

@@ -308,7 +308,20 @@ mod tests {
             let addrs: BTreeSet<(u32, Cidr)> = g.addrs.iter().map(|(k, c)| (*k, cidr(c))).collect();
             assert_eq!(got.ports, ports, "{}: ports", g.name);
             assert_eq!(got.addrs, addrs, "{}: addresses", g.name);
-            assert_eq!(got.flags, g.flags, "{}: flags {:#b}", g.name, got.flags);
+            // Istio's rules; every pod also fails closed unless it opts out.
+            assert_eq!(
+                got.flags & !POD_FLAG_FAIL_CLOSED,
+                g.flags,
+                "{}: flags {:#b}",
+                g.name,
+                got.flags
+            );
+            assert_ne!(
+                got.flags & POD_FLAG_FAIL_CLOSED,
+                0,
+                "{}: fails closed by default",
+                g.name
+            );
         }
     }
 

@@ -232,8 +232,8 @@ fn captured_connections_reach_both_envoy_workers() {
     }
 }
 
-/// Envoy killed: connections go direct (fail open, counted); Envoy started again: captured
-/// again within a second of its new listeners.
+/// Envoy killed: connections are refused (fail closed, the default, as under Istio; counted);
+/// Envoy started again: captured again within a second of its new listeners.
 #[test]
 fn envoy_restart() {
     let (mut lab, envoys) = mesh(&["client"], &["ext"]);
@@ -248,7 +248,17 @@ fn envoy_restart() {
     };
     assert!(captured(&lab));
     lab.procs[envoys[0]].kill();
-    assert!(!captured(&lab), "fail open: direct");
+    let r = lab
+        .client(Some("client"), None, &["--target", &target])
+        .unwrap();
+    assert!(
+        r[0].reply.is_none()
+            && r[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("Operation not permitted")),
+        "fail closed: refused, not direct: {r:?}"
+    );
     lab.start_envoy("client").unwrap();
     let listening = Instant::now();
     eventually(
@@ -262,7 +272,7 @@ fn envoy_restart() {
         listening.elapsed()
     );
     let st = lab.daemon().pod_status("client").unwrap();
-    assert!(st.counter("outbound_fail_open") >= 1, "{st:#?}");
+    assert!(st.counter("outbound_fail_closed") >= 1, "{st:#?}");
 }
 
 /// Inbound from the node itself (a kubelet, a node-local agent) and from another node, both

@@ -239,9 +239,10 @@ fn proxy_restart_and_fail_modes() {
     lab.start_server("open", &[8080]).unwrap();
     lab.start_server("closed", &[8080]).unwrap();
     let yaml = pods_yaml(&[
-        lab.pod("open").yaml_entry(&[]),
-        lab.pod("closed")
-            .yaml_entry(&[("redirectd.dev/failMode", "closed")]),
+        lab.pod("open")
+            .yaml_entry(&[("redirectd.dev/failMode", "open")]),
+        // Fail closed is the default, as under Istio.
+        lab.pod("closed").yaml_entry(&[]),
     ]);
     lab.start_daemon(&yaml, &[]).unwrap();
     lab.daemon().wait_pods(&["closed", "open"]).unwrap();

@@ -302,9 +302,10 @@ fn proxy_down_fails_open_or_closed() {
     lab.add_pod("ext").unwrap();
     lab.start_server("ext", &[8080]).unwrap();
     let yaml = pods_yaml(&[
-        lab.pod("open").yaml_entry(&[]),
-        lab.pod("closed")
-            .yaml_entry(&[("redirectd.dev/failMode", "closed")]),
+        lab.pod("open")
+            .yaml_entry(&[("redirectd.dev/failMode", "open")]),
+        // Fail closed is the default, as under Istio.
+        lab.pod("closed").yaml_entry(&[]),
     ]);
     lab.start_daemon(&yaml, &[]).unwrap();
     lab.daemon().wait_pods(&["open", "closed"]).unwrap();

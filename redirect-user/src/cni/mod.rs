@@ -3,6 +3,7 @@
 //! that way ([`registry`]), which the loop lays over what the pod source publishes, so a pod
 //! is captured from its first packet, before the pod watch shows it with an address.
 
+pub mod install;
 pub mod registry;
 pub mod server;
 
