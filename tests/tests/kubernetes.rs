@@ -246,3 +246,104 @@ fn netns_found_through_the_nodes_routes() {
         "{pending}"
     );
 }
+
+/// Istio's CNI-mode pods as the injector writes them: a Pending pod with an IP (init
+/// containers running) is served at once; the proxy's uid comes from the istio-proxy
+/// container's security context; gateways and interception mode NONE (from the proxy's env)
+/// are left alone; an annotation warning reaches the status and a Kubernetes Event.
+#[test]
+fn istio_cni_mode_pods() {
+    let mut lab = lab();
+    for p in ["pending", "uid2001", "gw", "none", "warned", "ext"] {
+        lab.add_pod(p).unwrap();
+    }
+    lab.start_server("ext", &[8080]).unwrap();
+    let ip = |lab: &redirect_lab::Lab, p: &str| lab.pod(p).v4.to_string();
+    let api = FakeApiServer::start();
+    let mut pending = mesh_pod("pending", NODE, &[&ip(&lab, "pending")], &[]);
+    pending.status.as_mut().unwrap().phase = Some("Pending".into());
+    let proxy = |pod: &mut k8s_openapi::api::core::v1::Pod, c: serde_json::Value| {
+        let spec = pod.spec.as_mut().unwrap();
+        spec.containers.retain(|c| c.name != "istio-proxy");
+        spec.containers.push(serde_json::from_value(c).unwrap());
+    };
+    let mut uid2001 = mesh_pod("uid2001", NODE, &[&ip(&lab, "uid2001")], &[]);
+    proxy(
+        &mut uid2001,
+        serde_json::json!({"name": "istio-proxy", "securityContext": {"runAsUser": 2001, "runAsGroup": 2001}}),
+    );
+    let mut gw = mesh_pod("gw", NODE, &[&ip(&lab, "gw")], &[]);
+    proxy(
+        &mut gw,
+        serde_json::json!({"name": "istio-proxy", "args": ["proxy", "router", "--domain", "x"]}),
+    );
+    let mut none = mesh_pod("none", NODE, &[&ip(&lab, "none")], &[]);
+    proxy(
+        &mut none,
+        serde_json::json!({"name": "istio-proxy", "env": [{"name": "ISTIO_META_INTERCEPTION_MODE", "value": "NONE"}]}),
+    );
+    let warned = mesh_pod(
+        "warned",
+        NODE,
+        &[&ip(&lab, "warned")],
+        &[("traffic.sidecar.istio.io/kubevirtInterfaces", "net1")],
+    );
+    for p in [&pending, &uid2001, &gw, &none, &warned] {
+        api.apply_silently(p);
+    }
+    // The node reaches each pod once (kubelet's probes would), so it knows their bridge ports.
+    let at_node = Placement {
+        netns: Some(&lab.node),
+        cgroup: None,
+        uid: None,
+    };
+    for p in ["pending", "uid2001", "warned"] {
+        let _ = lab.client_at(at_node, &["--target", &format!("{}:9", ip(&lab, p))]);
+    }
+    let node_netns = lab.node.path().display().to_string();
+    start_daemon(&mut lab, &api, &["--node-netns", &node_netns]);
+    until(&mut lab, "pending, uid2001 and warned applied", |s| {
+        has(s, "pending") && has(s, "uid2001") && has(s, "warned")
+    });
+    let status = lab.daemon().status().unwrap();
+    assert!(!has(&status, "gw") && !has(&status, "none"), "{status:#?}");
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("shop/warned") && w.contains("kubevirtInterfaces")),
+        "{:?}",
+        status.warnings
+    );
+    eventually(Duration::from_secs(5), "an Event on the warned pod", || {
+        api.events().into_iter().find(|e| {
+            e["involvedObject"]["name"] == "warned"
+                && e["type"] == "Warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("kubevirtInterfaces"))
+        })
+    })
+    .unwrap();
+    // uid 2001 is that pod's proxy: its connections go direct; uid 1337's are captured
+    // (refused: no proxy listens, and mesh pods fail closed).
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    let as_uid = |lab: &redirect_lab::Lab, uid: u32| {
+        lab.client(Some("uid2001"), Some(uid), &["--target", &target])
+            .unwrap()
+            .remove(0)
+    };
+    let proxy_own = as_uid(&lab, 2001);
+    assert!(
+        proxy_own.error.is_none(),
+        "the pod's proxy uid is not captured: {proxy_own:?}"
+    );
+    let other = as_uid(&lab, 1337);
+    assert!(
+        other
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("Operation not permitted")),
+        "uid 1337 is not this pod's proxy: captured: {other:?}"
+    );
+}
