@@ -72,7 +72,7 @@ fn run(env: &Env, stdin: &[u8]) -> (String, Result<Option<Value>, CniError>) {
 /// Kubernetes pod, or an excluded namespace).
 fn request(env: &Env, conf: &NetConf, command: CniCommand) -> Option<CniRequest> {
     let pod = env.pod.as_ref()?;
-    if conf.exclude_namespaces.iter().any(|n| *n == pod.namespace) {
+    if conf.exclude_namespaces.contains(&pod.namespace) {
         return None;
     }
     Some(CniRequest {

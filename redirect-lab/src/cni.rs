@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::{bin, run, Cgroup, Lab, Netns, Placement, NEXT};
+use crate::{bin, Cgroup, Lab, Netns, Placement, NEXT};
 
 /// The CNI pods' subnets (the bridge `rdcni0` in the node namespace is their gateway).
 pub const CNI_V4_SUBNET: &str = "10.206.0.0/24";
@@ -293,12 +293,4 @@ impl CniNetwork {
             ),
         }))
     }
-}
-
-/// `ip netns list` holds this sandbox's namespace (for tests that check teardown).
-pub fn netns_exists(ns: &Netns) -> bool {
-    run("ip", &["netns", "list"]).is_ok_and(|l| {
-        l.lines()
-            .any(|x| x.split_whitespace().next() == Some(&ns.name))
-    })
 }

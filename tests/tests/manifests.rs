@@ -25,7 +25,42 @@ fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_yaml_ng::Value], kind: 
         .collect()
 }
 
-fn check_node_agent(ds: &DaemonSet) -> &Container {
+/// The container named `name` of the DaemonSet's pod.
+fn container<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    pod.containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// The host path behind the volume mounted at `mount_path` in container `c`.
+fn host_path_of(ds: &DaemonSet, c: &Container, mount_path: &str) -> String {
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == mount_path)
+        .unwrap_or_else(|| panic!("{} mounts {mount_path}", c.name));
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == m.name)
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone())
+        .unwrap_or_else(|| panic!("{mount_path} is a hostPath"))
+}
+
+fn arg<'a>(c: &'a Container, flag: &str) -> &'a str {
+    c.args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+        .unwrap_or_else(|| panic!("{flag} in {}'s args", c.name))
+}
+
+fn check_node_agent<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true), "hostNetwork");
     assert_eq!(
@@ -33,7 +68,7 @@ fn check_node_agent(ds: &DaemonSet) -> &Container {
         Some(true),
         "hostPID (netns resolution through /proc)"
     );
-    let c = &pod.containers[0];
+    let c = container(ds, name);
     assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
     let mounts = c.volume_mounts.as_ref().unwrap();
     let bpffs = mounts
@@ -68,7 +103,7 @@ fn daemonset_and_rbac() {
     let sets: Vec<DaemonSet> = of_kind(&d, "DaemonSet");
     assert_eq!(sets.len(), 1);
     let ds = &sets[0];
-    let c = check_node_agent(ds);
+    let c = check_node_agent(ds, "redirectd");
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(
         pod.service_account_name.as_deref(),
@@ -122,16 +157,68 @@ fn daemonset_and_rbac() {
         );
     }
 
-    // RBAC: read pods, nothing else.
+    // The CNI plugin: the installer writes into the host's CNI dirs and tells the plugin the
+    // daemon's socket, which the daemon serves in a host directory (the plugin runs on the
+    // host, where the runtime calls it).
+    let installer = container(ds, "install-cni");
+    assert_eq!(
+        installer.args.as_ref().unwrap()[..3],
+        ["cni", "install", "--watch"]
+    );
+    assert_eq!(
+        host_path_of(ds, installer, arg(installer, "--bin-dir")),
+        "/opt/cni/bin"
+    );
+    assert_eq!(
+        host_path_of(ds, installer, arg(installer, "--conf-dir")),
+        "/etc/cni/net.d"
+    );
+    let socket = arg(c, "--cni-socket");
+    assert_eq!(
+        arg(installer, "--socket"),
+        socket,
+        "the plugin finds the daemon's socket"
+    );
+    let socket_dir = std::path::Path::new(socket)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(
+        host_path_of(ds, c, socket_dir),
+        socket_dir,
+        "the socket is on the host"
+    );
+    assert!(arg(installer, "--exclude-namespaces")
+        .split(',')
+        .any(|n| n == "redirect-system"));
+
+    // RBAC: read pods, record events, nothing else.
     let roles: Vec<ClusterRole> = of_kind(&d, "ClusterRole");
     assert_eq!(roles.len(), 1);
-    for rule in roles[0].rules.as_ref().unwrap() {
-        assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]));
-        let mut verbs = rule.verbs.clone();
-        verbs.sort();
-        assert_eq!(verbs, ["get", "list", "watch"]);
-        assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
-    }
+    let mut rules: Vec<(String, Vec<String>)> = roles[0]
+        .rules
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.api_groups.as_deref(), Some(&[String::new()][..]));
+            let mut verbs = r.verbs.clone();
+            verbs.sort();
+            (r.resources.as_ref().unwrap().join(","), verbs)
+        })
+        .collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        [
+            ("events".to_string(), vec!["create".to_string()]),
+            (
+                "pods".to_string(),
+                vec!["get".into(), "list".into(), "watch".into()]
+            ),
+        ]
+    );
     let bindings: Vec<ClusterRoleBinding> = of_kind(&d, "ClusterRoleBinding");
     assert_eq!(
         bindings[0].role_ref.name,
@@ -145,11 +232,25 @@ fn daemonset_and_rbac() {
 fn uninstall_daemonset_runs_redirectd_uninstall() {
     let d = docs("uninstall.yaml");
     let sets: Vec<DaemonSet> = of_kind(&d, "DaemonSet");
-    let c = check_node_agent(&sets[0]);
+    let c = check_node_agent(&sets[0], "uninstall");
     let command = c.command.as_ref().unwrap().join(" ");
     assert!(
         command.contains("redirectd uninstall --pin-dir=/sys/fs/bpf/redirect"),
         "{command}"
+    );
+    assert!(
+        command.contains(
+            "redirectd cni uninstall --bin-dir=/host/opt/cni/bin --conf-dir=/host/etc/cni/net.d"
+        ),
+        "{command}"
+    );
+    assert_eq!(
+        host_path_of(&sets[0], c, "/host/opt/cni/bin"),
+        "/opt/cni/bin"
+    );
+    assert_eq!(
+        host_path_of(&sets[0], c, "/host/etc/cni/net.d"),
+        "/etc/cni/net.d"
     );
     let main: Vec<DaemonSet> = of_kind(&docs("redirectd.yaml"), "DaemonSet");
     let args = main[0]
@@ -160,7 +261,10 @@ fn uninstall_daemonset_runs_redirectd_uninstall() {
         .spec
         .as_ref()
         .unwrap()
-        .containers[0]
+        .containers
+        .iter()
+        .find(|c| c.name == "redirectd")
+        .unwrap()
         .args
         .clone()
         .unwrap();
@@ -168,4 +272,16 @@ fn uninstall_daemonset_runs_redirectd_uninstall() {
         args.iter().any(|a| a == "--pin-dir=/sys/fs/bpf/redirect"),
         "the same pin dir"
     );
+}
+
+/// The Istio installation that goes with redirect-cni: the injector's CNI mode (so it emits
+/// istio-validation, never istio-init), without Istio's own CNI node agent.
+#[test]
+fn istio_cni_mode_settings() {
+    let d = docs("istio/istio-cni-mode.yaml");
+    assert_eq!(d.len(), 1);
+    let op = &d[0];
+    assert_eq!(op["kind"], "IstioOperator");
+    assert_eq!(op["spec"]["values"]["pilot"]["cni"]["enabled"], true);
+    assert_eq!(op["spec"]["components"]["cni"]["enabled"], false);
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: a small lab, the redirector, real traffic, and what everyone saw.
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use redirect_lab::{bin, run, wire::ServerReply, Lab};
 
 fn step(text: &str) {
@@ -148,16 +148,17 @@ pub fn demo() -> Result<()> {
     show_sidecar(&lab, web_sidecar, before);
     println!("    the app saw the connection from {}", reply.peer);
 
-    step("Envoy stopped: fail open (the default) sends connections direct and counts them");
+    step("Envoy stopped: fail closed (the default, as under Istio) refuses connections and counts them");
     lab.procs[sidecar].kill();
     let r = lab.client(Some("client"), None, &["--target", &format!("{ext4}:8080")])?;
-    println!(
-        "    app -> {ext4}:8080 with no proxy: {}",
-        r[0].reply.as_ref().map_or_else(
-            || format!("error {:?}", r[0].error),
-            |x| format!("answered, server saw {}", x.peer)
-        )
+    let outcome = r[0].reply.as_ref().map_or_else(
+        || format!("refused: {}", r[0].error.as_deref().unwrap_or("?")),
+        |x| format!("answered, server saw {}", x.peer),
     );
+    println!("    app -> {ext4}:8080 with no proxy: {outcome}");
+    if r[0].reply.is_some() {
+        bail!("a mesh pod's connection escaped capture while its proxy was down");
+    }
 
     step("redirectd status");
     let d = lab.daemon();

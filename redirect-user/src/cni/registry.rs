@@ -97,18 +97,6 @@ impl Registry {
         Ok(r)
     }
 
-    pub fn get(&self, key: &PodKey) -> Option<&Registration> {
-        self.pods.get(key)
-    }
-
-    pub fn len(&self) -> usize {
-        self.pods.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
-    }
-
     /// A sandbox's ADD: the pod is served from the next pass on.
     pub fn register(&mut self, r: Registration) {
         self.deleted.remove(&r.key);
