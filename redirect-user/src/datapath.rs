@@ -340,12 +340,14 @@ impl PodMaps for Datapath {
                 netns.display()
             );
         }
+        let started = std::time::Instant::now();
         if let Some(insns) = loader::attach_inbound(&self.pin_dir, netns_cookie, &file)
             .with_context(|| format!("attaching inbound capture to {}", netns.display()))?
         {
             log::debug!(
-                "attached rd_sk_lookup to {}; verifier processed {insns} instructions",
-                netns.display()
+                "attached rd_sk_lookup to {} in {} µs; verifier processed {insns} instructions",
+                netns.display(),
+                started.elapsed().as_micros()
             );
             self.inbound_insns = Some(insns);
         }

@@ -203,9 +203,14 @@ enum CniAction {
         #[arg(long, default_value = "/var/run/redirectd/cni.sock")]
         socket: PathBuf,
         /// Namespaces whose pods start without asking the daemon (comma-separated): the
-        /// daemon's own and the system's, which must start while it is down.
+        /// system's, which must start while it is down. The daemon's own namespace
+        /// (`--own-namespace`) is always added.
         #[arg(long, value_delimiter = ',', default_value = "kube-system")]
         exclude_namespaces: Vec<String>,
+        /// The daemon's own namespace (the downward API's `metadata.namespace`): its pods
+        /// must start while no daemon runs.
+        #[arg(long, env = "POD_NAMESPACE")]
+        own_namespace: Option<String>,
         /// Bound on the plugin's wait for the daemon, in seconds.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
         timeout_seconds: u64,
@@ -233,11 +238,16 @@ fn cni_command(action: CniAction) -> Result<()> {
             conf_dir,
             plugin_binary,
             socket,
-            exclude_namespaces,
+            mut exclude_namespaces,
+            own_namespace,
             timeout_seconds,
             watch,
             poll_ms,
         } => {
+            exclude_namespaces.extend(own_namespace);
+            exclude_namespaces.retain(|n| !n.trim().is_empty());
+            exclude_namespaces.sort();
+            exclude_namespaces.dedup();
             let binary = match plugin_binary {
                 Some(b) => b,
                 None => std::env::current_exe()

@@ -379,6 +379,10 @@ fn pods_outside_the_mesh_pass_through() {
     let r = n.first_connection(&sb);
     assert!(r.error.is_none(), "not in the mesh: direct: {r:?}");
     assert!(!n.in_status("plain"));
+    n.net
+        .check(&sb)
+        .unwrap()
+        .expect("CHECK of a pod outside the mesh");
     n.net.del(&mut sb).unwrap().unwrap();
 }
 

@@ -42,7 +42,9 @@ fn install_watch_reinsert_and_uninstall() {
         "--plugin-binary",
         plugin.to_str().unwrap(),
         "--exclude-namespaces",
-        "kube-system,redirectd",
+        "kube-system",
+        "--own-namespace",
+        "redirectd",
     ];
     let mut installer = spawn(
         Placement::default(),

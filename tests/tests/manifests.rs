@@ -191,7 +191,16 @@ fn daemonset_and_rbac() {
     );
     assert!(arg(installer, "--exclude-namespaces")
         .split(',')
-        .any(|n| n == "redirect-system"));
+        .any(|n| n == "kube-system"));
+    // The daemon's own namespace is excluded through the downward API.
+    let own = installer
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAMESPACE")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(own.as_deref(), Some("metadata.namespace"));
 
     // RBAC: read pods, record events, nothing else.
     let roles: Vec<ClusterRole> = of_kind(&d, "ClusterRole");

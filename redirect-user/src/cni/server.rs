@@ -24,7 +24,7 @@ use crate::{
 pub struct CniCall {
     pub request: CniRequest,
     pub key: PodKey,
-    /// ADD only: the pod's configuration, as the source (or the API server) gave it.
+    /// ADD and CHECK: the pod's configuration, as the source (or the API server) gave it.
     pub policy: Option<CapturePolicy>,
     pub reply: oneshot::Sender<CniReply>,
     /// When the plugin's request arrived.
@@ -33,6 +33,8 @@ pub struct CniCall {
 
 /// How long a connection may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long asking the API server about a pod may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a call waits for the loop (the plugin's own bound is longer by default).
 const LOOP_TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -107,26 +109,33 @@ async fn answer(
         name: request.name.clone(),
     };
     let started = std::time::Instant::now();
-    let policy = if request.command == CniCommand::Add {
+    // ADD and CHECK first ask whether the pod is in the mesh at all; DEL never does (it
+    // removes whatever is there).
+    let policy = if request.command == CniCommand::Del {
+        None
+    } else {
+        let what = if request.command == CniCommand::Add {
+            "ADD"
+        } else {
+            "CHECK"
+        };
         match decide(&key, &request.uid, source).await {
             Ok(Membership::Mesh(policy)) => Some(policy),
             Ok(Membership::Outside(reason)) => {
-                log::debug!("CNI ADD pod {key}: not in the mesh ({reason})");
+                log::debug!("CNI {what} pod {key}: not in the mesh ({reason})");
                 return CniReply::NotInMesh { reason };
             }
             Ok(Membership::Invalid(e)) => {
-                log::warn!("CNI ADD pod {key}: refused, it must not start uncaptured: {e}");
+                log::warn!("CNI {what} pod {key}: refused, it must not start uncaptured: {e}");
                 return CniReply::Refused {
                     reason: format!("{e}; fix it and the pod starts (kubelet retries)"),
                 };
             }
             Err(reason) => {
-                log::warn!("CNI ADD pod {key}: {reason} (kubelet retries)");
+                log::warn!("CNI {what} pod {key}: {reason} (kubelet retries)");
                 return CniReply::Unavailable { reason };
             }
         }
-    } else {
-        None
     };
     let (tx, rx) = oneshot::channel();
     let call = CniCall {
@@ -182,7 +191,14 @@ async fn decide(
     let Some(fetcher) = fetcher else {
         return Ok(Membership::Outside("not in the pods file".into()));
     };
-    match fetcher.member(key).await {
+    let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetcher.member(key))
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the API server did not answer about pod {key} within {FETCH_TIMEOUT:?}"
+            ))
+        });
+    match fetched {
         Ok(None) => Ok(Membership::Outside("the API server has no such pod".into())),
         Ok(Some(m)) if uid.is_some() && m.uid.is_some() && m.uid != *uid => {
             Ok(Membership::Outside(format!(

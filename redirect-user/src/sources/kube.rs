@@ -322,9 +322,13 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn record(&mut self, notes: Vec<(Pod, String)>) {
+    fn record(&mut self, pods: &BTreeMap<String, Pod>, notes: Vec<(Pod, String)>) {
+        // Forget pods that are gone, so the set stays the size of the node's pods.
+        let identity = |p: &Pod| p.metadata.uid.clone().unwrap_or_else(|| key_of(p));
+        let live: BTreeSet<String> = pods.values().map(identity).collect();
+        self.recorded.retain(|(id, _)| live.contains(id));
         for (pod, message) in notes {
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let uid = identity(&pod);
             if !self.recorded.insert((uid.clone(), message.clone())) {
                 continue;
             }
@@ -343,7 +347,7 @@ impl Recorder {
                     kind: Some("Pod".into()),
                     name: Some(key.name.clone()),
                     namespace: Some(key.namespace.clone()),
-                    uid: Some(uid),
+                    uid: pod.metadata.uid.clone(),
                     ..Default::default()
                 },
                 reason: Some("RedirectdConfig".into()),
@@ -432,7 +436,7 @@ pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> R
         }
         let (published, notes) = publish(&pods, &fetcher);
         tx.send_replace(Some(published));
-        recorder.record(notes);
+        recorder.record(&pods, notes);
     }
     anyhow::bail!("the pod watch ended")
 }
