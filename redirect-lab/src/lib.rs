@@ -31,7 +31,7 @@ pub use netns::Netns;
 pub use process::{spawn, Placement, Proc};
 pub use redirect_common::status::{PodReport, Report};
 pub use topology::{Lab, Pod};
-pub use wait::eventually;
+pub use wait::{eventually, scaled, time_scale};
 
 /// Prefix of every lab object's name; `cargo xtask test` sweeps leftovers with it.
 pub const PREFIX: &str = "rlab-";

@@ -7,14 +7,32 @@ use anyhow::{bail, Result};
 /// How often [`eventually`] checks.
 const EVERY: Duration = Duration::from_millis(10);
 
-/// Checks `condition` every 10 ms until it gives `Some`, for at most `timeout`; the error
-/// names `what` was awaited. Bounds are for a loaded 2-CPU machine: give the time something
-/// may take there, not the time it takes on an idle one.
+/// How much slower than a loaded 2-CPU machine this one runs: `REDIRECT_TIME_SCALE` (a whole
+/// number, default 1). `cargo xtask test --kernel` sets it for guests under software
+/// emulation, where every step takes several times longer; bounds that assert speed on real
+/// hardware are stretched by it, never removed.
+pub fn time_scale() -> u32 {
+    std::env::var("REDIRECT_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d` stretched by [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
+/// Checks `condition` every 10 ms until it gives `Some`, for at most `timeout` (stretched by
+/// [`time_scale`]); the error names `what` was awaited. Bounds are for a loaded 2-CPU machine:
+/// give the time something may take there, not the time it takes on an idle one.
 pub fn eventually<T>(
     timeout: Duration,
     what: &str,
     mut condition: impl FnMut() -> Option<T>,
 ) -> Result<T> {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = condition() {

@@ -322,6 +322,30 @@ struct Publisher {
 }
 
 impl Publisher {
+    fn new(
+        opts: &RunOptions,
+        cgroup: &Path,
+        programs: Vec<ProgramReport>,
+        stats: Arc<SourceStats>,
+    ) -> Self {
+        Self {
+            status: StatusFile {
+                pid: std::process::id(),
+                pods_file: opts.source.describe(),
+                cgroup: cgroup.display().to_string(),
+                pin_dir: opts.pin_dir.display().to_string(),
+                programs,
+                ..Default::default()
+            },
+            status_file: opts.status_file.clone(),
+            metrics: serve_metrics(opts.metrics_addr),
+            stats,
+            last_problems: BTreeSet::new(),
+            map_warned: BTreeSet::new(),
+            reconcile_errors: 0,
+        }
+    }
+
     /// The source has no usable desired set yet: only the status says so.
     fn source_unusable(&mut self, published: &Published) {
         self.status.file_error = published.source_error.clone();
@@ -510,6 +534,27 @@ impl CniLink {
         });
         Ok(Self { registry, calls })
     }
+
+    /// Every call waiting besides `calls`.
+    fn drain(&mut self, calls: &mut Vec<CniCall>) {
+        while let Ok(call) = self.calls.try_recv() {
+            calls.push(call);
+        }
+    }
+
+    /// Takes the calls into the registry (answering at once those that are unusable, and
+    /// keeping the rest in `calls` for after the pass); returns the desired set to serve.
+    fn desired(&mut self, calls: &mut Vec<CniCall>, current: &Published) -> Desired {
+        for call in std::mem::take(calls) {
+            match cni::take(&mut self.registry, &call) {
+                None => calls.push(call),
+                Some(reply) => {
+                    let _ = call.reply.send(reply);
+                }
+            }
+        }
+        self.registry.overlay(current)
+    }
 }
 
 /// The next CNI call, never if there is no CNI link.
@@ -575,22 +620,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let (mut engine, programs) = start(&opts, &cgroup)?;
     let stats = Arc::new(SourceStats::default());
-    let mut publisher = Publisher {
-        status: StatusFile {
-            pid: std::process::id(),
-            pods_file: opts.source.describe(),
-            cgroup: cgroup.display().to_string(),
-            pin_dir: opts.pin_dir.display().to_string(),
-            programs,
-            ..Default::default()
-        },
-        status_file: opts.status_file.clone(),
-        metrics: serve_metrics(opts.metrics_addr),
-        stats: stats.clone(),
-        last_problems: BTreeSet::new(),
-        map_warned: BTreeSet::new(),
-        reconcile_errors: 0,
-    };
+    let mut publisher = Publisher::new(&opts, &cgroup, programs, stats.clone());
     log::info!(
         "serving pods from {} (cgroup {}, pins {})",
         publisher.status.pods_file,
@@ -619,9 +649,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sigint.recv() => break,
         }
         if let Some(link) = cni.as_mut() {
-            while let Ok(call) = link.calls.try_recv() {
-                calls.push(call);
-            }
+            link.drain(&mut calls);
         }
         let Some(current) = source.borrow_and_update().clone() else {
             answer_all(calls, "redirectd has not read its pod source yet");
@@ -635,19 +663,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             continue;
         }
         let desired = match cni.as_mut() {
-            Some(link) => {
-                let mut kept = Vec::new();
-                for call in calls {
-                    match cni::take(&mut link.registry, &call) {
-                        None => kept.push(call),
-                        Some(reply) => {
-                            let _ = call.reply.send(reply);
-                        }
-                    }
-                }
-                calls = kept;
-                link.registry.overlay(&current)
-            }
+            Some(link) => link.desired(&mut calls, &current),
             None => current.desired.clone(),
         };
         let (returned, pass) = tokio::task::spawn_blocking(move || {

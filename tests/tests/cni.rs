@@ -271,8 +271,12 @@ fn restart_in_the_middle(n: &mut Node) -> Sandbox {
     let Node { lab, net, .. } = n;
     let early = std::thread::scope(|s| {
         let retry = s.spawn(|| {
-            add_retrying(net, &mut early, Duration::from_secs(30))
-                .unwrap_or_else(|f| panic!("ADD once the daemon is back: {f}"));
+            add_retrying(
+                net,
+                &mut early,
+                redirect_lab::scaled(Duration::from_secs(30)),
+            )
+            .unwrap_or_else(|f| panic!("ADD once the daemon is back: {f}"));
             early
         });
         std::thread::sleep(Duration::from_millis(500));

@@ -70,7 +70,10 @@ fn watch_drives_the_maps() {
     let pod_b = mesh_pod("b", NODE, &[&ip(&lab, "b")], &[]);
     api.apply(&pod_b, true);
     let t = until(&mut lab, "b added", |s| has(s, "b"));
-    assert!(t < EVENT_BOUND, "b applied after {t:?}");
+    assert!(
+        t < redirect_lab::scaled(EVENT_BOUND),
+        "b applied after {t:?}"
+    );
 
     // Annotated: a gets an excluded port; its slot is rewritten.
     let slot = |s: &Report| s.pod("a").map(|p| p.pod.pod_id);
@@ -83,7 +86,10 @@ fn watch_drives_the_maps() {
     );
     api.apply(&annotated, false);
     let t = until(&mut lab, "annotation applied", |s| slot(s) != before);
-    assert!(t < EVENT_BOUND, "annotation applied after {t:?}");
+    assert!(
+        t < redirect_lab::scaled(EVENT_BOUND),
+        "annotation applied after {t:?}"
+    );
 
     // A bad annotation: rejected with pod and field, the others stay.
     let bad = mesh_pod(
@@ -118,7 +124,10 @@ fn watch_drives_the_maps() {
         .retain(|c| c.name != "istio-proxy");
     api.apply(&plain, false);
     let t = until(&mut lab, "a removed", |s| !has(s, "a"));
-    assert!(t < EVENT_BOUND, "a removed after {t:?}");
+    assert!(
+        t < redirect_lab::scaled(EVENT_BOUND),
+        "a removed after {t:?}"
+    );
 
     // Deleted, then recreated with a new IP (in another namespace).
     api.delete(&pod_b);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod kernels;
 mod setup;
 
 use std::{
@@ -62,6 +63,14 @@ enum Task {
         /// Run the load test for 5 minutes instead of 30 s.
         #[arg(long)]
         long: bool,
+        /// Run the integration tests on another kernel instead, under qemu (virtme-ng,
+        /// software emulation): 6.1, 6.12, 5.10 (Debian's packages), or `all`.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// With --kernel: only these test binaries (comma-separated, e.g. `outbound,cni`);
+        /// the `kernel` test always runs.
+        #[arg(long, value_delimiter = ',', requires = "kernel")]
+        only: Vec<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -217,7 +226,16 @@ fn main() -> Result<()> {
             bench::bench(quick, cross_node, sidecar == "envoy", &root())
         }
         Task::Fuzz { seconds } => fuzz(seconds),
-        Task::Test { long, args } => {
+        Task::Test {
+            kernel: Some(kernel),
+            only,
+            ..
+        } => {
+            require_root("the tests")?;
+            build(false)?;
+            kernels::test(&root(), &kernel, &only)
+        }
+        Task::Test { long, args, .. } => {
             require_root("the tests")?;
             if long {
                 // SAFETY: set_var is sound while no other thread reads the environment; xtask

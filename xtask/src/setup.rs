@@ -142,7 +142,14 @@ pub fn setup(root: &std::path::Path) -> Result<()> {
             ],
         )?;
     }
-    let mut missing: Vec<&str> = PACKAGES
+    packages(PACKAGES)?;
+    setup_envoy(root)
+}
+
+/// Installs the Debian packages of `list` whose binary (a name on PATH, or an absolute path)
+/// is missing, with apt-get (needs root); nothing when all are there.
+pub fn packages(list: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = list
         .iter()
         .filter(|(_, bin)| !on_path(bin))
         .map(|(pkg, _)| *pkg)
@@ -165,5 +172,5 @@ pub fn setup(root: &std::path::Path) -> Result<()> {
             bail!("apt-get install {missing:?} failed ({status})");
         }
     }
-    setup_envoy(root)
+    Ok(())
 }
