@@ -188,12 +188,16 @@ fn getsockopt_never_tells_another_connections_destination() {
 /// is for.
 #[test]
 fn uninstall_answers_connections_already_captured() {
-    for (drain_ms, answered) in [(1500, true), (0, false)] {
+    // Every delay below is stretched together under emulation (REDIRECT_TIME_SCALE), so the
+    // order of events is the same: the proxy asks 400 ms after accepting; uninstall starts
+    // 100 ms after the client; a 1.5 s drain covers the ask, none does not.
+    let ms = |n: u64| redirect_lab::scaled(Duration::from_millis(n)).as_millis() as u64;
+    for (drain_ms, answered) in [(ms(1500), true), (0, false)] {
         let mut lab = lab();
         lab.add_pod("client").unwrap();
         lab.add_pod("ext").unwrap();
         let sidecar = lab
-            .start_sidecar_with("client", &["--answer-delay-ms", "400"])
+            .start_sidecar_with("client", &["--answer-delay-ms", &ms(400).to_string()])
             .unwrap();
         lab.start_server("ext", &[8080]).unwrap();
         lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
@@ -208,7 +212,7 @@ fn uninstall_answers_connections_already_captured() {
                     .unwrap()
             });
             // The connection is captured and accepted at once; its proxy asks at 400 ms.
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(ms(100)));
             let out = daemon.uninstall_draining(Some(drain_ms));
             (client.join().unwrap(), out)
         });

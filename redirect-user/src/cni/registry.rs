@@ -74,12 +74,20 @@ impl Registry {
         };
         match std::fs::read(state_file) {
             Ok(bytes) => {
-                let state: State = serde_json::from_slice(&bytes).with_context(|| {
-                    format!(
-                        "{} is not a redirectd CNI state file; move it away",
-                        state_file.display()
-                    )
-                })?;
+                let state: State = match serde_json::from_slice(&bytes) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Not a reason to stop serving: the pod source lists those pods too.
+                        let aside = state_file.with_extension("unreadable");
+                        let _ = std::fs::rename(state_file, &aside);
+                        log::error!(
+                            "{} is not a CNI state file ({e}); moved to {}; the pods it held are served once the pod source lists them",
+                            state_file.display(),
+                            aside.display()
+                        );
+                        State::default()
+                    }
+                };
                 for p in state.pods {
                     r.pods.insert(p.key.clone(), p);
                 }
@@ -306,6 +314,11 @@ mod tests {
 
         // A restart reads it back.
         let mut again = Registry::load(&dir.join("state.json")).unwrap();
+        // An unreadable state file is moved aside, not fatal.
+        std::fs::write(dir.join("bad.json"), b"{").unwrap();
+        let empty = Registry::load(&dir.join("bad.json")).unwrap();
+        assert!(empty.pods.is_empty());
+        assert!(dir.join("bad.unreadable").exists());
         assert_eq!(again.overlay(&none).pods.len(), 1);
 
         // Opted out (same pod): dropped. Sandbox gone: dropped.
