@@ -105,34 +105,49 @@ fn prev_result(conf: &NetConf) -> Result<Value, CniError> {
     Ok(prev)
 }
 
+/// Asks the daemon; a transport failure or an answer that makes no sense for `what` (ADD or
+/// CHECK) is a "try again later" error naming the pod.
+fn ask(conf: &NetConf, req: &CniRequest, what: &str) -> Result<CniReply, CniError> {
+    let pod = format!("{}/{}", req.namespace, req.name);
+    match talk::ask(&conf.socket, req, Duration::from_secs(conf.timeout_seconds)) {
+        Ok(CniReply::Removed) => Err(CniError::new(
+            Code::TryAgainLater,
+            format!("redirectd gave an unexpected answer for pod {pod}"),
+            format!("{:?}", CniReply::Removed),
+        )),
+        Ok(reply) => Ok(reply),
+        Err(e) if what == "ADD" => Err(CniError::new(
+            Code::TryAgainLater,
+            format!("pod {pod} cannot be captured: redirectd is not answering, so it must not start yet"),
+            e,
+        )),
+        Err(e) => Err(CniError::new(
+            Code::TryAgainLater,
+            format!("cannot check pod {pod}"),
+            e,
+        )),
+    }
+}
+
 fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let prev = prev_result(conf)?;
     let Some(req) = request(env, conf, CniCommand::Add) else {
         return Ok(prev);
     };
     let pod = format!("{}/{}", req.namespace, req.name);
-    match talk::ask(&conf.socket, &req, Duration::from_secs(conf.timeout_seconds)) {
-        Ok(CniReply::Captured { .. } | CniReply::NotInMesh { .. }) => Ok(prev),
-        Ok(CniReply::Refused { reason }) => Err(CniError::new(
+    match ask(conf, &req, "ADD")? {
+        CniReply::Refused { reason } => Err(CniError::new(
             Code::PodRefused,
             format!("redirectd refused pod {pod}"),
             reason,
         )),
-        Ok(CniReply::Unavailable { reason }) => Err(CniError::new(
+        CniReply::Unavailable { reason } => Err(CniError::new(
             Code::TryAgainLater,
             format!("pod {pod} cannot be captured yet, so it must not start yet"),
             reason,
         )),
-        Ok(other) => Err(CniError::new(
-            Code::TryAgainLater,
-            format!("redirectd gave an unexpected answer for pod {pod}"),
-            format!("{other:?}"),
-        )),
-        Err(e) => Err(CniError::new(
-            Code::TryAgainLater,
-            format!("pod {pod} cannot be captured: redirectd is not answering, so it must not start yet"),
-            e,
-        )),
+        // `ask` turns Removed into an error.
+        CniReply::Captured { .. } | CniReply::NotInMesh { .. } | CniReply::Removed => Ok(prev),
     }
 }
 
@@ -141,28 +156,13 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let Some(req) = request(env, conf, CniCommand::Check) else {
         return Ok(());
     };
-    let pod = format!("{}/{}", req.namespace, req.name);
-    match talk::ask(
-        &conf.socket,
-        &req,
-        Duration::from_secs(conf.timeout_seconds),
-    ) {
-        Ok(CniReply::Captured { .. } | CniReply::NotInMesh { .. }) => Ok(()),
-        Ok(CniReply::Refused { reason } | CniReply::Unavailable { reason }) => Err(CniError::new(
+    match ask(conf, &req, "CHECK")? {
+        CniReply::Refused { reason } | CniReply::Unavailable { reason } => Err(CniError::new(
             Code::PodRefused,
-            format!("pod {pod} is not captured"),
+            format!("pod {}/{} is not captured", req.namespace, req.name),
             reason,
         )),
-        Ok(other) => Err(CniError::new(
-            Code::TryAgainLater,
-            format!("redirectd gave an unexpected answer for pod {pod}"),
-            format!("{other:?}"),
-        )),
-        Err(e) => Err(CniError::new(
-            Code::TryAgainLater,
-            format!("cannot check pod {pod}"),
-            e,
-        )),
+        CniReply::Captured { .. } | CniReply::NotInMesh { .. } | CniReply::Removed => Ok(()),
     }
 }
 

