@@ -21,8 +21,13 @@ use core::mem::size_of;
 pub const MAX_PODS: u32 = 4096;
 /// Maximum number of port rules (all pods together) in `PORT_RULES`.
 pub const MAX_PORT_RULES: u32 = 65_536;
+/// Maximum number of owner-group rules (all pods together) in `OWNER_GROUPS`.
+pub const MAX_GROUP_RULES: u32 = 16_384;
 /// Maximum number of address rules (all pods together) in `ADDR_RULES`.
 pub const MAX_ADDR_RULES: u32 = 16_384;
+/// Capacity of `DNS_ORIG`: UDP sockets whose DNS went to the agent (LRU: a closed socket's
+/// entry ages out).
+pub const MAX_DNS_SOCKETS: u32 = 16_384;
 /// Capacity of each original-destination map (`ORIG_BY_COOKIE`, `ORIG_BY_TUPLE`). LRU maps,
 /// so a connection whose close we never saw cannot fill them.
 pub const MAX_ORIG_DST: u32 = 65_536;
@@ -43,6 +48,8 @@ pub mod map_names {
     pub const PROXY_SOCKS: &str = "PROXY_SOCKS";
     pub const STEERED: &str = "STEERED";
     pub const POD_SOURCES: &str = "POD_SOURCES";
+    pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
+    pub const DNS_ORIG: &str = "DNS_ORIG";
 }
 
 /// `AF_INET`, as stored in the `family` fields below.
@@ -80,6 +87,38 @@ pub const POD_FLAG_HAS_INCLUDE_PORTS: u32 = 1 << 6;
 /// every connection that would be captured is refused instead (with `POD_FLAG_FAIL_CLOSED`),
 /// so a typo never leaves a mesh pod uncaptured.
 pub const POD_FLAG_REJECTED: u32 = 1 << 7;
+/// [`PodConfig::flags`]: `includeOutboundIPRanges` names a loopback range (Istio's
+/// `HasLoopBackIP`): the application's connections over lo are not returned early, and go on
+/// to the range rules (so a loopback destination in the list is captured).
+pub const POD_FLAG_LOOPBACK_INCLUDE: u32 = 1 << 8;
+/// [`PodConfig::flags`]: Istio's `ISTIO_OUTBOUND_OWNER_GROUPS`: only a caller whose group is
+/// in the pod's `OWNER_GROUPS` entries has its outbound connections captured.
+pub const POD_FLAG_OWNER_GROUPS_INCLUDE: u32 = 1 << 9;
+/// [`PodConfig::flags`]: `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`: a caller whose group is in the
+/// pod's `OWNER_GROUPS` entries goes direct.
+pub const POD_FLAG_OWNER_GROUPS_EXCLUDE: u32 = 1 << 10;
+/// [`PodConfig::flags`]: Istio's DNS capture (`ISTIO_META_DNS_CAPTURE`): the application's DNS
+/// (UDP and TCP to port 53) goes to the agent's DNS proxy on [`AGENT_DNS_PORT`].
+pub const POD_FLAG_DNS_CAPTURE: u32 = 1 << 11;
+/// [`PodConfig::flags`]: the pod has `excludeInterfaces` (its `ADDR_ROUTE_*` and
+/// `ADDR_EXCLUDED_IFACE_LOCAL` entries are consulted).
+pub const POD_FLAG_EXCLUDED_IFACES: u32 = 1 << 12;
+/// The DNS port captured with [`POD_FLAG_DNS_CAPTURE`].
+pub const DNS_PORT: u16 = 53;
+/// Where Istio's agent serves DNS in the pod (127.0.0.1 and ::1): `IstioAgentDNSListenerPort`.
+pub const AGENT_DNS_PORT: u16 = 15053;
+
+/// Key of `OWNER_GROUPS`: "pod `pod_id`'s owner-group list names group `gid`" (which list:
+/// the pod's `POD_FLAG_OWNER_GROUPS_*` flag). The value is unused (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupRuleKey {
+    /// [`PodConfig::pod_id`].
+    pub pod_id: u32,
+    /// The group id, as the pod's processes have it.
+    pub gid: u32,
+}
+const _: () = assert!(size_of::<GroupRuleKey>() == 8);
 
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;
@@ -158,6 +197,16 @@ pub const ADDR_INCLUDE_OUTBOUND: u32 = 2;
 /// A pod's own address (a /32 or /128) in [`PodRules`-style rule lists]; the daemon writes
 /// these to `NODE_ADDRS` (exact match), not to the trie.
 pub const ADDR_POD_IP: u32 = 3;
+/// [`AddrRuleData::kind`]: a route of the pod's main table through one of its
+/// `excludeInterfaces` (outbound to it goes direct, unless a longer route of
+/// [`ADDR_ROUTE_OTHER`] wins). The value of every `ADDR_RULES` entry is its key's prefix
+/// length, so two kinds' longest matches can be compared.
+pub const ADDR_ROUTE_EXCLUDED: u32 = 4;
+/// [`AddrRuleData::kind`]: a route of the pod's main table through any other interface.
+pub const ADDR_ROUTE_OTHER: u32 = 5;
+/// [`AddrRuleData::kind`]: an address configured on one of the pod's `excludeInterfaces`
+/// (inbound to it goes direct: what arrives through that interface is addressed to it).
+pub const ADDR_EXCLUDED_IFACE_LOCAL: u32 = 6;
 
 /// Number of leading bits of [`AddrRuleData`] that every rule matches exactly
 /// (`pod_id` and `kind`); the address prefix length is added to it.
@@ -352,6 +401,8 @@ mod user {
     // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
     // is a valid value and it can be copied to and from the kernel as bytes.
     unsafe impl aya::Pod for PortRuleKey {}
+    // SAFETY: GroupRuleKey is #[repr(C)], two u32s, no padding.
+    unsafe impl aya::Pod for GroupRuleKey {}
     // SAFETY: AddrRuleData is #[repr(C)], made only of integers and integer arrays with explicit
     // padding fields (no implicit padding, its size is const-asserted), so every bit pattern
     // is a valid value and it can be copied to and from the kernel as bytes.

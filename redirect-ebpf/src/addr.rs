@@ -1,6 +1,6 @@
 //! Addresses as the programs handle them: network byte order words, IPv4 in word 0.
 
-use redirect_common::{SockKey, AF_INET, AF_INET6};
+use redirect_common::{OrigDst, SockKey, AF_INET, AF_INET6};
 
 /// `127.0.0.1` in network byte order, as a `u32` read from memory.
 pub const LOCALHOST4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -37,6 +37,18 @@ impl Endpoint {
             addr_be,
             port_be,
             family: AF_INET6,
+        }
+    }
+
+    /// This destination as recorded for a captured socket of pod `pod_id`.
+    #[inline(always)]
+    pub fn orig_dst(&self, pod_id: u32, netns_cookie: u64) -> OrigDst {
+        OrigDst {
+            addr_be: self.addr_be,
+            port_be: self.port_be,
+            family: self.family,
+            pod_id,
+            netns_cookie,
         }
     }
 

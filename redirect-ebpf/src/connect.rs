@@ -1,8 +1,10 @@
 //! `cgroup/connect4` and `cgroup/connect6`: outbound capture.
 //!
 //! For a TCP `connect()` from a mesh pod that Istio's rules would capture, rewrite the
-//! destination to the proxy's outbound listener on loopback and remember the original
-//! destination by socket cookie (`ORIG_BY_COOKIE`). Sockets outside mesh pods are untouched.
+//! destination to the proxy's outbound listener on loopback (or the agent's DNS port, for DNS
+//! with DNS capture on) and remember the original destination by socket cookie
+//! (`ORIG_BY_COOKIE`). A UDP `connect()` is DNS capture's ([`crate::dns`]). Sockets outside
+//! mesh pods are untouched.
 
 use core::mem::size_of;
 
@@ -24,7 +26,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    ListenerKey, NodeAddrKey, OrigDst, PodConfig, AF_INET, AF_INET6, POD_FLAG_FAIL_CLOSED,
+    ListenerKey, NodeAddrKey, PodConfig, AF_INET, AF_INET6, AGENT_DNS_PORT, POD_FLAG_FAIL_CLOSED,
     POD_FLAG_NO_ACCEL, POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
 };
 
@@ -43,6 +45,7 @@ const ALLOW: i32 = 1;
 /// Verdict of a `cgroup/connect*` program: fail the call with `EPERM`.
 const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 /// Outbound capture for IPv4 sockets. Minimum kernel: 5.15 (netns cookie in sock_addr 5.7,
 /// `bpf_sk_lookup_tcp` in sock_addr 5.2, multi-attach links 5.7).
@@ -51,10 +54,13 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: ctx fields the verifier allows a connect4 program to read.
     let (protocol, ip_be, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    let dst = Endpoint::v4(ip_be, port as u16);
+    if protocol == IPPROTO_UDP && crate::dns::udp(&ctx, &dst) {
+        crate::dns::to_agent4(&ctx);
+    }
     if protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    let dst = Endpoint::v4(ip_be, port as u16);
     // SAFETY: the socket of a connect4 program is a full socket the verifier lets us read.
     let src = unsafe { Endpoint::v4((*(*sa).__bindgen_anon_1.sk).src_ip4, 0) };
     match decide(&ctx, &dst, &src) {
@@ -87,10 +93,20 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
             ctx_addr6(&raw const (*sa).user_ip6),
         )
     };
+    let mapped = is_v4_mapped(&addr);
+    if protocol == IPPROTO_UDP {
+        let dst = if mapped {
+            Endpoint::v4(addr[3], port as u16)
+        } else {
+            Endpoint::v6(addr, port as u16)
+        };
+        if crate::dns::udp(&ctx, &dst) {
+            crate::dns::to_agent6(&ctx, mapped);
+        }
+    }
     if protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    let mapped = is_v4_mapped(&addr);
     // SAFETY: the socket of a connect6 program is a full socket the verifier lets us read.
     let src_addr = unsafe { ctx_addr6(&raw const (*(*sa).__bindgen_anon_1.sk).src_ip6) };
     let (dst, src) = if mapped {
@@ -230,13 +246,20 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     // address on lo), and Istio's rule 2 returns it; to 127.0.0.6 it leaves from 127.0.0.1.
     let from_passthrough = src.is_passthrough_source()
         || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source());
-    let verdict = outbound(&pod, dst, is_proxy, from_passthrough);
+    let verdict = outbound(
+        &pod,
+        dst,
+        is_proxy,
+        (uid_gid >> 32) as u32,
+        from_passthrough,
+    );
     let (to_outbound, port) = match verdict {
         Outbound::Direct => {
             count(pod.pod_id, |c| c.outbound_direct += 1);
             return Decision::Direct;
         }
         Outbound::Capture => (true, pod.outbound_port),
+        Outbound::CaptureDns => (true, AGENT_DNS_PORT),
         Outbound::CaptureInbound => (false, pod.inbound_port),
     };
     if pod.flags & POD_FLAG_REJECTED != 0 {
@@ -252,14 +275,10 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     }
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        addr_be: dst.addr_be,
-        port_be: dst.port_be,
-        family: dst.family,
-        pod_id: pod.pod_id,
-        netns_cookie,
-    };
-    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+    if ORIG_BY_COOKIE
+        .insert(cookie, dst.orig_dst(pod.pod_id, netns_cookie), 0)
+        .is_err()
+    {
         // The proxy could not learn where to go: do not capture.
         return fail(ctx, &pod, to_outbound);
     }
@@ -276,13 +295,12 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     );
     // The source the kernel would have chosen for the original destination, for a socket
     // that has none yet: the pod's own address (outbound), or the local address called (the
-    // proxy reaching its own pod; for a loopback one, the kernel's choice is loopback too).
-    let bind = if !src.is_unspecified() {
+    // proxy reaching its own pod); for a loopback destination (captured when the pod's
+    // include ranges name one) the kernel's choice is loopback, as it is for the proxy's port.
+    let bind = if !src.is_unspecified() || dst.is_loopback() {
         None
     } else if to_outbound {
         pod_source(pod.pod_id, dst.family)
-    } else if dst.is_loopback() {
-        None
     } else {
         Some(Endpoint { port_be: 0, ..*dst })
     };

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod connect;
+mod dns;
 mod peername;
 mod sk_msg;
 mod sockops;

@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters, PodSource,
-    PortRuleKey, SockKey, TupleKey, MAX_ADDR_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS,
-    MAX_PORT_RULES, MAX_SOCK_PAIRS,
+    AddrRuleData, GroupRuleKey, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
+    PodSource, PortRuleKey, SockKey, TupleKey, MAX_ADDR_RULES, MAX_DNS_SOCKETS, MAX_GROUP_RULES,
+    MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES, MAX_SOCK_PAIRS,
 };
 
 /// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
@@ -26,6 +26,19 @@ pub static MESH_PODS: HashMap<u64, PodConfig> = HashMap::pinned(MAX_PODS, 0);
 /// [`PortRuleKey`]; value unused (1). Written by the daemon; read by `connect4/6`.
 #[map]
 pub static PORT_RULES: HashMap<PortRuleKey, u32> = HashMap::pinned(MAX_PORT_RULES, 0);
+
+/// Per-pod outbound owner groups (Istio's `ISTIO_OUTBOUND_OWNER_GROUPS` or its `_EXCLUDE`).
+/// Key: [`GroupRuleKey`]; value unused (1). Written by the daemon; read by `connect4/6`.
+#[map]
+pub static OWNER_GROUPS: HashMap<GroupRuleKey, u32> = HashMap::pinned(MAX_GROUP_RULES, 0);
+
+/// The DNS server a UDP socket of a mesh pod last addressed, when its query went to the
+/// agent instead (DNS capture). Key: socket cookie. Value: [`OrigDst`]. Written by
+/// `connect4/6` (connected sockets) and `sendmsg4/6` (each addressed send); read by
+/// `recvmsg4/6`, which show the agent's reply as coming from that server, and `getpeername`.
+/// LRU: a UDP socket's close is not seen, its entry ages out (cookies are never reused).
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
 
 /// Per-pod address rules (`excludeOutboundIPRanges`, `includeOutboundIPRanges`, the pod's own
 /// IPs). Key: LPM key over [`AddrRuleData`] (pod id and kind matched exactly, then the

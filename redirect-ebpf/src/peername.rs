@@ -1,5 +1,5 @@
 //! `cgroup/getpeername4` and `getpeername6`: a captured application sees its original
-//! destination as its peer, never the proxy's loopback port.
+//! destination as its peer, never the proxy's (or the DNS agent's) loopback port.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
@@ -9,7 +9,7 @@ use redirect_common::{OrigDst, AF_INET};
 
 use redirect_ebpf::{
     addr::{ctx_write_addr6, V4_MAPPED_WORD_BE},
-    maps::ORIG_BY_COOKIE,
+    maps::{DNS_ORIG, ORIG_BY_COOKIE},
 };
 
 /// getpeername hooks cannot refuse; 1 lets the (possibly rewritten) address through.
@@ -19,8 +19,9 @@ const PASS: i32 = 1;
 fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: plain-data value, copied out at once.
-    unsafe { ORIG_BY_COOKIE.get(cookie) }.copied()
+    // SAFETY: plain-data values, copied out at once. A connected UDP socket whose DNS went
+    // to the agent is in DNS_ORIG.
+    unsafe { ORIG_BY_COOKIE.get(cookie).or_else(|| DNS_ORIG.get(cookie)) }.copied()
 }
 
 /// Peer of a captured IPv4 socket. Minimum kernel: 5.8.

@@ -3,16 +3,18 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use redirect_common::{
-    AddrRuleData, NodeAddrKey, PodConfig, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
-    ADDR_INCLUDE_OUTBOUND, ADDR_RULE_FIXED_BITS, HBONE_PORT, POD_FLAG_HAS_EXCLUDE_RANGES,
-    POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
-    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    AddrRuleData, GroupRuleKey, NodeAddrKey, PodConfig, PortRuleKey, ADDR_EXCLUDED_IFACE_LOCAL,
+    ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_ROUTE_EXCLUDED, ADDR_ROUTE_OTHER,
+    ADDR_RULE_FIXED_BITS, DNS_PORT, HBONE_PORT, POD_FLAG_DNS_CAPTURE, POD_FLAG_EXCLUDED_IFACES,
+    POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES,
+    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_LOOPBACK_INCLUDE,
+    POD_FLAG_OWNER_GROUPS_EXCLUDE, POD_FLAG_OWNER_GROUPS_INCLUDE, PORT_EXCLUDE_INBOUND,
+    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
 use crate::{
     addr::Endpoint,
-    maps::{ADDR_RULES, NODE_ADDRS, PORT_RULES},
+    maps::{ADDR_RULES, NODE_ADDRS, OWNER_GROUPS, PORT_RULES},
 };
 
 /// What to do with an outbound `connect()`.
@@ -24,6 +26,8 @@ pub enum Outbound {
     Capture,
     /// Row 3: the proxy reaching its own pod's address goes to the proxy's inbound listener.
     CaptureInbound,
+    /// Row 6: DNS, with DNS capture on, goes to the agent's DNS proxy.
+    CaptureDns,
 }
 
 /// What to do with a connection arriving at a mesh pod from outside it.
@@ -46,6 +50,13 @@ pub fn has_port_rule(pod_id: u32, port: u16, kind: u8) -> bool {
 
 #[inline(always)]
 pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
+    longest(pod_id, kind, addr16) != 0
+}
+
+/// The prefix length (with the fixed bits) of the longest `kind` entry of the pod that
+/// contains `addr16`; 0 if none.
+#[inline(always)]
+fn longest(pod_id: u32, kind: u32, addr16: [u8; 16]) -> u32 {
     let key = Key::new(
         ADDR_RULE_FIXED_BITS + 128,
         AddrRuleData {
@@ -54,7 +65,18 @@ pub fn has_addr_rule(pod_id: u32, kind: u32, addr16: [u8; 16]) -> bool {
             addr_be: addr16,
         },
     );
-    ADDR_RULES.get(&key).is_some()
+    ADDR_RULES.get(&key).copied().unwrap_or(0)
+}
+
+/// Does the pod's main table route `addr16` through one of its `excludeInterfaces` (its
+/// longest route through one is longer than its longest through any other)?
+#[inline(always)]
+pub fn via_excluded_iface(pod: &PodConfig, addr16: [u8; 16]) -> bool {
+    if pod.flags & POD_FLAG_EXCLUDED_IFACES == 0 {
+        return false;
+    }
+    let excluded = longest(pod.pod_id, ADDR_ROUTE_EXCLUDED, addr16);
+    excluded != 0 && excluded > longest(pod.pod_id, ADDR_ROUTE_OTHER, addr16)
 }
 
 /// One of the pod's own addresses (`NODE_ADDRS` maps each mesh pod address to its pod).
@@ -71,37 +93,80 @@ pub fn local_to_pod(pod: &PodConfig, addr: &Endpoint) -> bool {
     addr.is_loopback() || addr.is_passthrough_source() || is_pod_addr(pod, addr.addr16())
 }
 
+/// Istio's owner-group filter: does a caller of group `gid` go direct? With an include list,
+/// unless `gid` is listed; with an exclude list, when it is.
+#[inline(always)]
+fn group_filtered(pod: &PodConfig, gid: u32) -> bool {
+    let exclude = pod.flags & POD_FLAG_OWNER_GROUPS_EXCLUDE != 0;
+    if !exclude && pod.flags & POD_FLAG_OWNER_GROUPS_INCLUDE == 0 {
+        return false;
+    }
+    let key = GroupRuleKey {
+        pod_id: pod.pod_id,
+        gid,
+    };
+    OWNER_GROUPS.get_ptr(key).is_some() == exclude
+}
+
 /// The outbound rules of docs/interception.md, first match wins. `is_proxy`: the caller runs
-/// as the proxy's uid or gid; `from_passthrough`: the socket is bound to 127.0.0.6 / ::6.
+/// as the proxy's uid or gid; `gid`: the caller's group; `from_passthrough`: the socket is
+/// bound to 127.0.0.6 / ::6.
 #[inline(always)]
 pub fn outbound(
     pod: &PodConfig,
     dst: &Endpoint,
     is_proxy: bool,
+    gid: u32,
     from_passthrough: bool,
 ) -> Outbound {
     let port = dst.port();
+    let addr16 = dst.addr16();
+    // 0: leaving through one of `excludeInterfaces` (Istio's `OUTPUT -o IFACE -j RETURN`,
+    // before its own chain).
+    if via_excluded_iface(pod, addr16) {
+        return Outbound::Direct;
+    }
     // 1: excluded destination port.
     if has_port_rule(pod.pod_id, port, PORT_EXCLUDE_OUTBOUND) {
         return Outbound::Direct;
     }
-    let addr16 = dst.addr16();
+    // With DNS capture on, TCP to port 53 is kept out of rows 3 and 4 (Istio's rules exclude
+    // it there), whatever the destination: it reaches row 6.
+    let dns = pod.flags & POD_FLAG_DNS_CAPTURE != 0 && port == DNS_PORT;
     // `::6` is on lo in an Istio pod (istio-iptables adds it for the inbound passthrough),
     // as 127.0.0.6 is in 127.0.0.0/8: both go over lo.
     let over_lo = dst.is_loopback() || dst.is_passthrough_source() || is_pod_addr(pod, addr16);
     if over_lo {
         // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
         // resolving to itself) goes through inbound. 4: an app calling itself.
-        if !from_passthrough && is_proxy && !dst.is_localhost() && port != HBONE_PORT {
+        if !from_passthrough && is_proxy && !dst.is_localhost() && port != HBONE_PORT && !dns {
             return Outbound::CaptureInbound;
         }
-        return Outbound::Direct;
+        if from_passthrough || is_proxy {
+            return Outbound::Direct;
+        }
+        // 4 is left out when includeOutboundIPRanges names a loopback range (Istio's
+        // HasLoopBackIP): the application's call over lo goes on to rows 5b-10.
+        if pod.flags & POD_FLAG_LOOPBACK_INCLUDE == 0 && !dns {
+            return Outbound::Direct;
+        }
     }
     // 5: the proxy itself, anything else.
     if is_proxy {
         return Outbound::Direct;
     }
-    // 7: 127.0.0.1 is covered by over_lo above.
+    // 5b: owner groups (ISTIO_OUTBOUND_OWNER_GROUPS or its _EXCLUDE).
+    if group_filtered(pod, gid) {
+        return Outbound::Direct;
+    }
+    // 6: DNS to the agent.
+    if dns {
+        return Outbound::CaptureDns;
+    }
+    // 7: 127.0.0.1 (::1), reached here only when a loopback range is included.
+    if dst.is_localhost() {
+        return Outbound::Direct;
+    }
     // 8: excluded ranges.
     if pod.flags & POD_FLAG_HAS_EXCLUDE_RANGES != 0
         && has_addr_rule(pod.pod_id, ADDR_EXCLUDE_OUTBOUND, addr16)
@@ -121,12 +186,31 @@ pub fn outbound(
     Outbound::Direct
 }
 
+/// Does a UDP datagram (or a UDP `connect()`) from a mesh pod go to the agent's DNS proxy?
+/// Istio's rules for UDP: an excluded port returns, the proxy's uid or gid returns, the owner
+/// groups apply, then, with DNS capture on, port 53 to any address is redirected.
+#[inline(always)]
+pub fn dns_udp(pod: &PodConfig, dst: &Endpoint, is_proxy: bool, gid: u32) -> bool {
+    pod.flags & POD_FLAG_DNS_CAPTURE != 0
+        && dst.port() == DNS_PORT
+        && !via_excluded_iface(pod, dst.addr16())
+        && !is_proxy
+        && !has_port_rule(pod.pod_id, DNS_PORT, PORT_EXCLUDE_OUTBOUND)
+        && !group_filtered(pod, gid)
+}
+
 /// The inbound rules of docs/interception.md for a connection from outside the pod to local
 /// `port` (host order): the proxy's own ports (15008, 15020, 15021, 15090, 15001, 15006, as
 /// configured) and `excludeInboundPorts` are in `PORT_EXCLUDE_INBOUND`; `includeInboundPorts`
-/// is `*` (flag) or a list.
+/// is `*` (flag) or a list. `local16`: the address the connection is to; one of the pod's
+/// `excludeInterfaces`' own addresses goes direct (Istio: `PREROUTING -i IFACE -j RETURN`).
 #[inline(always)]
-pub fn inbound(pod: &PodConfig, port: u16) -> Inbound {
+pub fn inbound(pod: &PodConfig, port: u16, local16: [u8; 16]) -> Inbound {
+    if pod.flags & POD_FLAG_EXCLUDED_IFACES != 0
+        && has_addr_rule(pod.pod_id, ADDR_EXCLUDED_IFACE_LOCAL, local16)
+    {
+        return Inbound::Direct;
+    }
     if has_port_rule(pod.pod_id, port, PORT_EXCLUDE_INBOUND) {
         return Inbound::Direct;
     }

@@ -37,14 +37,14 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     // Loopback destinations (including the listener probes of connect4's
     // bpf_sk_lookup_tcp) are never ours: return before any map lookup.
     // SAFETY: as above.
-    let local_loopback = unsafe {
+    let local = unsafe {
         if family == AF_INET {
-            Endpoint::v4((*l).local_ip4, 0).is_loopback()
+            Endpoint::v4((*l).local_ip4, 0)
         } else {
-            Endpoint::v6(ctx_addr6(&raw const (*l).local_ip6), 0).is_loopback()
+            Endpoint::v6(ctx_addr6(&raw const (*l).local_ip6), 0)
         }
     };
-    if local_loopback {
+    if local.is_loopback() {
         return SK_PASS;
     }
     let netns_cookie = POD_NETNS_COOKIE.load();
@@ -63,7 +63,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     if local_to_pod(&pod, &remote) {
         return SK_PASS;
     }
-    if inbound(&pod, port as u16) == Inbound::Direct {
+    if inbound(&pod, port as u16, local.addr16()) == Inbound::Direct {
         count(pod.pod_id, |c| c.inbound_direct += 1);
         return SK_PASS;
     }

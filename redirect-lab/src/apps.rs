@@ -20,13 +20,53 @@ impl Lab {
         tag: &str,
         args: &[&str],
     ) -> Result<usize> {
+        self.spawn_path(pod, uid, tag, &bin("redirect-lab"), args)
+    }
+
+    fn spawn_path(
+        &mut self,
+        pod: &str,
+        uid: Option<u32>,
+        tag: &str,
+        program: &std::path::Path,
+        args: &[&str],
+    ) -> Result<usize> {
         let log = self.dir.join(format!("{pod}-{tag}.log"));
-        let program = bin("redirect-lab");
         let mut placement = self.pod(pod).placement();
         placement.uid = uid;
-        let p = spawn(placement, &log, &program, args)?;
+        let p = spawn(placement, &log, program, args)?;
         self.procs.push(p);
         Ok(self.procs.len() - 1)
+    }
+
+    /// Starts any program in a pod (as `uid`, if given): a DNS server, say. Returns its index
+    /// in `self.procs`; it is killed with the lab.
+    pub fn spawn_program(
+        &mut self,
+        pod: &str,
+        uid: Option<u32>,
+        tag: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<usize> {
+        self.spawn_path(pod, uid, tag, &which(program)?, args)
+    }
+
+    /// One DNS query for `name`'s A record from a pod (as `uid`), to `server` (`addr:port`),
+    /// over `transport` (`connected`, `sendto`, `sendmmsg` or `tcp`): what the application saw.
+    pub fn dns_query(
+        &self,
+        pod: &str,
+        uid: Option<u32>,
+        server: &str,
+        name: &str,
+        transport: &str,
+    ) -> Result<wire::DnsResult> {
+        let mut placement = self.pod(pod).placement();
+        placement.uid = uid;
+        let args = ["--server", server, "--name", name, "--transport", transport];
+        let mut r: Vec<wire::DnsResult> = self.tool(placement, "dns-query", &args)?;
+        r.pop().context("dns-query printed nothing")
     }
 
     /// Starts the sidecar in a pod: Envoy (see [`Lab::start_envoy`]), as uid 1337, and waits
@@ -91,6 +131,33 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(40));
         }
         self.envoy_log(proc_index)
+    }
+
+    /// The lab's cgroup, in no pod's namespace, as root.
+    pub fn cgroup_placement(&self) -> Placement<'_> {
+        Placement {
+            netns: None,
+            cgroup: Some(&self.cgroup),
+            uid: None,
+        }
+    }
+
+    /// Runs any program at `placement` to completion; returns its stdout and stderr.
+    pub fn run_at(&self, placement: Placement<'_>, program: &str, args: &[&str]) -> Result<String> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let log = self.dir.join(format!("run-{n}.log"));
+        let mut p = spawn(placement, &log, &which(program)?, args)?;
+        let status = p.child.wait()?;
+        let text = p.log_text();
+        if !status.success() {
+            bail!("{program} {args:?} failed ({status}): {text}");
+        }
+        Ok(text)
+    }
+
+    /// What a process started by the lab has printed so far (stdout and stderr).
+    pub fn proc_log(&self, proc_index: usize) -> String {
+        self.procs[proc_index].log_text()
     }
 
     /// Envoy's access-log records so far (the process at `proc_index`).
@@ -228,11 +295,7 @@ impl Lab {
     ) -> Result<Vec<wire::ClientResult>> {
         let mut placement = match pod {
             Some(p) => self.pod(p).placement(),
-            None => Placement {
-                netns: None,
-                cgroup: Some(&self.cgroup),
-                uid: None,
-            },
+            None => self.cgroup_placement(),
         };
         placement.uid = uid;
         self.client_at(placement, args)
@@ -257,18 +320,10 @@ impl Lab {
         program: &str,
         args: &[&str],
     ) -> Result<String> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let log = self.dir.join(format!("run-{n}.log"));
         let mut placement = self.pod(pod).placement();
         placement.uid = uid;
-        let path = which(program)?;
-        let mut p = spawn(placement, &log, &path, args)?;
-        let status = p.child.wait()?;
-        let text = p.log_text();
-        if !status.success() {
-            bail!("{program} {args:?} in pod {pod} failed ({status}): {text}");
-        }
-        Ok(text)
+        self.run_at(placement, program, args)
+            .with_context(|| format!("in pod {pod}"))
     }
 
     /// What a sidecar logged, one record per connection its outbound or inbound listener

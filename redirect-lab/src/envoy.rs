@@ -140,6 +140,10 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
         "address": socket("127.0.0.1", SELF_CALL_PORT),
         "filter_chains": tcp_proxy("self", "ThisPod"),
     });
+    // Istio's default upstream connect timeout (10 s in istiod's mesh config; 5 s here so a
+    // refused upstream shows quickly), stretched under emulation where one connect can take
+    // seconds while a thousand others are being set up.
+    let connect_timeout = format!("{}s", 5 * crate::wait::time_scale());
     json!({
         "node": {"id": "sidecar~lab", "cluster": "lab"},
         "admin": {"address": socket("127.0.0.1", ADMIN_PORT)},
@@ -156,14 +160,14 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
                     "name": "PassthroughCluster",
                     "type": "ORIGINAL_DST",
                     "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "5s",
+                    "connect_timeout": connect_timeout,
                     "circuit_breakers": unlimited(),
                 },
                 {
                     "name": "InboundPassthroughCluster",
                     "type": "ORIGINAL_DST",
                     "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "5s",
+                    "connect_timeout": connect_timeout,
                     "circuit_breakers": unlimited(),
                     "upstream_bind_config": {
                         "source_address": {"address": "127.0.0.6", "port_value": 0},
@@ -173,7 +177,7 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
                 {
                     "name": "ThisPod",
                     "type": "STATIC",
-                    "connect_timeout": "5s",
+                    "connect_timeout": connect_timeout,
                     "load_assignment": {
                         "cluster_name": "ThisPod",
                         "endpoints": [{"lb_endpoints": [

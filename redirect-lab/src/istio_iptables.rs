@@ -1,7 +1,9 @@
 //! Istio's `istio-iptables` REDIRECT rule set for a pod's capture options, in the order and
 //! shape of Istio's own golden test outputs (`tools/istio-iptables/pkg/capture/testdata`:
 //! `ip-range`, `outbound-ports-include`, `outbound-ports-exclude`, `inbound-ports-include`,
-//! `inbound-wildcard-exclude`, `ipv6-uid-gid`), proxy uid and gid 1337. The conformance suite
+//! `inbound-wildcard-exclude`, `ipv6-uid-gid`, `loopback-outbound-iprange`), proxy uid and gid
+//! 1337, with the inbound exclusions Istio's injector passes (`-d`: 15090, 15021 and the
+//! status port, 15020 unless `status.sidecar.istio.io/port` moves it). The conformance suite
 //! runs these rules in a pod as the reference, beside redirectd; the benchmark's `iptables`
 //! mode runs the default set.
 
@@ -19,6 +21,16 @@ pub struct Options {
     pub exclude_inbound_ports: Vec<u16>,
     /// `None`: `*`.
     pub include_inbound_ports: Option<Vec<u16>>,
+    /// `status.sidecar.istio.io/port` (`None`: 15020; `Some(0)`: none).
+    pub status_port: Option<u16>,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS` (`None`: `*`).
+    pub owner_groups: Option<Vec<u32>>,
+    /// `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
+    pub owner_groups_exclude: Vec<u32>,
+    /// `ISTIO_META_DNS_CAPTURE`, as istio-cni sets it up (`CaptureAllDNS`: every server).
+    pub dns_capture: bool,
+    /// `traffic.sidecar.istio.io/excludeInterfaces`.
+    pub exclude_interfaces: Vec<String>,
 }
 
 fn join<T: ToString>(v: &[T]) -> String {
@@ -60,6 +72,27 @@ impl Options {
         if let Some(p) = &self.include_inbound_ports {
             a.push((key("iip"), join(p)));
         }
+        if let Some(p) = self.status_port {
+            a.push(("status.sidecar.istio.io/port", p.to_string()));
+        }
+        if let Some(g) = &self.owner_groups {
+            a.push(("redirectd.dev/outboundOwnerGroups", join(g)));
+        }
+        if !self.owner_groups_exclude.is_empty() {
+            a.push((
+                "redirectd.dev/outboundOwnerGroupsExclude",
+                join(&self.owner_groups_exclude),
+            ));
+        }
+        if self.dns_capture {
+            a.push(("redirectd.dev/dnsCapture", "true".into()));
+        }
+        if !self.exclude_interfaces.is_empty() {
+            a.push((
+                "traffic.sidecar.istio.io/excludeInterfaces",
+                self.exclude_interfaces.join(","),
+            ));
+        }
         a
     }
 
@@ -88,10 +121,16 @@ impl Options {
         ]
         .map(String::from)
         .to_vec();
+        // `shortCircuitExcludeInterfaces`: before any jump to Istio's chains.
+        for i in &self.exclude_interfaces {
+            r.push(format!("-A PREROUTING -i {i} -j RETURN"));
+            r.push(format!("-A OUTPUT -o {i} -j RETURN"));
+        }
         match &self.include_inbound_ports {
             None => {
                 r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
-                let mut excluded = vec![15090, 15021, 15020];
+                let mut excluded = vec![15090, 15021];
+                excluded.extend(Some(self.status_port.unwrap_or(15020)).filter(|p| *p != 0));
                 excluded.extend(&self.exclude_inbound_ports);
                 for p in excluded {
                     r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j RETURN"));
@@ -108,17 +147,69 @@ impl Options {
             }
             Some(_) => {}
         }
-        r.push("-A OUTPUT -p tcp -j ISTIO_OUTPUT".into());
+        let dns = self.dns_capture;
+        if dns {
+            // UDP goes through ISTIO_OUTPUT too (the golden `dns-uid-gid`).
+            r.insert(4, "-N ISTIO_OUTPUT_DNS".into());
+            r.push("-A OUTPUT -j ISTIO_OUTPUT".into());
+        } else {
+            r.push("-A OUTPUT -p tcp -j ISTIO_OUTPUT".into());
+        }
         for p in &self.exclude_outbound_ports {
             r.push(format!("-A ISTIO_OUTPUT -p tcp --dport {p} -j RETURN"));
+            if dns {
+                r.push(format!("-A ISTIO_OUTPUT -p udp --dport {p} -j RETURN"));
+            }
         }
         r.push(format!("-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN"));
+        // Istio's HasLoopBackIP (either family): the application's calls over lo are not
+        // returned here.
+        let loopback_included = self.include_outbound_ranges.iter().flatten().any(|c| {
+            c.split('/')
+                .next()
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                .is_some_and(|a| a.is_loopback())
+        });
         for owner in ["--uid-owner", "--gid-owner"] {
-            r.push(format!("-A ISTIO_OUTPUT -o lo ! -d {localhost} -p tcp ! --dport 15008 -m owner {owner} 1337 -j ISTIO_IN_REDIRECT"));
-            r.push(format!(
-                "-A ISTIO_OUTPUT -o lo -m owner ! {owner} 1337 -j RETURN"
-            ));
+            // With DNS capture the uid's rule (only the uid's) leaves port 53 alone.
+            let ports = if dns && owner == "--uid-owner" {
+                "-m multiport ! --dports 53,15008"
+            } else {
+                "! --dport 15008"
+            };
+            r.push(format!("-A ISTIO_OUTPUT -o lo ! -d {localhost} -p tcp {ports} -m owner {owner} 1337 -j ISTIO_IN_REDIRECT"));
+            if !loopback_included {
+                let which = if dns { "-p tcp ! --dport 53 " } else { "" };
+                r.push(format!(
+                    "-A ISTIO_OUTPUT -o lo {which}-m owner ! {owner} 1337 -j RETURN"
+                ));
+            }
             r.push(format!("-A ISTIO_OUTPUT -m owner {owner} 1337 -j RETURN"));
+        }
+        // Owner groups (`handleCaptureByOwnerGroup`): an include list returns a caller in none
+        // of its groups; else each excluded group returns.
+        match &self.owner_groups {
+            Some(groups) => {
+                let none_of: String = groups
+                    .iter()
+                    .map(|g| format!(" -m owner ! --gid-owner {g}"))
+                    .collect();
+                r.push(format!("-A ISTIO_OUTPUT{none_of} -j RETURN"));
+            }
+            None => {
+                for g in &self.owner_groups_exclude {
+                    r.push(format!(
+                        "-A ISTIO_OUTPUT -m owner --gid-owner {g} -j RETURN"
+                    ));
+                }
+            }
+        }
+        if dns {
+            // SetupDNSRedir with CaptureAllDNS, as istio-cni runs it (its conntrack zones, in
+            // the raw table, only keep UDP conntrack entries apart and are left out).
+            r.push("-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS".into());
+            r.push("-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053".into());
+            r.push("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053".into());
         }
         r.push(format!("-A ISTIO_OUTPUT -d {localhost} -j RETURN"));
         for c in of_family(&self.exclude_outbound_ranges) {

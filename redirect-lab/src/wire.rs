@@ -83,3 +83,13 @@ impl EnvoyRecord {
         })
     }
 }
+
+/// What `redirect-lab dns-query` saw: the A records of the reply, its response code, and the
+/// address the reply came from as the application was told (`recvfrom`, or the TCP peer).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsResult {
+    pub answers: Vec<String>,
+    pub rcode: u8,
+    pub from: Option<String>,
+    pub error: Option<String>,
+}

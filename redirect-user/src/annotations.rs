@@ -21,9 +21,29 @@ pub const INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutbo
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 /// `traffic.sidecar.istio.io/includeInboundPorts` (default `*`)
 pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+/// `status.sidecar.istio.io/port`: the agent's status port (Istio's default 15020), excluded
+/// from inbound capture in its place; `0`: no status port.
+pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+/// The status port Istio excludes when a pod does not say ([`STATUS_PORT`]).
+pub const DEFAULT_STATUS_PORT: u16 = 15020;
+/// `sidecar.istio.io/interceptionMode`: `REDIRECT` (Istio's default) is what redirectd does.
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+/// Why a TPROXY pod is refused (a rejected configuration: never captured as REDIRECT).
+pub const TPROXY_UNSUPPORTED: &str = "interception mode TPROXY is not supported yet: captured as REDIRECT the application would not see the client's address and Envoy's original-source connections would loop back into capture, so the pod is refused instead; use REDIRECT, or redirectd.dev/skip: \"true\" to leave the pod to istio-init or istio-cni";
 /// Ours: `closed` (default, as under Istio) or `open`: what happens to a connection that
 /// should be captured while the pod's proxy is not listening (refused, or sent direct).
 pub const FAIL_MODE: &str = "redirectd.dev/failMode";
+/// Ours, for the pods file (a Kubernetes pod says it in the istio-proxy container's
+/// `ISTIO_OUTBOUND_OWNER_GROUPS`, as Istio reads it): only processes of these groups have their
+/// outbound connections captured (`*`, the default: all).
+pub const OWNER_GROUPS: &str = "redirectd.dev/outboundOwnerGroups";
+/// Ours, for the pods file (Istio: `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`): processes of these
+/// groups are never captured outbound (only when the include list is `*`).
+pub const OWNER_GROUPS_EXCLUDE: &str = "redirectd.dev/outboundOwnerGroupsExclude";
+/// Ours, for the pods file (a Kubernetes pod says it as Istio reads it: `ISTIO_META_DNS_CAPTURE`
+/// in the istio-proxy container's environment or `proxyMetadata`): `"true"` sends the pod's
+/// DNS to the agent's DNS proxy on port 15053.
+pub const DNS_CAPTURE: &str = "redirectd.dev/dnsCapture";
 /// Ours: `"true"` (default) or `"false"`: same-node acceleration (sockmap) for this pod.
 pub const ACCEL: &str = "redirectd.dev/accel";
 
@@ -31,8 +51,11 @@ pub const ACCEL: &str = "redirectd.dev/accel";
 /// warning (its traffic would be intercepted differently than under istio-iptables).
 const UNSUPPORTED: &[&str] = &[
     "traffic.sidecar.istio.io/kubevirtInterfaces",
-    "traffic.sidecar.istio.io/excludeInterfaces",
+    "istio.io/reroute-virtual-interfaces",
 ];
+/// `traffic.sidecar.istio.io/excludeInterfaces`: interface names whose traffic is never
+/// captured, either way.
+pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
 
 /// A parse failure, naming the annotation and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +143,56 @@ pub enum PortSelection {
     Ports(BTreeSet<u16>),
 }
 
+/// Istio's outbound owner-group filter.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OwnerGroups {
+    /// Every group (`*`, no exclusions): the default.
+    #[default]
+    All,
+    /// Only these groups are captured (an include list other than `*`; exclusions ignored).
+    Only(BTreeSet<u32>),
+    /// Every group but these (include `*` with an exclude list).
+    AllExcept(BTreeSet<u32>),
+}
+
+fn gid_list(value: &str) -> Result<BTreeSet<u32>, String> {
+    items(value)
+        .map(|g| {
+            g.parse::<u32>().map_err(|_| {
+                format!(
+                    "{g:?} is not a numeric group id (group names are not resolved: give the GID)"
+                )
+            })
+        })
+        .collect()
+}
+
+/// The filter from Istio's two settings, as istio-iptables reads them: an include list other
+/// than `*` wins (and the exclude list is ignored); else the exclude list, if any. An empty
+/// include list captures no group.
+pub fn owner_groups(include: Option<&str>, exclude: Option<&str>) -> Result<OwnerGroups, String> {
+    match include.map(str::trim) {
+        Some(i) if i != "*" => Ok(OwnerGroups::Only(gid_list(i)?)),
+        _ => {
+            let except = gid_list(exclude.unwrap_or(""))?;
+            Ok(if except.is_empty() {
+                OwnerGroups::All
+            } else {
+                OwnerGroups::AllExcept(except)
+            })
+        }
+    }
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it (Istio's `ISTIO_META_DNS_CAPTURE`).
+pub fn go_bool(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean (true or false)")),
+    }
+}
+
 /// A range list that may be `*`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RangeSelection {
@@ -149,6 +222,23 @@ pub struct CapturePolicy {
     pub proxy_uid: Option<u32>,
     #[serde(default)]
     pub proxy_gid: Option<u32>,
+    /// `status.sidecar.istio.io/port` when the pod says: the port excluded from inbound capture
+    /// instead of 15020 (`Some(0)`: none).
+    #[serde(default)]
+    pub status_port: Option<u16>,
+    /// Which callers' outbound connections may be captured, by group.
+    #[serde(default)]
+    pub owner_groups: OwnerGroups,
+    /// DNS (UDP and TCP to port 53) goes to the agent's DNS proxy (Istio's DNS capture).
+    #[serde(default)]
+    pub dns_capture: bool,
+    /// `excludeInterfaces`: names.
+    #[serde(default)]
+    pub exclude_interfaces: BTreeSet<String>,
+    /// What those interfaces are in the pod's namespace: read by the daemon on each pass,
+    /// never from the pod's configuration.
+    #[serde(skip)]
+    pub interfaces: Option<crate::interfaces::InterfaceView>,
 }
 
 impl Default for CapturePolicy {
@@ -166,6 +256,11 @@ impl Default for CapturePolicy {
             accel: true,
             proxy_uid: None,
             proxy_gid: None,
+            status_port: None,
+            owner_groups: OwnerGroups::All,
+            dns_capture: false,
+            exclude_interfaces: BTreeSet::new(),
+            interfaces: None,
         }
     }
 }
@@ -219,6 +314,27 @@ fn range_selection(value: &str) -> Result<RangeSelection, String> {
     range_list(value).map(RangeSelection::Ranges)
 }
 
+/// The owner-group filter of our two annotations (the pods file's way to say Istio's
+/// `ISTIO_OUTBOUND_OWNER_GROUPS` and `_EXCLUDE`).
+fn owner_groups_annotated(
+    annotations: &BTreeMap<String, String>,
+) -> Result<OwnerGroups, AnnotationError> {
+    let groups = |k: &str| annotations.get(k).map(String::as_str);
+    let (include, exclude) = (groups(OWNER_GROUPS), groups(OWNER_GROUPS_EXCLUDE));
+    owner_groups(include, exclude).map_err(|reason| {
+        // Name the list that failed: the include list is read first.
+        let key = match owner_groups(include, None) {
+            Err(_) => OWNER_GROUPS,
+            Ok(_) => OWNER_GROUPS_EXCLUDE,
+        };
+        AnnotationError {
+            annotation: key.into(),
+            value: groups(key).unwrap_or_default().into(),
+            reason,
+        }
+    })
+}
+
 /// The result of parsing a pod's annotations: the policy and any warnings worth logging.
 #[derive(Debug)]
 pub struct Parsed {
@@ -229,7 +345,10 @@ pub struct Parsed {
 /// Parses the annotations we read; all others are ignored. The first invalid value rejects
 /// the whole policy (the pod is not half-configured).
 pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, AnnotationError> {
-    let mut policy = CapturePolicy::default();
+    let mut policy = CapturePolicy {
+        owner_groups: owner_groups_annotated(annotations)?,
+        ..CapturePolicy::default()
+    };
     let mut warnings = Vec::new();
     for (key, value) in annotations {
         let err = |reason: String| AnnotationError {
@@ -256,12 +375,33 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
             INCLUDE_INBOUND_PORTS => {
                 policy.include_inbound_ports = port_selection(value).map_err(err)?
             }
+            INTERCEPTION_MODE => match value.trim() {
+                "REDIRECT" => {}
+                "TPROXY" => return Err(err(TPROXY_UNSUPPORTED.into())),
+                _ => {
+                    return Err(err(
+                        "expected REDIRECT (NONE: leave the pod out of the mesh instead)".into(),
+                    ))
+                }
+            },
+            STATUS_PORT => {
+                policy.status_port = Some(value.trim().parse::<u16>().map_err(|_| {
+                    err("expected a port (1-65535), or 0 for no status port".into())
+                })?)
+            }
             FAIL_MODE => {
                 policy.fail_closed = match value.trim() {
                     "open" => false,
                     "closed" => true,
                     _ => return Err(err("expected \"open\" or \"closed\"".into())),
                 }
+            }
+            DNS_CAPTURE => policy.dns_capture = go_bool(value).map_err(err)?,
+            EXCLUDE_INTERFACES => {
+                policy.exclude_interfaces = items(value)
+                    .map(|n| crate::interfaces::valid_name(n).map(|()| n.to_string()))
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?
             }
             ACCEL => {
                 policy.accel = match value.trim() {
@@ -351,6 +491,13 @@ mod tests {
             (EXCLUDE_OUTBOUND_RANGES, "300.0.0.0/8"),
             (INCLUDE_OUTBOUND_RANGES, "fd00::/129"),
             (FAIL_MODE, "sometimes"),
+            (STATUS_PORT, "-1"),
+            (DNS_CAPTURE, "yes"),
+            (EXCLUDE_INTERFACES, "net1,has space"),
+            (EXCLUDE_INTERFACES, "a-name-too-long0"),
+            (INTERCEPTION_MODE, "TPROXY"),
+            (INTERCEPTION_MODE, "redirect"),
+            (STATUS_PORT, "status"),
             (ACCEL, "yes"),
         ] {
             let e = parse(&ann(&[(k, v)])).unwrap_err();
@@ -358,6 +505,42 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(k) && msg.contains(v), "{msg}");
         }
+    }
+
+    #[test]
+    fn owner_groups_as_istio_reads_them() {
+        let set = |v: &[u32]| v.iter().copied().collect::<BTreeSet<u32>>();
+        assert_eq!(owner_groups(None, None), Ok(OwnerGroups::All));
+        assert_eq!(owner_groups(Some("*"), Some("")), Ok(OwnerGroups::All));
+        assert_eq!(
+            owner_groups(Some("*"), Some("1000, 2000")),
+            Ok(OwnerGroups::AllExcept(set(&[1000, 2000])))
+        );
+        assert_eq!(
+            owner_groups(Some("3000"), Some("1000")),
+            Ok(OwnerGroups::Only(set(&[3000]))),
+            "an include list wins over the exclude list"
+        );
+        assert_eq!(
+            owner_groups(Some(""), None),
+            Ok(OwnerGroups::Only(set(&[])))
+        );
+        let e = parse(&ann(&[(OWNER_GROUPS_EXCLUDE, "1000,wheel")])).unwrap_err();
+        assert_eq!(e.annotation, OWNER_GROUPS_EXCLUDE);
+        assert!(
+            e.reason.contains("\"wheel\" is not a numeric group id"),
+            "{e}"
+        );
+        let e = parse(&ann(&[(OWNER_GROUPS, "x"), (OWNER_GROUPS_EXCLUDE, "1")])).unwrap_err();
+        assert_eq!(e.annotation, OWNER_GROUPS);
+    }
+
+    #[test]
+    fn status_port() {
+        let p = |v: &str| parse(&ann(&[(STATUS_PORT, v)])).unwrap().policy.status_port;
+        assert_eq!(p(" 15099 "), Some(15099));
+        assert_eq!(p("0"), Some(0), "0: no status port");
+        assert_eq!(parse(&BTreeMap::new()).unwrap().policy.status_port, None);
     }
 
     #[test]

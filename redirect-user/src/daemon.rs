@@ -154,6 +154,9 @@ struct Engine {
     started: std::time::Instant,
     /// Whether each pass reads the pods' counters (only the metrics show them).
     read_counters: bool,
+    /// The node's proxy uid and gid, for pods that do not say (translated for a
+    /// user-namespaced pod).
+    proxy_ids: (u32, u32),
 }
 
 /// How long after start a previous run's entries wait for pods whose namespace is not found
@@ -220,8 +223,12 @@ impl Engine {
         let all: Vec<(PodSpec, Option<String>)> =
             valid.map(|(p, r)| (p.clone(), r)).chain(invalid).collect();
         for (spec, rejected) in all {
-            match self.resolver.resolve(&spec.netns) {
-                Ok(found) => {
+            let found = self.resolver.resolve(&spec.netns).and_then(|found| {
+                let spec = self.host_view(spec.clone(), &found.path)?;
+                Ok((found, spec))
+            });
+            match found {
+                Ok((found, spec)) => {
                     out.netns.insert(spec.key.clone(), found.description);
                     out.resolved.push(Resolved {
                         spec,
@@ -240,6 +247,24 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// `spec` as the kernel sees it: its excluded interfaces' routes and addresses read from
+    /// its namespace; for a pod in a user namespace of its own (`hostUsers: false`), its
+    /// proxy's ids and owner groups translated to host ids through the pod's id maps. A pod whose maps cannot be read yet, or lack the proxy's id, is retried (what is
+    /// applied for it stays; a new one is not served, never served with the wrong uid).
+    fn host_view(&self, mut spec: PodSpec, netns: &std::path::Path) -> Result<PodSpec> {
+        if !spec.policy.exclude_interfaces.is_empty() {
+            let view = crate::interfaces::read(netns, &spec.policy.exclude_interfaces)
+                .context("reading its excluded interfaces")?;
+            spec.policy.interfaces = Some(view);
+        }
+        if let Some(ids) = crate::userns::of_netns(netns).context("its user namespace")? {
+            let (uid, gid) = self.proxy_ids;
+            spec.policy = crate::userns::translate(&spec.policy, &ids, uid, gid)
+                .with_context(|| format!("its user namespace (ids read from pid {})", ids.pid))?;
+        }
+        Ok(spec)
     }
 
     /// Removes map entries and inbound links that no applied pod owns, then lets slots the
@@ -304,6 +329,7 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         swept: false,
         started: std::time::Instant::now(),
         read_counters: opts.metrics_addr.is_some(),
+        proxy_ids: (opts.node.proxy_uid, opts.node.proxy_gid),
     };
     Ok((engine, loaded.programs))
 }

@@ -1,6 +1,6 @@
 //! The daemon's side of the kernel maps: the only code that writes `MESH_PODS`,
-//! `PORT_RULES`, `ADDR_RULES` and zeroes `POD_COUNTERS`. The reconciler decides; this layer
-//! writes.
+//! `PORT_RULES`, `ADDR_RULES`, `OWNER_GROUPS` and zeroes `POD_COUNTERS`. The reconciler
+//! decides; this layer writes.
 
 use std::{
     collections::BTreeSet,
@@ -17,8 +17,8 @@ use aya::{
     Ebpf, Pod,
 };
 use redirect_common::{
-    map_names as names, AddrRuleData, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
-    PodSource, PortRuleKey, SockKey, TupleKey, ADDR_POD_IP,
+    map_names as names, AddrRuleData, GroupRuleKey, ListenerKey, NodeAddrKey, OrigDst, PodConfig,
+    PodCounters, PodSource, PortRuleKey, SockKey, TupleKey, ADDR_POD_IP,
 };
 
 use crate::{
@@ -96,6 +96,7 @@ fn sweep_map<K: Pod, V: Pod>(
 pub struct Datapath {
     mesh_pods: HashMap<MapData, u64, PodConfig>,
     port_rules: HashMap<MapData, PortRuleKey, u32>,
+    owner_groups: HashMap<MapData, GroupRuleKey, u32>,
     addr_rules: LpmTrie<MapData, AddrRuleData, u32>,
     counters: PerCpuArray<MapData, PodCounters>,
     sources: Array<MapData, PodSource>,
@@ -143,6 +144,7 @@ impl Datapath {
             orig_by_tuple: maps.get(names::ORIG_BY_TUPLE)?,
             mesh_pods: maps.get(names::MESH_PODS)?,
             port_rules: maps.get(names::PORT_RULES)?,
+            owner_groups: maps.get(names::OWNER_GROUPS)?,
             addr_rules: maps.get(names::ADDR_RULES)?,
             counters: maps.get(names::POD_COUNTERS)?,
             sources: maps.get(names::POD_SOURCES)?,
@@ -250,6 +252,9 @@ impl Datapath {
         n += sweep_map(&mut self.port_rules, names::PORT_RULES, |k, _| {
             pod_ids.contains(&k.pod_id)
         })?;
+        n += sweep_map(&mut self.owner_groups, names::OWNER_GROUPS, |k, _| {
+            pod_ids.contains(&k.pod_id)
+        })?;
         n += sweep_map(&mut self.node_addrs, names::NODE_ADDRS, |_, id| {
             pod_ids.contains(id)
         })?;
@@ -282,6 +287,12 @@ impl PodMaps for Datapath {
                 )
             })?;
         }
+        for gid in &rules.groups {
+            let key = GroupRuleKey { pod_id, gid: *gid };
+            self.owner_groups.insert(key, 1, 0).with_context(|| {
+                format!("writing owner group {gid} of pod slot {pod_id}; OWNER_GROUPS full?")
+            })?;
+        }
         for (kind, cidr) in &rules.addrs {
             if *kind == ADDR_POD_IP {
                 // The pod's own addresses: an exact-match map, shared by the node.
@@ -290,8 +301,11 @@ impl PodMaps for Datapath {
                     .with_context(|| format!("writing NODE_ADDRS entry {cidr}"))?;
                 continue;
             }
+            // The value is the key's prefix length: the programs compare two kinds' longest
+            // matches by it (routes through excluded interfaces or not).
+            let key = addr_key(pod_id, *kind, cidr);
             self.addr_rules
-                .insert(&addr_key(pod_id, *kind, cidr), 1, 0)
+                .insert(&key, key.prefix_len(), 0)
                 .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
         }
         Ok(())
@@ -302,6 +316,11 @@ impl PodMaps for Datapath {
         for (kind, port) in &rules.ports {
             let key = port_key(pod_id, *kind, *port);
             let _ = self.port_rules.remove(&key);
+        }
+        for gid in &rules.groups {
+            let _ = self
+                .owner_groups
+                .remove(&GroupRuleKey { pod_id, gid: *gid });
         }
         for (kind, cidr) in &rules.addrs {
             if *kind != ADDR_POD_IP {
@@ -372,6 +391,12 @@ impl PodMaps for Datapath {
             let k = k.context("reading PORT_RULES")?;
             if k.pod_id == pod_id {
                 rules.ports.insert((k.kind, k.port));
+            }
+        }
+        for k in self.owner_groups.keys() {
+            let k = k.context("reading OWNER_GROUPS")?;
+            if k.pod_id == pod_id {
+                rules.groups.insert(k.gid);
             }
         }
         for k in self.addr_rules.keys() {

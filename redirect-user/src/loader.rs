@@ -52,8 +52,9 @@ struct ProgramDef {
     min_kernel: &'static str,
 }
 
-/// Programs attached at the cgroup, in attach order: the getsockopt and sockops halves first,
-/// connect last, so no connection is captured before its destination can be answered.
+/// Programs attached at the cgroup, in attach order: the getsockopt, sockops, getpeername and
+/// recvmsg halves first, the sendmsg and connect programs that capture last, so no connection
+/// or DNS query is captured before its destination (or its reply's source) can be answered.
 const CGROUP_PROGRAMS: &[ProgramDef] = &[
     ProgramDef {
         name: "rd_getsockopt",
@@ -80,6 +81,30 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
         min_kernel: "5.8",
     },
     ProgramDef {
+        name: "rd_recvmsg4",
+        hook: "cgroup/recvmsg4",
+        kind: CgroupKind::SockAddr,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
+        name: "rd_recvmsg6",
+        hook: "cgroup/recvmsg6",
+        kind: CgroupKind::SockAddr,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
+        name: "rd_sendmsg4",
+        hook: "cgroup/sendmsg4",
+        kind: CgroupKind::SockAddr,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
+        name: "rd_sendmsg6",
+        hook: "cgroup/sendmsg6",
+        kind: CgroupKind::SockAddr,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
         name: "rd_connect4",
         hook: "cgroup/connect4",
         kind: CgroupKind::SockAddr,
@@ -94,7 +119,7 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
 ];
 
 /// The cgroup programs that send connections to a proxy; detached first on uninstall.
-const CAPTURE_PROGRAMS: &[&str] = &["rd_connect4", "rd_connect6"];
+const CAPTURE_PROGRAMS: &[&str] = &["rd_connect4", "rd_connect6", "rd_sendmsg4", "rd_sendmsg6"];
 
 pub use redirect_common::status::ProgramReport;
 

@@ -27,6 +27,16 @@ struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object each (`ts`, `level`, `target`, `msg`), for
+    /// log pipelines.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "REDIRECTD_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -289,13 +299,32 @@ fn cni_command(action: CniAction) -> Result<()> {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::new()
+    let mut logger = env_logger::Builder::new();
+    logger
         .parse_filters(&format!("{},aya::bpf=error", cli.log_level))
         .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+        .format_timestamp_millis();
+    if let LogFormat::Json = cli.log_format {
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

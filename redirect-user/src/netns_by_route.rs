@@ -210,6 +210,15 @@ impl Rtnl {
     /// `ip addr`: every address configured in the socket's namespace (each address's local
     /// address where it has one, as `getifaddrs` gives it).
     pub(crate) fn addresses(&mut self) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .addresses_by_link()?
+            .into_iter()
+            .map(|(_, ip)| ip)
+            .collect())
+    }
+
+    /// `ip -o addr` with each address's interface index.
+    pub(crate) fn addresses_by_link(&mut self) -> Result<Vec<(u32, IpAddr)>> {
         let replies = self
             .request(
                 RouteNetlinkMessage::GetAddress(AddressMessage::default()),
@@ -221,6 +230,7 @@ impl Rtnl {
             let RouteNetlinkMessage::NewAddress(m) = r else {
                 continue;
             };
+            let index = m.header.index;
             let (mut local, mut address) = (None, None);
             for a in m.attributes {
                 match a {
@@ -229,7 +239,62 @@ impl Rtnl {
                     _ => {}
                 }
             }
-            out.extend(local.or(address));
+            out.extend(local.or(address).map(|ip| (index, ip)));
+        }
+        Ok(out)
+    }
+
+    /// `ip link`: every interface's index and name.
+    pub(crate) fn links(&mut self) -> Result<Vec<(u32, String)>> {
+        let replies = self
+            .request(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)
+            .context("listing links")?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewLink(l) => {
+                    let name = l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })?;
+                    Some((l.header.index, name))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// `ip route show table main` of both families, unicast routes only: each route's
+    /// destination network and output interface.
+    pub(crate) fn main_routes(&mut self) -> Result<Vec<(IpAddr, u8, u32)>> {
+        const MAIN_TABLE: u8 = 254;
+        let replies = self
+            .request(RouteNetlinkMessage::GetRoute(RouteMessage::default()), true)
+            .context("listing routes")?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewRoute(m) = r else {
+                continue;
+            };
+            if m.header.table != MAIN_TABLE || m.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let len = m.header.destination_prefix_length;
+            let mut dst = match m.header.address_family {
+                AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                _ => continue,
+            };
+            let mut oif = None;
+            for a in m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = IpAddr::V4(a),
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = IpAddr::V6(a),
+                    RouteAttribute::Oif(i) => oif = Some(i),
+                    _ => {}
+                }
+            }
+            out.extend(oif.map(|oif| (dst, len, oif)));
         }
         Ok(out)
     }

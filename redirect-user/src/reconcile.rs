@@ -497,6 +497,7 @@ mod tests {
                     .map(|(_, k, p)| (*k, *p))
                     .collect(),
                 addrs: Default::default(),
+                groups: Default::default(),
                 flags,
                 sources: Default::default(),
             })

@@ -1,5 +1,6 @@
 //! A pod's capture policy compiled into the entries the kernel maps hold (`PORT_RULES`,
-//! `ADDR_RULES`, `NODE_ADDRS` and the `POD_FLAG_*` bits of its `MESH_PODS` entry), and the
+//! `ADDR_RULES`, `NODE_ADDRS`, `OWNER_GROUPS` and the `POD_FLAG_*` bits of its `MESH_PODS`
+//! entry), and the
 //! encoding of those map keys. Pure code: [`crate::datapath`] writes what this returns, and
 //! reads it back when a restarted daemon compares what a previous run left.
 //!
@@ -9,15 +10,19 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::lpm_trie::Key;
 use redirect_common::{
-    AddrRuleData, NodeAddrKey, PodSource, PortRuleKey, ADDR_EXCLUDE_OUTBOUND,
-    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_RULE_FIXED_BITS, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES,
-    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_NO_ACCEL,
-    POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6, PORT_EXCLUDE_INBOUND,
-    PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    AddrRuleData, NodeAddrKey, PodSource, PortRuleKey, ADDR_EXCLUDED_IFACE_LOCAL,
+    ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_ROUTE_EXCLUDED,
+    ADDR_ROUTE_OTHER, ADDR_RULE_FIXED_BITS, POD_FLAG_DNS_CAPTURE, POD_FLAG_EXCLUDED_IFACES,
+    POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS,
+    POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    POD_FLAG_LOOPBACK_INCLUDE, POD_FLAG_NO_ACCEL, POD_FLAG_OWNER_GROUPS_EXCLUDE,
+    POD_FLAG_OWNER_GROUPS_INCLUDE, POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
+    PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
 
-use crate::annotations::{CapturePolicy, Cidr, PortSelection, RangeSelection};
+use crate::annotations::{
+    CapturePolicy, Cidr, OwnerGroups, PortSelection, RangeSelection, DEFAULT_STATUS_PORT,
+};
 
 /// A pod's rules in the form the maps hold them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +31,8 @@ pub struct PodRules {
     pub ports: BTreeSet<(u8, u16)>,
     /// `(ADDR_* kind, network)`.
     pub addrs: BTreeSet<(u32, Cidr)>,
+    /// `OWNER_GROUPS` entries: the groups of the pod's owner-group list (which list: flags).
+    pub groups: BTreeSet<u32>,
     /// `POD_FLAG_*`.
     pub flags: u32,
     /// The `POD_SOURCES` entry: the pod's first address of each family.
@@ -49,13 +56,7 @@ impl PodRules {
             PORT_INCLUDE_OUTBOUND,
             &policy.include_outbound_ports,
         );
-        ports(&mut r, PORT_EXCLUDE_INBOUND, &policy.exclude_inbound_ports);
-        r.ports
-            .extend(proxy_ports.iter().map(|p| (PORT_EXCLUDE_INBOUND, *p)));
-        match &policy.include_inbound_ports {
-            PortSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_INBOUND,
-            PortSelection::Ports(set) => ports(&mut r, PORT_INCLUDE_INBOUND, set),
-        }
+        r.inbound_ports(policy, proxy_ports);
         r.addrs.extend(
             policy
                 .exclude_outbound_ranges
@@ -64,9 +65,14 @@ impl PodRules {
         );
         match &policy.include_outbound_ranges {
             RangeSelection::All => r.flags |= POD_FLAG_INCLUDE_ALL_OUTBOUND,
-            RangeSelection::Ranges(v) => r
-                .addrs
-                .extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c))),
+            RangeSelection::Ranges(v) => {
+                r.addrs
+                    .extend(v.iter().map(|c| (ADDR_INCLUDE_OUTBOUND, *c)));
+                // Istio's HasLoopBackIP: the network's own address is a loopback one.
+                if v.iter().any(|c| c.addr.is_loopback()) {
+                    r.flags |= POD_FLAG_LOOPBACK_INCLUDE;
+                }
+            }
         }
         r.addrs
             .extend(ips.iter().map(|ip| (ADDR_POD_IP, Cidr::host(*ip))));
@@ -77,6 +83,11 @@ impl PodRules {
         if !policy.accel {
             r.flags |= POD_FLAG_NO_ACCEL;
         }
+        if policy.dns_capture {
+            r.flags |= POD_FLAG_DNS_CAPTURE;
+        }
+        r.interfaces(policy);
+        r.owner_groups(&policy.owner_groups);
         // Let the programs skip lookups a pod has no rules for.
         let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
         if has(ADDR_EXCLUDE_OUTBOUND) {
@@ -93,6 +104,68 @@ impl PodRules {
 }
 
 impl PodRules {
+    /// `excludeInterfaces`: the flag, and the pod's routes and excluded interfaces' addresses
+    /// as the daemon read them.
+    fn interfaces(&mut self, policy: &CapturePolicy) {
+        if policy.exclude_interfaces.is_empty() {
+            return;
+        }
+        self.flags |= POD_FLAG_EXCLUDED_IFACES;
+        let Some(view) = &policy.interfaces else {
+            return;
+        };
+        self.addrs.extend(view.routes.iter().map(|(c, excluded)| {
+            let kind = if *excluded {
+                ADDR_ROUTE_EXCLUDED
+            } else {
+                ADDR_ROUTE_OTHER
+            };
+            (kind, *c)
+        }));
+        self.addrs.extend(
+            view.local
+                .iter()
+                .map(|ip| (ADDR_EXCLUDED_IFACE_LOCAL, Cidr::host(*ip))),
+        );
+    }
+
+    fn owner_groups(&mut self, groups: &OwnerGroups) {
+        let (flag, g) = match groups {
+            OwnerGroups::All => return,
+            OwnerGroups::Only(g) => (POD_FLAG_OWNER_GROUPS_INCLUDE, g),
+            OwnerGroups::AllExcept(g) => (POD_FLAG_OWNER_GROUPS_EXCLUDE, g),
+        };
+        self.flags |= flag;
+        self.groups.clone_from(g);
+    }
+
+    /// Inbound, as istio-iptables decides it: with `includeInboundPorts` `*`, every port but
+    /// the excluded ones (`excludeInboundPorts` and the status port, 15020 unless
+    /// `status.sidecar.istio.io/port` moves it); with a list, the listed ports, and the
+    /// exclusions are ignored (Istio's rules then have no exclusion either). The proxy's
+    /// other ports are never captured, list or not.
+    fn inbound_ports(&mut self, policy: &CapturePolicy, proxy_ports: &[u16]) {
+        let moved = policy.status_port.is_some();
+        self.ports.extend(
+            proxy_ports
+                .iter()
+                .filter(|p| !(moved && **p == DEFAULT_STATUS_PORT))
+                .map(|p| (PORT_EXCLUDE_INBOUND, *p)),
+        );
+        match &policy.include_inbound_ports {
+            PortSelection::All => {
+                self.flags |= POD_FLAG_INCLUDE_ALL_INBOUND;
+                let excluded = policy.exclude_inbound_ports.iter().copied();
+                let status = policy.status_port.filter(|p| *p != 0);
+                self.ports
+                    .extend(excluded.chain(status).map(|p| (PORT_EXCLUDE_INBOUND, p)));
+            }
+            PortSelection::Ports(set) => self
+                .ports
+                .extend(set.iter().map(|p| (PORT_INCLUDE_INBOUND, *p))),
+        }
+    }
+
     /// The rules of a pod whose configuration was rejected before it was ever served: what
     /// Istio's defaults would capture is refused instead (fail closed), outbound and inbound;
     /// the proxy's own connections and ports, and connections inside the pod, are untouched.
@@ -266,6 +339,37 @@ mod tests {
                     | POD_FLAG_HAS_INCLUDE_PORTS,
             },
             Golden {
+                name: "inbound: ports * with excluded ports",
+                annotations: &[("excludeInboundPorts", "9090")],
+                ips: &[],
+                ports: &[(PORT_EXCLUDE_INBOUND, 9090)],
+                addrs: &[],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND | POD_FLAG_INCLUDE_ALL_OUTBOUND,
+            },
+            Golden {
+                name: "a loopback range in the include ranges (Istio's HasLoopBackIP)",
+                annotations: &[("includeOutboundIPRanges", "127.1.2.3/32,10.0.0.0/8")],
+                ips: &[],
+                ports: &[],
+                addrs: &[
+                    (ADDR_INCLUDE_OUTBOUND, "127.1.2.3/32"),
+                    (ADDR_INCLUDE_OUTBOUND, "10.0.0.0/8"),
+                ],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND
+                    | POD_FLAG_HAS_INCLUDE_RANGES
+                    | POD_FLAG_LOOPBACK_INCLUDE,
+            },
+            Golden {
+                name: "::1 in the include ranges is a loopback range too",
+                annotations: &[("includeOutboundIPRanges", "::1/128")],
+                ips: &[],
+                ports: &[],
+                addrs: &[(ADDR_INCLUDE_OUTBOUND, "::1/128")],
+                flags: POD_FLAG_INCLUDE_ALL_INBOUND
+                    | POD_FLAG_HAS_INCLUDE_RANGES
+                    | POD_FLAG_LOOPBACK_INCLUDE,
+            },
+            Golden {
                 name: "empty include ranges: no outbound capture",
                 annotations: &[("includeOutboundIPRanges", "")],
                 ips: &[],
@@ -274,17 +378,13 @@ mod tests {
                 flags: POD_FLAG_INCLUDE_ALL_INBOUND,
             },
             Golden {
-                name: "inbound: a list of ports, and excluded ports",
+                name: "inbound: a list of ports ignores excluded ports, as Istio's rules do",
                 annotations: &[
                     ("includeInboundPorts", "8080,9090"),
                     ("excludeInboundPorts", "9090"),
                 ],
                 ips: &[],
-                ports: &[
-                    (PORT_EXCLUDE_INBOUND, 9090),
-                    (PORT_INCLUDE_INBOUND, 8080),
-                    (PORT_INCLUDE_INBOUND, 9090),
-                ],
+                ports: &[(PORT_INCLUDE_INBOUND, 8080), (PORT_INCLUDE_INBOUND, 9090)],
                 addrs: &[],
                 flags: POD_FLAG_INCLUDE_ALL_OUTBOUND,
             },
@@ -326,6 +426,66 @@ mod tests {
     }
 
     #[test]
+    fn the_status_port_annotation_moves_the_excluded_status_port() {
+        let node = [15001, 15006, 15008, 15020, 15021, 15090];
+        let excluded = |pairs: &[(&str, &str)]| -> Vec<u16> {
+            let map = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let policy = annotations::parse(&map).unwrap().policy;
+            let r = PodRules::compile(&policy, &[], &node);
+            r.ports
+                .iter()
+                .filter(|(k, _)| *k == PORT_EXCLUDE_INBOUND)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let status = "status.sidecar.istio.io/port";
+        assert_eq!(excluded(&[]), node);
+        assert_eq!(
+            excluded(&[(status, "15099")]),
+            [15001, 15006, 15008, 15021, 15090, 15099]
+        );
+        assert_eq!(
+            excluded(&[(status, "0")]),
+            [15001, 15006, 15008, 15021, 15090]
+        );
+        // With a list of inbound ports Istio's exclusions (the status port's among them) do
+        // not apply; the proxy's other ports stay out.
+        assert_eq!(
+            excluded(&[
+                (status, "15099"),
+                ("traffic.sidecar.istio.io/includeInboundPorts", "8080")
+            ]),
+            [15001, 15006, 15008, 15021, 15090]
+        );
+    }
+
+    #[test]
+    fn owner_groups_compile_to_a_flag_and_entries() {
+        let compile = |pairs: &[(&str, &str)]| {
+            let map = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            PodRules::compile(&annotations::parse(&map).unwrap().policy, &[], &[])
+        };
+        let all = compile(&[]);
+        assert_eq!(
+            all.flags & (POD_FLAG_OWNER_GROUPS_INCLUDE | POD_FLAG_OWNER_GROUPS_EXCLUDE),
+            0
+        );
+        assert!(all.groups.is_empty());
+        let only = compile(&[("redirectd.dev/outboundOwnerGroups", "3000,3001")]);
+        assert_ne!(only.flags & POD_FLAG_OWNER_GROUPS_INCLUDE, 0);
+        assert_eq!(only.groups, [3000, 3001].into());
+        let except = compile(&[("redirectd.dev/outboundOwnerGroupsExclude", "4000")]);
+        assert_ne!(except.flags & POD_FLAG_OWNER_GROUPS_EXCLUDE, 0);
+        assert_eq!(except.groups, [4000].into());
+    }
+
+    #[test]
     fn our_annotations_set_flags() {
         let map: BTreeMap<String, String> = [
             ("redirectd.dev/failMode", "closed"),
@@ -338,6 +498,15 @@ mod tests {
         let r = PodRules::compile(&policy, &[], &[]);
         assert_ne!(r.flags & POD_FLAG_FAIL_CLOSED, 0);
         assert_ne!(r.flags & POD_FLAG_NO_ACCEL, 0);
+        assert_eq!(
+            r.flags & POD_FLAG_DNS_CAPTURE,
+            0,
+            "DNS capture is off by default"
+        );
+        let dns: BTreeMap<String, String> =
+            [("redirectd.dev/dnsCapture".into(), "true".into())].into();
+        let r = PodRules::compile(&annotations::parse(&dns).unwrap().policy, &[], &[]);
+        assert_ne!(r.flags & POD_FLAG_DNS_CAPTURE, 0);
     }
 
     #[test]

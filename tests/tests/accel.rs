@@ -181,5 +181,8 @@ fn no_leak_after_ten_thousand_connections() {
     let st = wait_maps_back(&mut lab, start);
     let a = st.pod("a").unwrap();
     assert_eq!(a.counter("outbound_captured"), 10_000);
-    assert!(a.counter("accel_msgs") >= 10_000, "{a:#?}");
+    // Every connection's request is spliced, but for the rare one whose first send comes
+    // before its peer's socket is established and in the sockhash: that one keeps the normal
+    // path for good, to keep its bytes in order (seen once in 10,000 on 6.1 under emulation).
+    assert!(a.counter("accel_msgs") >= 9_900, "{a:#?}");
 }

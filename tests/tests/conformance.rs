@@ -26,7 +26,10 @@ struct Row {
     what: &'static str,
     from: &'static str,
     as_proxy: bool,
-    /// `pod:port`, a pod's address in the family being tested; `lo:port` for loopback.
+    /// The caller's uid and gid when not root or the proxy (owner-group rows).
+    uid: Option<u32>,
+    /// `pod:port`, a pod's address in the family being tested; `lo:port` for 127.0.0.1 (`::1`);
+    /// `lo2:port` for 127.1.2.3 (IPv6: `::1`, the only loopback address there).
     to: &'static str,
 }
 
@@ -48,9 +51,21 @@ fn row(
         what,
         from,
         as_proxy,
+        uid: None,
         to,
     }
 }
+
+/// A row whose application runs as uid and gid `uid`.
+fn row_as(id: &'static str, what: &'static str, uid: u32, to: &'static str) -> Row {
+    Row {
+        uid: Some(uid),
+        ..row(id, what, "client", false, to)
+    }
+}
+
+/// A loopback address other than 127.0.0.1, for Istio's HasLoopBackIP case.
+const LO2: &str = "127.1.2.3";
 
 /// `ext`'s addresses as CIDRs of both families.
 fn ext_cidrs(lab: &Lab) -> Vec<String> {
@@ -237,6 +252,126 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            options: |lab| {
+                let client = lab.pod("client");
+                Options {
+                    include_outbound_ranges: Some(vec![
+                        format!("{LO2}/32"),
+                        format!("{}/32", client.v4),
+                        format!("{}/128", client.v6),
+                        "::1/128".into(),
+                    ]),
+                    ..Default::default()
+                }
+            },
+            rows: vec![
+                row(
+                    "out-lo9",
+                    "includeOutboundIPRanges names 127.1.2.3 (a loopback range): app calls it",
+                    "client",
+                    false,
+                    "lo2:8080",
+                ),
+                row(
+                    "out-lo4",
+                    "loopback range included: app calls its own pod, in the ranges",
+                    "client",
+                    false,
+                    "client:8080",
+                ),
+                row(
+                    "out-lo7",
+                    "loopback range included: app calls 127.0.0.1",
+                    "client",
+                    false,
+                    "lo:8080",
+                ),
+                row(
+                    "out-lo10",
+                    "loopback range included: app calls another pod, not in the ranges",
+                    "client",
+                    false,
+                    "ext:8080",
+                ),
+            ],
+        },
+        Case {
+            options: |_| Options {
+                owner_groups: Some(vec![3000]),
+                ..Default::default()
+            },
+            rows: vec![
+                row_as(
+                    "out-g",
+                    "owner groups 3000: app in group 3000",
+                    3000,
+                    "ext:8080",
+                ),
+                row_as(
+                    "out-g2",
+                    "owner groups 3000: app in group 3001",
+                    3001,
+                    "ext:8080",
+                ),
+            ],
+        },
+        Case {
+            options: |_| Options {
+                owner_groups_exclude: vec![3001],
+                ..Default::default()
+            },
+            rows: vec![
+                row_as(
+                    "out-gx",
+                    "owner groups excluded 3001: app in group 3001",
+                    3001,
+                    "ext:8080",
+                ),
+                row_as(
+                    "out-gx2",
+                    "owner groups excluded 3001: app in group 3000",
+                    3000,
+                    "ext:8080",
+                ),
+            ],
+        },
+        Case {
+            options: |_| Options {
+                include_inbound_ports: Some(vec![8080]),
+                exclude_inbound_ports: vec![8080],
+                ..Default::default()
+            },
+            rows: vec![row(
+                "in-3lx",
+                "includeInboundPorts 8080 and excludeInboundPorts 8080: the list wins",
+                "plain",
+                false,
+                "srv:8080",
+            )],
+        },
+        Case {
+            options: |_| Options {
+                status_port: Some(15030),
+                ..Default::default()
+            },
+            rows: vec![
+                row(
+                    "in-st",
+                    "status.sidecar.istio.io/port 15030: to 15030",
+                    "plain",
+                    false,
+                    "srv:15030",
+                ),
+                row(
+                    "in-st20",
+                    "status port moved: to 15020",
+                    "plain",
+                    false,
+                    "srv:15020",
+                ),
+            ],
+        },
+        Case {
             options: |_| Options {
                 include_inbound_ports: Some(vec![]),
                 ..Default::default()
@@ -325,10 +460,13 @@ fn seen(r: &ClientResult, envoys: &[(&str, Vec<EnvoyRecord>)]) -> Seen {
             host_of(&reply.peer)
         );
     }
+    // Envoy logs a connection when it closes: the order of two listeners' records is
+    // not the order of capture, so they are compared sorted.
+    let mut views = Vec::new();
     let mut direct_local = Vec::new();
     for (pod, records) in envoys {
         for rec in records {
-            let _ = write!(s, "; {pod}'s envoy {}", envoy_view(rec));
+            views.push(format!("; {pod}'s envoy {}", envoy_view(rec)));
             direct_local.push((
                 pod.to_string(),
                 rec.listener.clone(),
@@ -336,6 +474,9 @@ fn seen(r: &ClientResult, envoys: &[(&str, Vec<EnvoyRecord>)]) -> Seen {
             ));
         }
     }
+    views.sort();
+    direct_local.sort();
+    s.push_str(&views.concat());
     Seen {
         parties: s,
         direct_local,
@@ -357,7 +498,8 @@ fn build() -> Mesh {
     }
     for (p, ports) in [
         ("client", &[8080][..]),
-        ("srv", &[8080, 8081]),
+        // 15020 and 15030: the status port rows (captured or not, someone answers).
+        ("srv", &[8080, 8081, 15020, 15030]),
         ("plain", &[8080]),
         ("ext", &[8080, 8081]),
     ] {
@@ -375,11 +517,13 @@ impl Mesh {
     /// `row.to` as an address of the family.
     fn target(&self, to: &str, v6: bool) -> String {
         let (who, port) = to.split_once(':').unwrap();
-        if who == "lo" {
+        if who == "lo" || who == "lo2" {
             return if v6 {
                 format!("[::1]:{port}")
-            } else {
+            } else if who == "lo" {
                 format!("127.0.0.1:{port}")
+            } else {
+                format!("{LO2}:{port}")
             };
         }
         let p = self.lab.pod(who);
@@ -398,7 +542,7 @@ impl Mesh {
             .map(|(_, e)| self.lab.envoy_log(*e).len())
             .collect();
         let target = self.target(row.to, v6);
-        let uid = row.as_proxy.then_some(PROXY_UID);
+        let uid = row.uid.or(row.as_proxy.then_some(PROXY_UID));
         let r = self
             .lab
             .client(
@@ -499,7 +643,11 @@ fn same_as_istio_iptables_for_every_row_and_family() {
                     row.id,
                     row.what,
                     row.from,
-                    if row.as_proxy { "as the proxy" } else { "app" },
+                    match (row.as_proxy, row.uid) {
+                        (true, _) => "as the proxy".to_string(),
+                        (false, Some(uid)) => format!("app as uid/gid {uid}"),
+                        (false, None) => "app".to_string(),
+                    },
                     row.to,
                     a.parties,
                     b.parties

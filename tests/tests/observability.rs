@@ -116,3 +116,30 @@ fn kernel_probe_finds_every_feature() {
     assert!(text.lines().count() >= 20, "{text}");
     assert!(text.lines().all(|l| l.starts_with("ok ")), "{text}");
 }
+
+/// `--log-format json`: every line the daemon logs is one JSON object with a timestamp, a
+/// level, the module and the message, for log pipelines.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut lab = lab();
+    lab.add_pod("a").unwrap();
+    let pods = pods_yaml(&[lab.pod("a").yaml_entry(&[])]);
+    lab.start_daemon(&pods, &["--log-format", "json"]).unwrap();
+    lab.daemon().wait_pods(&["a"]).unwrap();
+    let log = lab.daemon().log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 5, "{log}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        for field in ["ts", "level", "target", "msg"] {
+            assert!(v[field].is_string(), "no {field} in {l}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"level\":\"INFO\"") && l.contains("attached")),
+        "{log}"
+    );
+}

@@ -15,7 +15,7 @@ fn more_live_connections_than_the_map_holds() {
     lab.add_pod("client").unwrap();
     lab.add_pod("ext").unwrap();
     let ports: Vec<u16> = (9000..9016).collect();
-    lab.start_sidecar("client").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
     lab.start_server("ext", &ports).unwrap();
     lab.start_daemon(
         &pods_yaml(&[lab.pod("client").yaml_entry(&[])]),
@@ -29,6 +29,12 @@ fn more_live_connections_than_the_map_holds() {
         .collect();
     // `n` connections open at once, kept open 2.5 s (two of the daemon's passes), each
     // asking getpeername() again before any closes.
+    // Each connection's bound (10 s) is stretched under emulation, where Envoy takes minutes
+    // to set up a thousand connections (on 6.1 and 6.12 under qemu they timed out with no
+    // entry evicted or missed).
+    let timeout = redirect_lab::scaled(std::time::Duration::from_secs(10))
+        .as_millis()
+        .to_string();
     let hold = |lab: &mut redirect_lab::Lab, n: usize| -> Vec<ClientResult> {
         let n = n.to_string();
         let mut args = vec![
@@ -39,6 +45,8 @@ fn more_live_connections_than_the_map_holds() {
             "--hold",
             "--hold-ms",
             "2500",
+            "--timeout-ms",
+            &timeout,
         ];
         for t in &targets {
             args.extend(["--target", t.as_str()]);
@@ -60,14 +68,32 @@ fn more_live_connections_than_the_map_holds() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let room = SIZE.saturating_sub(128 * (cpus + 1) + 64);
     let within = hold(&mut lab, (SIZE * 3 / 4).min(room));
-    for r in &within {
-        assert!(r.error.is_none(), "{r:?}");
-        assert_eq!(r.peername_held.as_ref(), Some(&r.target), "{r:?}");
-    }
-    drained(&mut lab);
     let counter = |lab: &mut redirect_lab::Lab, name: &str| {
         lab.daemon().pod_status("client").unwrap().counter(name)
     };
+    let bad: Vec<_> = within
+        .iter()
+        .filter(|r| r.error.is_some() || r.peername_held.as_ref() != Some(&r.target))
+        .collect();
+    if !bad.is_empty() {
+        // Say whose fault it was: the map (evicted, missed) or the sidecar (its own errors).
+        let sidecar_errors: Vec<_> = lab
+            .sidecar_log(sidecar)
+            .into_iter()
+            .filter(|r| r.error.is_some())
+            .take(5)
+            .collect();
+        panic!(
+            "{} of {} connections within the map's room failed or lost their destination \
+             (orig_dst_evicted {}, orig_dst_missed {}); first: {:?}; sidecar errors: {sidecar_errors:?}",
+            bad.len(),
+            within.len(),
+            counter(&mut lab, "orig_dst_evicted"),
+            counter(&mut lab, "orig_dst_missed"),
+            bad[0]
+        );
+    }
+    drained(&mut lab);
     assert_eq!(counter(&mut lab, "orig_dst_evicted"), 0);
     assert_eq!(counter(&mut lab, "orig_dst_missed"), 0);
     assert!(

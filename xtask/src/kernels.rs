@@ -263,9 +263,14 @@ struct KernelResult {
     boot_and_run: Duration,
 }
 
+/// Test binaries that need no redirectd and run on every kernel, below the floor too: the
+/// probe's own test, and the check of the sockmap read behaviour that keeps application
+/// sockets out of the splice.
+const EVERY_KERNEL: [&str; 2] = ["kernel", "sockmap_reads"];
+
 /// The script the guest runs: mount bpffs, record the kernel and the probe, then every test
-/// binary (only `kernel` when the probe says the kernel is below the floor), each with its
-/// log, exit code and time in the shared results directory.
+/// binary (only [`EVERY_KERNEL`]'s when the probe says the kernel is below the floor), each
+/// with its log, exit code and time in the shared results directory.
 fn guest_script(root: &Path, results: &Path, bins: &[(String, PathBuf)]) -> String {
     let target = root.join("target").join("debug");
     let envoy = setup::envoy_bin(root);
@@ -285,7 +290,7 @@ fn guest_script(root: &Path, results: &Path, bins: &[(String, PathBuf)]) -> Stri
         tests = root.join("tests").display(),
     );
     for (name, path) in bins {
-        let guard = if name == "kernel" {
+        let guard = if EVERY_KERNEL.contains(&name.as_str()) {
             String::new()
         } else {
             "[ \"$(cat $R/probe.rc)\" = 0 ] && ".to_string()
@@ -418,7 +423,7 @@ fn report(spec: &KernelSpec, k: &KernelResult) -> (String, bool) {
         "nothing".to_string()
     } else {
         format!(
-            "below the floor, only the `kernel` test ran: {}",
+            "below the floor, only `kernel` and `sockmap_reads` ran: {}",
             k.missing.join("; ")
         )
     };
@@ -469,7 +474,7 @@ pub fn test(root: &Path, which: &str, only: &[String]) -> Result<()> {
                 );
             }
         }
-        bins.retain(|(n, _)| only.contains(n) || n == "kernel");
+        bins.retain(|(n, _)| only.contains(n) || EVERY_KERNEL.contains(&n.as_str()));
     }
     let mut table = vec![
         "| kernel | suite | unavailable there | boot + run |".to_string(),

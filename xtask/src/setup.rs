@@ -90,6 +90,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // The real CNI plugins (bridge, host-local, loopback) the lab's container runtime chains
     // redirect-cni after.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // DNS capture's tests: dnsmasq as the agent's DNS proxy and as an upstream server (the
+    // binary only: `dnsmasq` would start a host service), and dig as a client.
+    ("dnsmasq-base", "dnsmasq"),
+    ("bind9-dnsutils", "dig"),
+    // musl's resolver in DNS capture's tests (a static binary built from tests/c).
+    ("musl-tools", "musl-gcc"),
 ];
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {

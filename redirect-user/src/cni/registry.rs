@@ -205,7 +205,7 @@ impl Registry {
                     key: r.key.clone(),
                     netns,
                     ips: r.ips.clone(),
-                    policy: policy.clone(),
+                    policy: (**policy).clone(),
                 }),
                 _ => d.pods.push(PodSpec {
                     key: r.key.clone(),
@@ -304,9 +304,10 @@ mod tests {
             }],
             ..Default::default()
         });
-        published
-            .members
-            .insert(key("web"), member("u1", Membership::Mesh(policy.clone())));
+        published.members.insert(
+            key("web"),
+            member("u1", Membership::Mesh(Box::new(policy.clone()))),
+        );
         let d = r.overlay(&published);
         assert_eq!(d.pods.len(), 1);
         assert_eq!(d.pods[0].netns, NetnsRef::Path(dir.join("ns-web")));
@@ -345,20 +346,18 @@ mod tests {
             }],
             ..Default::default()
         });
-        published.members.insert(
-            key("web"),
-            member("u1", Membership::Mesh(CapturePolicy::default())),
-        );
+        published
+            .members
+            .insert(key("web"), member("u1", Membership::Mesh(Box::default())));
         // The DEL of an older sandbox changes nothing.
         r.remove(&key("web"), "c-old", &Some("u1".into()));
         assert_eq!(r.overlay(&published).pods.len(), 1);
         r.remove(&key("web"), "c-web", &Some("u1".into()));
         assert!(r.overlay(&published).pods.is_empty(), "sandbox going away");
         // A new pod of the same name (new uid) in the source is served.
-        published.members.insert(
-            key("web"),
-            member("u2", Membership::Mesh(CapturePolicy::default())),
-        );
+        published
+            .members
+            .insert(key("web"), member("u2", Membership::Mesh(Box::default())));
         assert_eq!(r.overlay(&published).pods.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }

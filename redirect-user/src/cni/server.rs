@@ -120,7 +120,7 @@ async fn answer(
             "CHECK"
         };
         match decide(&key, &request.uid, source).await {
-            Ok(Membership::Mesh(policy)) => Some(policy),
+            Ok(Membership::Mesh(policy)) => Some(*policy),
             Ok(Membership::Outside(reason)) => {
                 log::debug!("CNI {what} pod {key}: not in the mesh ({reason})");
                 return CniReply::NotInMesh { reason };

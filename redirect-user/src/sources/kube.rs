@@ -6,9 +6,10 @@
 //! A pod is in the mesh when Istio injected a sidecar (the `sidecar.istio.io/status`
 //! annotation, or an `istio-proxy` container, also as a native sidecar init container) that is
 //! not a gateway (`istio-proxy ... router`), it is not on the host network, its interception
-//! mode is REDIRECT or TPROXY (the `sidecar.istio.io/interceptionMode` annotation, else the
+//! mode is not NONE (the `sidecar.istio.io/interceptionMode` annotation, else the
 //! istio-proxy container's `ISTIO_META_INTERCEPTION_MODE`, else `proxy.istio.io/config`;
-//! default REDIRECT), and `redirectd.dev/skip` is not "true". It is served as soon as it has
+//! default REDIRECT), and `redirectd.dev/skip` is not "true". REDIRECT is served; TPROXY is
+//! refused as a rejected configuration (locked, its CNI ADD fails) until it is supported. It is served as soon as it has
 //! an address and is not finished: Pending (init containers running) or Running. Its
 //! `traffic.sidecar.istio.io/*` annotations go through the same parser as the pods file; its
 //! proxy's uid and gid come from the istio-proxy container's security context.
@@ -41,6 +42,9 @@ const ISTIO_STATUS: &str = "sidecar.istio.io/status";
 const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
 const PROXY_CONFIG: &str = "proxy.istio.io/config";
 const INTERCEPTION_MODE_ENV: &str = "ISTIO_META_INTERCEPTION_MODE";
+const OWNER_GROUPS_ENV: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+const OWNER_GROUPS_EXCLUDE_ENV: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+const DNS_CAPTURE_ENV: &str = "ISTIO_META_DNS_CAPTURE";
 const ISTIO_PROXY: &str = "istio-proxy";
 /// Istio's default proxy uid and gid.
 const ISTIO_PROXY_ID: u32 = 1337;
@@ -109,6 +113,55 @@ fn interception_mode(pod: &Pod, ann: &BTreeMap<String, String>) -> Option<(Strin
     ))
 }
 
+/// A proxy setting as Istio passes it to its iptables setup: the istio-proxy container's
+/// environment, else `proxyMetadata` in the `proxy.istio.io/config` annotation. Returns the
+/// value and where it was read.
+fn proxy_setting(
+    pod: &Pod,
+    ann: &BTreeMap<String, String>,
+    name: &str,
+) -> Option<(String, String)> {
+    let env = istio_proxy(pod)
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| env.iter().find(|e| e.name == name))
+        .and_then(|e| e.value.clone());
+    if let Some(v) = env {
+        return Some((v, format!("istio-proxy env {name}")));
+    }
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(ann.get(PROXY_CONFIG)?).ok()?;
+    let v = doc.get("proxyMetadata")?.get(name)?.as_str()?;
+    Some((
+        v.to_string(),
+        format!("annotation {PROXY_CONFIG} proxyMetadata.{name}"),
+    ))
+}
+
+/// The owner-group filter Istio's `ISTIO_OUTBOUND_OWNER_GROUPS` (`_EXCLUDE`) give the pod, if
+/// either is set; an error names the setting and why.
+fn owner_groups_of(
+    pod: &Pod,
+    ann: &BTreeMap<String, String>,
+) -> Option<Result<annotations::OwnerGroups, (String, String)>> {
+    let include = proxy_setting(pod, ann, OWNER_GROUPS_ENV);
+    let exclude = proxy_setting(pod, ann, OWNER_GROUPS_EXCLUDE_ENV);
+    if include.is_none() && exclude.is_none() {
+        return None;
+    }
+    fn value(s: &Option<(String, String)>) -> Option<&str> {
+        s.as_ref().map(|(v, _)| v.as_str())
+    }
+    Some(
+        annotations::owner_groups(value(&include), value(&exclude)).map_err(|reason| {
+            let failed = match annotations::owner_groups(value(&include), None) {
+                Err(_) => include.as_ref(),
+                Ok(_) => exclude.as_ref(),
+            };
+            let (v, from) = failed.cloned().unwrap_or_default();
+            (from, format!("{v:?}: {reason}"))
+        }),
+    )
+}
+
 /// The proxy's uid and gid from the istio-proxy container's security context, else the
 /// pod's, else Istio's 1337.
 fn proxy_ids(pod: &Pod) -> Result<(u32, u32), String> {
@@ -160,7 +213,8 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     };
     if let Some((mode, from)) = interception_mode(pod, &ann) {
         match mode.as_str() {
-            "REDIRECT" | "TPROXY" => {}
+            "REDIRECT" => {}
+            "TPROXY" => return invalid(from, annotations::TPROXY_UNSUPPORTED.into()),
             "NONE" => return outside("interception mode NONE"),
             other => {
                 return invalid(
@@ -174,11 +228,24 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
         Ok(ids) => ids,
         Err(e) => return invalid("istio-proxy securityContext".into(), e),
     };
+    let groups = match owner_groups_of(pod, &ann).transpose() {
+        Ok(g) => g,
+        Err((field, reason)) => return invalid(field, reason),
+    };
+    let dns = match proxy_setting(pod, &ann, DNS_CAPTURE_ENV) {
+        None => None,
+        Some((v, from)) => match annotations::go_bool(&v) {
+            Ok(b) => Some(b),
+            Err(reason) => return invalid(from, reason),
+        },
+    };
     match annotations::parse(&ann) {
         Ok(parsed) => {
             let policy = CapturePolicy {
                 proxy_uid: Some(uid),
                 proxy_gid: Some(gid),
+                owner_groups: groups.unwrap_or(parsed.policy.owner_groups.clone()),
+                dns_capture: dns.unwrap_or(parsed.policy.dns_capture),
                 ..parsed.policy
             };
             let warnings = parsed
@@ -186,7 +253,7 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
                 .into_iter()
                 .map(|w| format!("pod {key}: {w}"))
                 .collect();
-            (Membership::Mesh(policy), warnings)
+            (Membership::Mesh(Box::new(policy)), warnings)
         }
         Err(e) => invalid(
             format!("metadata.annotations[{:?}]", e.annotation),
@@ -237,7 +304,7 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
             key,
             netns: NetnsRef::PodIp(first),
             ips,
-            policy,
+            policy: *policy,
         })),
         Membership::Invalid(error) => Err(Rejected::Invalid(Box::new(InvalidPod {
             key,
@@ -551,12 +618,68 @@ mod tests {
         assert!(mesh(&with(None, None, None)), "default REDIRECT");
         assert!(mesh(&with(Some("REDIRECT"), Some("NONE"), Some("NONE"))));
         assert!(!mesh(&with(None, Some("NONE"), Some("REDIRECT"))));
-        assert!(mesh(&with(None, Some("TPROXY"), Some("NONE"))));
+        // TPROXY (from the environment here, over the config's NONE) is refused, not served
+        // as REDIRECT.
+        let Membership::Invalid(e) = with(None, Some("TPROXY"), Some("NONE")) else {
+            panic!("a TPROXY pod is refused until TPROXY is supported");
+        };
+        assert!(e.reason.contains("TPROXY is not supported yet"), "{e}");
         assert!(!mesh(&with(None, None, Some("NONE"))));
         let Membership::Invalid(e) = with(None, Some("REDIRCT"), None) else {
             panic!("a misspelt mode is rejected, not ignored");
         };
         assert!(e.field.contains("ISTIO_META_INTERCEPTION_MODE"), "{e}");
+    }
+
+    #[test]
+    fn owner_groups_from_the_proxy_env_or_proxy_metadata() {
+        use annotations::OwnerGroups;
+        let with = |env: &[(&str, &str)], metadata: Option<&str>| {
+            let mut p = base();
+            let env: Vec<_> = env
+                .iter()
+                .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+                .collect();
+            p["spec"]["containers"] =
+                serde_json::json!([{"name": "app"}, {"name": "istio-proxy", "env": env}]);
+            if let Some(m) = metadata {
+                p["metadata"]["annotations"]["proxy.istio.io/config"] = m.into();
+            }
+            membership(&pod(p)).0
+        };
+        let groups = |m: Membership| match m {
+            Membership::Mesh(p) => p.owner_groups,
+            other => panic!("mesh pod expected: {other:?}"),
+        };
+        assert_eq!(groups(with(&[], None)), OwnerGroups::All);
+        let dns = |m: Membership| match m {
+            Membership::Mesh(p) => p.dns_capture,
+            other => panic!("mesh pod expected: {other:?}"),
+        };
+        assert!(!dns(with(&[], None)));
+        assert!(dns(with(&[("ISTIO_META_DNS_CAPTURE", "true")], None)));
+        assert!(dns(with(
+            &[],
+            Some("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"True\"\n")
+        )));
+        assert_eq!(
+            groups(with(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "3000")], None)),
+            OwnerGroups::Only([3000].into())
+        );
+        assert_eq!(
+            groups(with(
+                &[],
+                Some("proxyMetadata:\n  ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE: \"4000,4001\"\n")
+            )),
+            OwnerGroups::AllExcept([4000, 4001].into())
+        );
+        let Membership::Invalid(e) = with(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "wheel")], None) else {
+            panic!("a group name is rejected, not ignored");
+        };
+        assert!(
+            e.field.contains("ISTIO_OUTBOUND_OWNER_GROUPS") && e.reason.contains("wheel"),
+            "{e}"
+        );
     }
 
     #[test]

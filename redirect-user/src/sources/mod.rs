@@ -43,7 +43,7 @@ impl PodSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Membership {
     /// In the mesh, with this configuration.
-    Mesh(CapturePolicy),
+    Mesh(Box<CapturePolicy>),
     /// In the mesh, but its capture configuration is invalid.
     Invalid(PodError),
     /// Not in the mesh, and why (not injected, `redirectd.dev/skip`, interception mode NONE,
@@ -80,7 +80,7 @@ impl Published {
     pub fn new(desired: Desired) -> Self {
         let mut members = BTreeMap::new();
         for p in &desired.pods {
-            let m = Membership::Mesh(p.policy.clone());
+            let m = Membership::Mesh(Box::new(p.policy.clone()));
             members.insert(
                 p.key.clone(),
                 Member {

@@ -10,6 +10,7 @@
 //! - `validate`: Istio's istio-validation check (CNI mode), as its validator makes it.
 
 mod client;
+mod dns;
 mod proxy;
 mod server;
 mod sockets;
@@ -102,6 +103,24 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// One DNS query for an A record; prints the answer and where the reply came from.
+    DnsQuery {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value = "connected")]
+        transport: dns::Transport,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Runs a command with an /etc/resolv.conf of its own (a private mount namespace).
+    WithResolvConf {
+        #[arg(long = "nameserver", required = true)]
+        nameservers: Vec<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// A client: `count` connections spread over the targets, `concurrency` at a time.
     Client {
         #[arg(long = "target", required = true)]
@@ -181,6 +200,13 @@ fn main() -> Result<()> {
             hold_ms,
             timeout_ms,
         )),
+        Cmd::DnsQuery {
+            server,
+            name,
+            transport,
+            timeout_ms,
+        } => dns::run(server, &name, transport, Duration::from_millis(timeout_ms)),
+        Cmd::WithResolvConf { nameservers, cmd } => dns::with_resolv_conf(&nameservers, &cmd),
         Cmd::PerfServer { rr_port, sink_port } => redirect_lab::perf::server(rr_port, sink_port),
         Cmd::PerfClient {
             target,

@@ -1,0 +1,68 @@
+//! `traffic.sidecar.istio.io/excludeInterfaces`: what arrives through, or leaves through, one
+//! of a pod's named interfaces is never captured (Istio's `PREROUTING -i IFACE -j RETURN` and
+//! `OUTPUT -o IFACE -j RETURN`). The kernel programs cannot see an interface at `connect()`
+//! (the socket is not routed yet), so the pod's view is read from its namespace over
+//! rtnetlink on every pass: its main table's routes, each marked as through an excluded
+//! interface or not (the longest match decides, as routing does), and the addresses of the
+//! excluded interfaces (a connection arriving through one is addressed to it).
+
+use std::{collections::BTreeSet, fs::File, net::IpAddr, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{annotations::Cidr, netns_by_route::Rtnl};
+
+/// A pod's interfaces as the rules need them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    /// Main-table routes: `(network, through an excluded interface)`.
+    pub routes: BTreeSet<(Cidr, bool)>,
+    /// Addresses configured on the excluded interfaces.
+    pub local: BTreeSet<IpAddr>,
+}
+
+/// A route's network with its host bits cleared.
+fn network(addr: IpAddr, len: u8) -> Cidr {
+    format!("{addr}/{len}").parse().unwrap_or(Cidr::host(addr))
+}
+
+/// Reads the view of the namespace at `netns` for the interfaces named `excluded` (a name
+/// not there yet contributes nothing until it appears).
+pub fn read(netns: &Path, excluded: &BTreeSet<String>) -> Result<InterfaceView> {
+    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let mut rtnl = Rtnl::open_in(&ns)?;
+    let indexes: BTreeSet<u32> = rtnl
+        .links()?
+        .into_iter()
+        .filter(|(_, name)| excluded.contains(name))
+        .map(|(i, _)| i)
+        .collect();
+    let routes = rtnl
+        .main_routes()?
+        .into_iter()
+        .map(|(dst, len, oif)| (network(dst, len), indexes.contains(&oif)))
+        .collect();
+    let local = rtnl
+        .addresses_by_link()?
+        .into_iter()
+        .filter(|(i, _)| indexes.contains(i))
+        .map(|(_, ip)| ip)
+        .collect();
+    Ok(InterfaceView { routes, local })
+}
+
+/// An interface name as Linux accepts it (Istio's `ValidateInterfaceNames`): 1 to 15 bytes,
+/// no `/`, no whitespace.
+pub fn valid_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "{name:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"
+        ));
+    }
+    Ok(())
+}
