@@ -38,6 +38,10 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: plain-data value, copied out at once.
     let orig = match unsafe { ORIG_BY_TUPLE.get(key) } {
         Some(o) => *o,
+        // Not one of ours, and conntrack answered: a NAT (Istio's own REDIRECT, installed
+        // beside us by mistake) knows the destination better than the socket's address.
+        // SAFETY: retval is readable in getsockopt programs.
+        None if unsafe { (*so).retval } == 0 => return PASS,
         None => match untranslated(&key) {
             Some(o) => o,
             None => return PASS,

@@ -345,6 +345,8 @@ struct Publisher {
     /// Maps already warned about as filling up.
     map_warned: BTreeSet<&'static str>,
     reconcile_errors: u64,
+    /// How long the loop may go without turning before /healthz fails.
+    stall_after: Duration,
 }
 
 impl Publisher {
@@ -369,7 +371,35 @@ impl Publisher {
             last_problems: BTreeSet::new(),
             map_warned: BTreeSet::new(),
             reconcile_errors: 0,
+            // The loop turns at least once per resync period; a pass may take a while.
+            stall_after: (opts.resync * 3).max(Duration::from_secs(60)),
         }
+    }
+
+    /// The liveness part of a snapshot, as of now.
+    fn liveness(&self) -> Snapshot {
+        Snapshot {
+            heartbeat: Some(std::time::Instant::now()),
+            stall_after: self.stall_after,
+            source_stopped: self.stats.stopped.lock().ok().and_then(|s| s.clone()),
+            ..Snapshot::default()
+        }
+    }
+
+    /// The loop went round (with or without a pass): /healthz sees it.
+    fn heartbeat(&self) {
+        let Some(tx) = &self.metrics else {
+            return;
+        };
+        let live = self.liveness();
+        tx.send_modify(|s| {
+            *s = Arc::new(Snapshot {
+                heartbeat: live.heartbeat,
+                stall_after: live.stall_after,
+                source_stopped: live.source_stopped,
+                ..(**s).clone()
+            })
+        });
     }
 
     /// The source has no usable desired set yet: only the status says so.
@@ -399,6 +429,7 @@ impl Publisher {
         self.reconcile_errors += report.failed.len() as u64;
         warn_if_filling(&pass.fill, &mut self.map_warned);
 
+        let live = self.liveness();
         let status = &mut self.status;
         status.rejected = problems;
         status.warnings = desired.warnings.clone();
@@ -444,6 +475,7 @@ impl Publisher {
                 reconcile_errors: self.reconcile_errors,
                 watch_restarts: self.stats.watch_restarts.load(Ordering::Relaxed),
                 maps: pass.fill,
+                ..live
             }));
         }
         if let Err(e) = status.write(&self.status_file) {
@@ -674,6 +706,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        publisher.heartbeat();
         if let Some(link) = cni.as_mut() {
             link.drain(&mut calls);
         }

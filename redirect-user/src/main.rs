@@ -25,7 +25,12 @@ const DEFAULT_CNI_STATE: &str = "/run/redirectd/cni-pods.json";
 )]
 struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIRECTD_LOG_LEVEL",
+        default_value = "info"
+    )]
     log_level: String,
     /// Log lines as text, or as one JSON object each (`ts`, `level`, `target`, `msg`), for
     /// log pipelines.
@@ -71,10 +76,10 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_STATUS_FILE)]
     status_file: PathBuf,
     /// uid of the sidecar proxy; its own connections are never captured.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, env = "REDIRECTD_PROXY_UID", default_value_t = 1337)]
     proxy_uid: u32,
     /// gid of the sidecar proxy (Istio matches uid or gid).
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, env = "REDIRECTD_PROXY_GID", default_value_t = 1337)]
     proxy_gid: u32,
     /// The proxy's outbound listener port (on loopback).
     #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
@@ -87,15 +92,15 @@ struct RunArgs {
     proxy_ports: Vec<u16>,
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
     /// (e.g. 127.0.0.1:15080).
-    #[arg(long)]
+    #[arg(long, env = "REDIRECTD_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Turn same-node acceleration (sockmap) off for every pod.
-    #[arg(long)]
+    #[arg(long, env = "REDIRECTD_NO_ACCEL")]
     no_accel: bool,
     /// Capacity of each original-destination map: how many captured connections can be
     /// open on the node at once before the oldest lose their destination (LRU eviction,
     /// counted as orig_dst_evicted). About 100 bytes each.
-    #[arg(long, default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    #[arg(long, env = "REDIRECTD_ORIG_DST_MAP_SIZE", default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     orig_dst_map_size: u32,
     /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's
     /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
@@ -382,6 +387,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 removed.links,
                 removed.maps,
                 pin_dir.display()
+            );
+            println!(
+                "mesh pods keep running, uncaptured: their connections now go direct, past their sidecars, until they are restarted under a capture mechanism (redirectd again, or Istio's istio-cni or istio-init)"
             );
             Ok(())
         }

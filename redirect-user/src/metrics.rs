@@ -1,5 +1,6 @@
-//! `--metrics-addr`: Prometheus text on `/metrics`, `/healthz` (the daemon runs) and `/readyz`
-//! (the first full reconcile is done), served with hyper. The daemon's loop publishes a
+//! `--metrics-addr`: Prometheus text on `/metrics`, `/healthz` (the daemon's loop is turning
+//! and its pod source is alive) and `/readyz` (the first full reconcile is done), served with
+//! hyper. The daemon's loop publishes a
 //! snapshot after every pass; this server only formats it (with the `prometheus` crate's text
 //! encoder). Nothing sensitive is exposed: pod names, counters and map fill, no addresses or
 //! file paths.
@@ -29,6 +30,28 @@ pub struct Snapshot {
     pub watch_restarts: u64,
     /// `(map, entries, capacity)`.
     pub maps: Vec<(&'static str, usize, u32)>,
+    /// When the daemon's loop last went round (it does at least once per resync period).
+    pub heartbeat: Option<std::time::Instant>,
+    /// How old the heartbeat may be before the loop counts as stuck.
+    pub stall_after: Duration,
+    /// Why the pod source stopped, if it did.
+    pub source_stopped: Option<String>,
+}
+
+/// `/healthz`: fails when the loop has not gone round for `stall_after` (a pass stuck in
+/// the kernel or on a lock) or the pod source stopped for good; the kubelet then restarts
+/// the daemon, which keeps capture up across the restart.
+fn health(s: &Snapshot) -> Result<(), String> {
+    if let Some(e) = &s.source_stopped {
+        return Err(format!("the pod source stopped: {e}"));
+    }
+    match s.heartbeat {
+        Some(t) if t.elapsed() > s.stall_after => Err(format!(
+            "the reconcile loop has not gone round for {} s",
+            t.elapsed().as_secs()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A per-pod metric family: its name, help, and the extra labels that tell its series apart.
@@ -100,7 +123,9 @@ const PER_POD: [(&str, &Family, &[&str]); PodCounters::COUNT] = [
 ];
 
 fn counter_vec(registry: &Registry, f: &Family) -> Result<IntCounterVec> {
-    let mut labels = vec!["namespace", "pod"];
+    // Not `namespace` and `pod`: Prometheus puts its own target labels of those names on
+    // every series scraped from a pod (redirectd's), and would rename ours.
+    let mut labels = vec!["pod_namespace", "pod_name"];
     labels.extend(f.labels);
     let v = IntCounterVec::new(Opts::new(f.metric, f.help), &labels)
         .with_context(|| format!("defining {}", f.metric))?;
@@ -179,7 +204,7 @@ fn registry(s: &Snapshot) -> Result<Registry> {
         &r,
         "redirect_pod_config_rejected",
         "1 while a pod's current configuration is rejected: its last good configuration (or, never served, a lock refusing its connections) is in force.",
-        &["namespace", "pod"],
+        &["pod_namespace", "pod_name"],
     )?;
     for (ns, name, is) in &s.config_rejected {
         rejected
@@ -219,6 +244,13 @@ fn registry(s: &Snapshot) -> Result<Registry> {
         "1 once the first full reconcile is done.",
         u64::from(s.ready),
     )?;
+    let build = gauge_vec(
+        &r,
+        "redirect_build_info",
+        "1, labelled with the running redirectd's version.",
+        &["version"],
+    )?;
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     Ok(r)
 }
 
@@ -249,7 +281,10 @@ fn answer(path: &str, snapshot: &Snapshot) -> Response<Full<Bytes>> {
             Ok(body) => text(StatusCode::OK, body),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
         },
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match health(snapshot) {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
         "/readyz" if snapshot.ready => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n".into()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
@@ -324,17 +359,26 @@ mod tests {
             reconcile_errors: 2,
             watch_restarts: 0,
             maps: vec![("SOCK_PAIRS", 4, 65536)],
+            ..Snapshot::default()
         };
         let text = render(&s).unwrap();
-        assert!(text.contains(r#"redirect_connections_total{direction="outbound",namespace="ns",pod="we\"ird",result="captured"} 3"#), "{text}");
+        assert!(text.contains(r#"redirect_connections_total{direction="outbound",pod_name="we\"ird",pod_namespace="ns",result="captured"} 3"#), "{text}");
         assert!(
-            text.contains(r#"redirect_accelerated_bytes_total{namespace="ns",pod="we\"ird"} 7"#),
+            text.contains(
+                r#"redirect_accelerated_bytes_total{pod_name="we\"ird",pod_namespace="ns"} 7"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#"redirect_map_entries{map="SOCK_PAIRS"} 4"#));
+        assert!(text.contains(&format!(
+            "redirect_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
         assert!(text.contains("redirect_reconcile_errors_total 2"), "{text}");
         assert!(
-            text.contains(r#"redirect_pod_config_rejected{namespace="ns",pod="we\"ird"} 1"#),
+            text.contains(
+                r#"redirect_pod_config_rejected{pod_name="we\"ird",pod_namespace="ns"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains("redirect_ready 1"));
@@ -348,6 +392,26 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(answer("/healthz", &ready).status(), StatusCode::OK);
+        let stuck = Snapshot {
+            heartbeat: Some(std::time::Instant::now() - Duration::from_secs(120)),
+            stall_after: Duration::from_secs(60),
+            ..Snapshot::default()
+        };
+        assert_eq!(
+            answer("/healthz", &stuck).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let turning = Snapshot {
+            heartbeat: Some(std::time::Instant::now()),
+            ..stuck
+        };
+        assert_eq!(answer("/healthz", &turning).status(), StatusCode::OK);
+        let dead = Snapshot {
+            source_stopped: Some("watch forbidden".into()),
+            ..turning
+        };
+        let r = answer("/healthz", &dead);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer("/readyz", &ready).status(), StatusCode::OK);
         assert_eq!(
             answer("/readyz", &Snapshot::default()).status(),

@@ -1,10 +1,11 @@
-//! The deploy/ manifests parse into their Kubernetes types and satisfy what the DaemonSet
-//! needs: privileges, host namespaces, mounts, the node name, probes, requests, and RBAC that
-//! can only read pods.
+//! The deploy/ manifests parse into their Kubernetes types, strictly (a field the type does
+//! not have, a typo such as `mountPropogation`, fails: the types alone would drop it), and
+//! satisfy what the DaemonSet needs: privileges, host namespaces, mounts, the node name,
+//! probes, requests, and RBAC that can only read pods.
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{Container, Namespace, ServiceAccount},
+    core::v1::{ConfigMap, Container, Namespace, ResourceQuota, Service, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use serde::Deserialize;
@@ -18,10 +19,58 @@ fn docs(file: &str) -> Vec<serde_yaml_ng::Value> {
         .collect()
 }
 
-fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_yaml_ng::Value], kind: &str) -> Vec<T> {
+/// The paths of `original` that `typed` (the same document after a round trip through its
+/// Kubernetes type) lacks: fields the type does not know.
+fn unknown_fields(
+    original: &serde_yaml_ng::Value,
+    typed: &serde_yaml_ng::Value,
+    at: &str,
+) -> Vec<String> {
+    use serde_yaml_ng::Value;
+    match (original, typed) {
+        (Value::Mapping(o), Value::Mapping(t)) => o
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .flat_map(|(k, v)| {
+                let key = k.as_str().unwrap_or("?");
+                let path = format!("{at}.{key}");
+                match t.get(k) {
+                    Some(tv) => unknown_fields(v, tv, &path),
+                    None => vec![path],
+                }
+            })
+            .collect(),
+        (Value::Sequence(o), Value::Sequence(t)) => o
+            .iter()
+            .zip(t)
+            .enumerate()
+            .flat_map(|(i, (v, tv))| unknown_fields(v, tv, &format!("{at}[{i}]")))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Parses `doc` as `T`, failing on any field `T` does not have.
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(
+    doc: &serde_yaml_ng::Value,
+) -> Result<T, String> {
+    let typed: T = serde_yaml_ng::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_yaml_ng::to_value(&typed).map_err(|e| e.to_string())?;
+    let unknown = unknown_fields(doc, &back, "");
+    if unknown.is_empty() {
+        Ok(typed)
+    } else {
+        Err(format!("unknown fields: {}", unknown.join(", ")))
+    }
+}
+
+fn of_kind<T: serde::de::DeserializeOwned + serde::Serialize>(
+    docs: &[serde_yaml_ng::Value],
+    kind: &str,
+) -> Vec<T> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
-        .map(|d| serde_yaml_ng::from_value(d.clone()).unwrap_or_else(|e| panic!("{kind}: {e}")))
+        .map(|d| strict(d).unwrap_or_else(|e| panic!("{kind}: {e}")))
         .collect()
 }
 
@@ -69,13 +118,22 @@ fn check_node_agent<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
         "hostPID (netns resolution through /proc)"
     );
     let c = container(ds, name);
-    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
     let mounts = c.volume_mounts.as_ref().unwrap();
     let bpffs = mounts
         .iter()
         .find(|m| m.mount_path == "/sys/fs/bpf")
         .expect("/sys/fs/bpf mounted");
-    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    // The daemon's pins are on the host's bpffs: it sees the host's mounts. Only a privileged
+    // container may propagate its own mounts back (mount-bpffs, uninstall).
+    let privileged = c.security_context.as_ref().and_then(|s| s.privileged) == Some(true);
+    let propagation = bpffs.mount_propagation.as_deref();
+    assert!(
+        matches!(
+            (privileged, propagation),
+            (true, Some("Bidirectional")) | (false, Some("HostToContainer"))
+        ),
+        "{name}: privileged {privileged}, /sys/fs/bpf propagation {propagation:?}"
+    );
     let volumes = pod.volumes.as_ref().unwrap();
     let host = |name: &str| {
         volumes
@@ -97,13 +155,39 @@ fn check_node_agent<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
 
 #[test]
 fn daemonset_and_rbac() {
-    let d = docs("redirectd.yaml");
+    let d = docs("base/redirectd.yaml");
     assert_eq!(of_kind::<Namespace>(&d, "Namespace").len(), 1);
     let sa: Vec<ServiceAccount> = of_kind(&d, "ServiceAccount");
     let sets: Vec<DaemonSet> = of_kind(&d, "DaemonSet");
     assert_eq!(sets.len(), 1);
     let ds = &sets[0];
     let c = check_node_agent(ds, "redirectd");
+    // A list of capabilities, not privileged (the reasons are in the manifest).
+    let sc = c.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added = caps.add.clone().unwrap();
+    for cap in [
+        "SYS_ADMIN",
+        "NET_ADMIN",
+        "SYS_PTRACE",
+        "DAC_READ_SEARCH",
+        "SYS_RESOURCE",
+    ] {
+        assert!(added.iter().any(|a| a == cap), "{cap} in {added:?}");
+    }
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let init = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "mount-bpffs")
+        .expect("mount-bpffs");
+    assert_eq!(
+        init.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(
         pod.service_account_name.as_deref(),
@@ -123,10 +207,19 @@ fn daemonset_and_rbac() {
     for want in ["run", "--kubernetes", "--cgroup=/host/sys/fs/cgroup"] {
         assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
     }
-    let metrics = args
+    // The metrics address comes from the ConfigMap the container reads as environment.
+    let config: Vec<ConfigMap> = of_kind(&d, "ConfigMap");
+    let from_config = c
+        .env_from
         .iter()
-        .find_map(|a| a.strip_prefix("--metrics-addr="))
-        .expect("--metrics-addr");
+        .flatten()
+        .filter_map(|e| e.config_map_ref.as_ref())
+        .any(|r| r.name == "redirectd-config");
+    assert!(
+        from_config,
+        "redirectd reads the redirectd-config ConfigMap"
+    );
+    let metrics = config[0].data.as_ref().unwrap()["REDIRECTD_METRICS_ADDR"].clone();
     let port: i32 = metrics.rsplit(':').next().unwrap().parse().unwrap();
 
     // Node name from the downward API.
@@ -261,7 +354,7 @@ fn uninstall_daemonset_runs_redirectd_uninstall() {
         host_path_of(&sets[0], c, "/host/etc/cni/net.d"),
         "/etc/cni/net.d"
     );
-    let main: Vec<DaemonSet> = of_kind(&docs("redirectd.yaml"), "DaemonSet");
+    let main: Vec<DaemonSet> = of_kind(&docs("base/redirectd.yaml"), "DaemonSet");
     let args = main[0]
         .spec
         .as_ref()
@@ -293,4 +386,256 @@ fn istio_cni_mode_settings() {
     assert_eq!(op["kind"], "IstioOperator");
     assert_eq!(op["spec"]["values"]["pilot"]["cni"]["enabled"], true);
     assert_eq!(op["spec"]["components"]["cni"]["enabled"], false);
+}
+
+/// The strict parse of one object of a kind with a Kubernetes type.
+fn strict_any(d: &serde_yaml_ng::Value) -> Result<(), String> {
+    match d["kind"].as_str().unwrap_or_default() {
+        "Namespace" => strict::<Namespace>(d).map(|_| ()),
+        "ServiceAccount" => strict::<ServiceAccount>(d).map(|_| ()),
+        "ClusterRole" => strict::<ClusterRole>(d).map(|_| ()),
+        "ClusterRoleBinding" => strict::<ClusterRoleBinding>(d).map(|_| ()),
+        "DaemonSet" => strict::<DaemonSet>(d).map(|_| ()),
+        "ConfigMap" => strict::<ConfigMap>(d).map(|_| ()),
+        "ResourceQuota" => strict::<ResourceQuota>(d).map(|_| ()),
+        "Service" => strict::<Service>(d).map(|_| ()),
+        other => Err(format!("no strict check for kind {other:?}")),
+    }
+}
+
+/// `kubectl kustomize deploy/<dir>` (offline), as documents.
+fn kustomize(dir: &str) -> Vec<serde_yaml_ng::Value> {
+    let path = format!("{}/../deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let text = redirect_lab::run("kubectl", &["kustomize", &path]).unwrap_or_else(|e| {
+        panic!("kubectl kustomize {dir} (kubectl with kustomize is needed): {e:#}")
+    });
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_yaml_ng::Value], kind: &str, name: &str) -> &'a serde_yaml_ng::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The metric names redirectd exports (every `redirect_*` name its metrics module defines).
+fn exported_metrics() -> std::collections::BTreeSet<String> {
+    let src = std::fs::read_to_string(format!(
+        "{}/../redirect-user/src/metrics.rs",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    src.split('"')
+        .filter(|s| {
+            s.starts_with("redirect_") && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// The `redirect_*` names an expression uses, each of which must be exported.
+fn unknown_metrics(expr: &str, known: &std::collections::BTreeSet<String>) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("redirect_"))
+        .filter(|w| !known.contains(*w))
+        .map(String::from)
+        .collect()
+}
+
+/// The base and every overlay render with `kubectl kustomize`, every object with a Kubernetes
+/// type passes the strict parse, the base keeps the metrics on loopback, and the monitoring
+/// overlay opens them with a Service, a PodMonitor, alert rules and a dashboard that name
+/// only metrics redirectd exports.
+#[test]
+fn every_kustomization_renders_strictly() {
+    let base = kustomize("base");
+    let monitoring = kustomize("overlays/monitoring");
+    for (dir, docs) in [("base", &base), ("overlays/monitoring", &monitoring)] {
+        for d in docs.iter() {
+            let kind = d["kind"].as_str().unwrap_or_default();
+            if matches!(kind, "PodMonitor" | "PrometheusRule") {
+                continue;
+            }
+            strict_any(d).unwrap_or_else(|e| panic!("{dir} {kind}: {e}"));
+        }
+    }
+    let addr = |docs: &[serde_yaml_ng::Value]| {
+        find(docs, "ConfigMap", "redirectd-config")["data"]["REDIRECTD_METRICS_ADDR"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        addr(&base),
+        "127.0.0.1:15080",
+        "not open on the node's network by default"
+    );
+    assert_eq!(addr(&monitoring), "0.0.0.0:15080");
+    // Every setting of the ConfigMap is one redirectd reads (a typo would be ignored).
+    let help = redirect_lab::run(
+        &redirect_lab::bin("redirectd").to_string_lossy(),
+        &["run", "--help"],
+    )
+    .unwrap();
+    for key in find(&base, "ConfigMap", "redirectd-config")["data"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+    {
+        let key = key.as_str().unwrap();
+        assert!(
+            help.contains(&format!("[env: {key}")),
+            "redirectd reads no {key}: {help}"
+        );
+    }
+    let ds: DaemonSet = strict(find(&base, "DaemonSet", "redirectd")).unwrap();
+    let c = container(&ds, "redirectd");
+    assert!(
+        !c.args
+            .iter()
+            .flatten()
+            .any(|a| a.starts_with("--metrics-addr")),
+        "a flag would override the ConfigMap"
+    );
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let h = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(h.host.as_deref(), Some("127.0.0.1"));
+    }
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let port_names: Vec<String> = c
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    // The Service and the PodMonitor find the daemon's pods and port.
+    let svc: Service = strict(find(&monitoring, "Service", "redirectd-metrics")).unwrap();
+    let spec = svc.spec.unwrap();
+    for (k, v) in spec.selector.unwrap() {
+        assert_eq!(pod_labels.get(&k), Some(&v), "Service selector {k}");
+    }
+    let pm = find(&monitoring, "PodMonitor", "redirectd");
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            pod_labels.get(k.as_str().unwrap()).map(String::as_str),
+            v.as_str()
+        );
+    }
+    let pm_port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    assert!(
+        port_names.iter().any(|p| p == pm_port),
+        "PodMonitor port {pm_port}"
+    );
+    // Alerts and dashboard use exported metrics only, with our label names.
+    let known = exported_metrics();
+    assert!(known.contains("redirect_connections_total") && known.contains("redirect_build_info"));
+    let rules = find(&monitoring, "PrometheusRule", "redirectd");
+    let alerts: Vec<&serde_yaml_ng::Value> = rules["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .collect();
+    let names: Vec<&str> = alerts.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for want in [
+        "RedirectdFailOpen",
+        "RedirectdOriginalDstEvicted",
+        "RedirectdReconcileErrors",
+    ] {
+        assert!(names.contains(&want), "alert {want}: {names:?}");
+    }
+    for r in &alerts {
+        let expr = r["expr"].as_str().unwrap();
+        assert!(unknown_metrics(expr, &known).is_empty(), "{expr}");
+        assert!(
+            !expr.contains("namespace=") && !expr.contains("pod="),
+            "{expr}"
+        );
+    }
+    let dash = find(&monitoring, "ConfigMap", "redirectd-dashboard");
+    assert_eq!(
+        dash["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(dash["data"]["redirectd.json"].as_str().unwrap()).unwrap();
+    let panels = json["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6);
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(unknown_metrics(expr, &known).is_empty(), "{expr}");
+        }
+    }
+    // Admission: Pod Security lets it in, the quota admits its priority class, Linux nodes.
+    let ns = find(&base, "Namespace", "redirect-system");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("privileged")
+    );
+    let quota: ResourceQuota =
+        strict(find(&base, "ResourceQuota", "redirectd-critical-pods")).unwrap();
+    let scope = quota
+        .spec
+        .unwrap()
+        .scope_selector
+        .unwrap()
+        .match_expressions
+        .unwrap();
+    assert_eq!(
+        scope[0].values.as_deref(),
+        Some(&["system-node-critical".to_string()][..])
+    );
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .unwrap()
+            .get("kubernetes.io/os")
+            .map(String::as_str),
+        Some("linux")
+    );
+    assert!(pod
+        .tolerations
+        .iter()
+        .flatten()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+}
+
+/// Every Kubernetes object of deploy/ passes the strict parse, and the strict parse catches a
+/// misspelt field the types alone would have dropped.
+#[test]
+fn manifests_have_no_unknown_fields() {
+    for file in ["base/redirectd.yaml", "uninstall.yaml"] {
+        for d in docs(file) {
+            let kind = d["kind"].as_str().unwrap_or_default().to_string();
+            strict_any(&d).unwrap_or_else(|e| panic!("{file} {kind}: {e}"));
+        }
+    }
+    let mut ds = docs("base/redirectd.yaml")
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some("DaemonSet"))
+        .unwrap();
+    let mounts = &mut ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0];
+    mounts["mountPropogation"] = "Bidirectional".into();
+    let e = strict::<DaemonSet>(&ds).unwrap_err();
+    assert!(e.contains("volumeMounts[0].mountPropogation"), "{e}");
 }

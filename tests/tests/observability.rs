@@ -42,7 +42,7 @@ fn metrics_healthz_readyz() {
     }
     assert_eq!(get(&format!("{base}/healthz")).0, 200);
     // Counters are published after each pass (at least every second).
-    let want = r#"redirect_connections_total{direction="outbound",namespace="lab",pod="client",result="captured"} 3"#;
+    let want = r#"redirect_connections_total{direction="outbound",pod_name="client",pod_namespace="lab",result="captured"} 3"#;
     let mut body = String::new();
     let published = eventually(Duration::from_secs(4), "the counters in /metrics", || {
         let (code, b) = get(&format!("{base}/metrics"));

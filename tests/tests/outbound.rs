@@ -460,6 +460,7 @@ fn uninstall_leaves_nothing_behind() {
     let out = lab.daemon().uninstall().unwrap();
     // Ten cgroup links and the pod's sk_lookup link.
     assert!(out.contains("detached 11 links"), "{out}");
+    assert!(out.contains("mesh pods keep running, uncaptured"), "{out}");
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     // The kernel unloads a program once nothing references it; that is asynchronous (RCU).
     let mut alive = ids.clone();

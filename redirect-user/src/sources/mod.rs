@@ -118,6 +118,9 @@ pub type Publisher = watch::Sender<Option<Published>>;
 pub struct SourceStats {
     /// Times the Kubernetes pod watch broke and was restarted.
     pub watch_restarts: AtomicU64,
+    /// Why the pod source stopped for good, if it did (liveness fails: the daemon would serve
+    /// a pod set that no longer follows the cluster).
+    pub stopped: std::sync::Mutex<Option<String>>,
 }
 
 /// Starts the source on the runtime; returns the channel it publishes on.
@@ -133,8 +136,11 @@ pub fn spawn(
         }
         PodSource::Kubernetes(k) => {
             tokio::spawn(async move {
-                if let Err(e) = kube::run(k, tx, stats).await {
-                    log::error!("Kubernetes pod source stopped: {e:#}; still serving the last pods it listed");
+                if let Err(e) = kube::run(k, tx, stats.clone()).await {
+                    log::error!("Kubernetes pod source stopped: {e:#}; still serving the last pods it listed, and /healthz fails so the daemon is restarted");
+                    if let Ok(mut s) = stats.stopped.lock() {
+                        *s = Some(format!("{e:#}"));
+                    }
                 }
             });
         }
