@@ -188,6 +188,27 @@ fn daemonset_and_rbac() {
         init.security_context.as_ref().unwrap().privileged,
         Some(true)
     );
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("Unconfined")
+    );
+    let annotations = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("container.apparmor.security.beta.kubernetes.io/redirectd")
+            .map(String::as_str),
+        Some("unconfined")
+    );
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(
         pod.service_account_name.as_deref(),
