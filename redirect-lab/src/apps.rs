@@ -160,6 +160,12 @@ impl Lab {
         self.procs[proc_index].log_text()
     }
 
+    /// Envoy's settled access-log records after the first `n`: what it logged since a count
+    /// taken with [`Lab::envoy_log`].
+    pub fn envoy_log_since(&self, proc_index: usize, n: usize) -> Vec<wire::EnvoyRecord> {
+        self.envoy_log_settled(proc_index).split_off(n)
+    }
+
     /// Envoy's access-log records so far (the process at `proc_index`).
     pub fn envoy_log(&self, proc_index: usize) -> Vec<wire::EnvoyRecord> {
         self.procs[proc_index]

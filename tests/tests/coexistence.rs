@@ -41,8 +41,7 @@ fn istio_iptables_and_redirectd_together_capture_once() {
             .unwrap();
         assert!(r[0].error.is_none(), "{r:?}");
         let out: Vec<String> = lab
-            .envoy_log_settled(client_envoy)
-            .split_off(before)
+            .envoy_log_since(client_envoy, before)
             .into_iter()
             .map(|e| e.listener)
             .collect();
@@ -59,8 +58,7 @@ fn istio_iptables_and_redirectd_together_capture_once() {
             "the app saw {reply:?}"
         );
         let inb: Vec<String> = lab
-            .envoy_log_settled(srv_envoy)
-            .split_off(before)
+            .envoy_log_since(srv_envoy, before)
             .into_iter()
             .map(|e| e.listener)
             .collect();

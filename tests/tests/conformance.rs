@@ -555,7 +555,7 @@ impl Mesh {
             .envoys
             .iter()
             .zip(before)
-            .map(|((pod, e), n)| (*pod, self.lab.envoy_log_settled(*e).split_off(n)))
+            .map(|((pod, e), n)| (*pod, self.lab.envoy_log_since(*e, n)))
             .collect();
         seen(&r[0], &envoys)
     }

@@ -20,8 +20,7 @@ fn seen(lab: &Lab, envoy: usize, placement: Placement<'_>, target: &str) -> Stri
         .unwrap();
     let r = &r[0];
     let listeners: Vec<String> = lab
-        .envoy_log_settled(envoy)
-        .split_off(before)
+        .envoy_log_since(envoy, before)
         .into_iter()
         .map(|e| e.listener)
         .collect();

@@ -74,6 +74,17 @@ fn of_kind<T: serde::de::DeserializeOwned + serde::Serialize>(
         .collect()
 }
 
+/// The metadata of the DaemonSet's pod template.
+fn pod_meta(ds: &DaemonSet) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+}
+
 /// The container named `name` of the DaemonSet's pod.
 fn container<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -192,17 +203,7 @@ fn daemonset_and_rbac() {
         sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
         Some("Unconfined")
     );
-    let annotations = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .clone()
-        .unwrap_or_default();
+    let annotations = pod_meta(ds).annotations.clone().unwrap_or_default();
     assert_eq!(
         annotations
             .get("container.apparmor.security.beta.kubernetes.io/redirectd")
@@ -525,17 +526,7 @@ fn every_kustomization_renders_strictly() {
         let h = probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(h.host.as_deref(), Some("127.0.0.1"));
     }
-    let pod_labels = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let pod_labels = pod_meta(&ds).labels.clone().unwrap();
     let port_names: Vec<String> = c
         .ports
         .iter()
