@@ -50,6 +50,7 @@ pub mod map_names {
     pub const POD_SOURCES: &str = "POD_SOURCES";
     pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const TPROXY_ORIGINS: &str = "TPROXY_ORIGINS";
 }
 
 /// `AF_INET`, as stored in the `family` fields below.
@@ -103,6 +104,22 @@ pub const POD_FLAG_DNS_CAPTURE: u32 = 1 << 11;
 /// [`PodConfig::flags`]: the pod has `excludeInterfaces` (its `ADDR_ROUTE_*` and
 /// `ADDR_EXCLUDED_IFACE_LOCAL` entries are consulted).
 pub const POD_FLAG_EXCLUDED_IFACES: u32 = 1 << 12;
+/// `sidecar.istio.io/interceptionMode: TPROXY`: the proxy connects to the application from
+/// the client's address (Envoy's `original_src`, sockets marked [`TPROXY_MARK`]); such
+/// connections are never captured, and the pod's policy routing sends the replies back to the
+/// proxy (set up by the daemon in the pod's namespace).
+pub const POD_FLAG_TPROXY: u32 = 1 << 13;
+/// `traffic.sidecar.istio.io/kubevirtInterfaces` (or `istio.io/reroute-virtual-interfaces`):
+/// every TCP connection that arrives through one of the pod's VM interfaces (`PORT_RULES`
+/// kind [`PORT_VM_IFACE`]) goes to the proxy's outbound listener, as Istio's `PREROUTING -i
+/// IFACE -j ISTIO_REDIRECT`. The daemon routes the interfaces' TCP to the pod itself.
+pub const POD_FLAG_VM_IFACES: u32 = 1 << 14;
+/// The mark of the proxy's original-source sockets in TPROXY mode (Istio's
+/// `--inbound-tproxy-mark`, and the mark Istio gives Envoy's `original_src` filter).
+pub const TPROXY_MARK: u32 = 1337;
+/// The routing table TPROXY's replies are looked up in (Istio's
+/// `--inbound-tproxy-route-table`): one `local` default route through `lo`.
+pub const TPROXY_ROUTE_TABLE: u32 = 133;
 /// The DNS port captured with [`POD_FLAG_DNS_CAPTURE`].
 pub const DNS_PORT: u16 = 53;
 /// Where Istio's agent serves DNS in the pod (127.0.0.1 and ::1): `IstioAgentDNSListenerPort`.
@@ -173,6 +190,9 @@ pub const PORT_INCLUDE_OUTBOUND: u8 = 2;
 pub const PORT_EXCLUDE_INBOUND: u8 = 3;
 /// [`PortRuleKey::kind`]: `includeInboundPorts` when it is a list.
 pub const PORT_INCLUDE_INBOUND: u8 = 4;
+/// [`PortRuleKey::kind`]: the interface index (in `port`) of one of the pod's
+/// `kubevirtInterfaces`, read from its namespace by the daemon.
+pub const PORT_VM_IFACE: u8 = 5;
 
 /// Key of `PORT_RULES`: "pod `pod_id` has port `port` in list `kind`". The value is unused
 /// (a `u32` 1); presence is the rule.

@@ -27,7 +27,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use redirect_common::{
     ListenerKey, NodeAddrKey, PodConfig, AF_INET, AF_INET6, AGENT_DNS_PORT, POD_FLAG_FAIL_CLOSED,
-    POD_FLAG_NO_ACCEL, POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
+    POD_FLAG_NO_ACCEL, POD_FLAG_REJECTED, POD_FLAG_TPROXY, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
+    TPROXY_MARK,
 };
 
 use redirect_ebpf::{
@@ -37,7 +38,7 @@ use redirect_ebpf::{
     },
     counters::count,
     maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
-    policy::{outbound, Outbound},
+    policy::{local_to_pod, outbound, Outbound},
 };
 
 /// Verdict of a `cgroup/connect*` program: let the call proceed.
@@ -62,8 +63,11 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: the socket of a connect4 program is a full socket the verifier lets us read.
-    let src = unsafe { Endpoint::v4((*(*sa).__bindgen_anon_1.sk).src_ip4, 0) };
-    match decide(&ctx, &dst, &src) {
+    let (src, mark) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        (Endpoint::v4((*sk).src_ip4, 0), (*sk).mark)
+    };
+    match decide(&ctx, &dst, &src, mark) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
         Decision::Redirect { port_be, bind } => {
@@ -108,7 +112,10 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: the socket of a connect6 program is a full socket the verifier lets us read.
-    let src_addr = unsafe { ctx_addr6(&raw const (*(*sa).__bindgen_anon_1.sk).src_ip6) };
+    let (src_addr, mark) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        (ctx_addr6(&raw const (*sk).src_ip6), (*sk).mark)
+    };
     let (dst, src) = if mapped {
         (
             Endpoint::v4(addr[3], port as u16),
@@ -117,7 +124,7 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
     } else {
         (Endpoint::v6(addr, port as u16), Endpoint::v6(src_addr, 0))
     };
-    match decide(&ctx, &dst, &src) {
+    match decide(&ctx, &dst, &src, mark) {
         Decision::Direct => ALLOW,
         Decision::Refuse => REFUSE,
         Decision::Redirect { port_be, bind } => {
@@ -224,8 +231,9 @@ enum Decision {
     },
 }
 
+/// `mark`: the socket's `SO_MARK`.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
+fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> Decision {
     // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
@@ -246,13 +254,23 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint) -> Decision {
     // address on lo), and Istio's rule 2 returns it; to 127.0.0.6 it leaves from 127.0.0.1.
     let from_passthrough = src.is_passthrough_source()
         || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source());
-    let verdict = outbound(
-        &pod,
-        dst,
-        is_proxy,
-        (uid_gid >> 32) as u32,
-        from_passthrough,
-    );
+    // Row 2t: in a TPROXY pod, the proxy's original-source connections to the application
+    // (marked 1337, to an address local to the pod) go direct, as Istio's rules leave them.
+    let verdict = if pod.flags & POD_FLAG_TPROXY != 0
+        && mark == TPROXY_MARK
+        && is_proxy
+        && local_to_pod(&pod, dst)
+    {
+        Outbound::Direct
+    } else {
+        outbound(
+            &pod,
+            dst,
+            is_proxy,
+            (uid_gid >> 32) as u32,
+            from_passthrough,
+        )
+    };
     let (to_outbound, port) = match verdict {
         Outbound::Direct => {
             count(pod.pod_id, |c| c.outbound_direct += 1);

@@ -106,6 +106,15 @@ pub static PROXY_SOCKS: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS
 #[map]
 pub static STEERED: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
 
+/// TPROXY pods' original-source connections (the proxy connecting to its application from the
+/// client's address, socket marked 1337), by the [`SockKey`] the application's accepted socket
+/// will have, with the pod's netns cookie. Written by `sockops` when the proxy's SYN leaves
+/// (`TCP_CONNECT_CB`) and removed at its close; read by `sk_lookup`, which leaves these
+/// connections to the application instead of capturing them again. LRU: a missed close ages
+/// out.
+#[map]
+pub static TPROXY_ORIGINS: LruHashMap<SockKey, u32> = LruHashMap::pinned(MAX_SOCK_PAIRS, 0);
+
 /// The address of each family a pod's connections leave from ([`PodSource`]), indexed by pod
 /// id. Written by the daemon with the pod's rules (before its `MESH_PODS` entry); read by
 /// `connect4/6`, which bind a captured connection's still-unbound socket to it. An array: a

@@ -8,6 +8,10 @@
 //! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go (an entry already gone was
 //!   evicted from the full LRU map while the connection lived, and is counted).
 //!
+//! In a TPROXY pod, the proxy's original-source sockets (marked 1337) are recorded at
+//! `TCP_CONNECT_CB` in `TPROXY_ORIGINS` until they close, so `sk_lookup` lets their SYN reach
+//! the application.
+//!
 //! For acceleration, an established socket of a mesh pod whose peer is on this node (loopback,
 //! the passthrough source, or another mesh pod's address) goes into `SOCK_PAIRS`, where
 //! `sk_msg` finds it as the peer of the other end.
@@ -29,14 +33,15 @@ use aya_ebpf::{
 };
 use redirect_common::{
     ListenerKey, NodeAddrKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6, POD_FLAG_NO_ACCEL,
+    POD_FLAG_TPROXY, TPROXY_MARK,
 };
 
 use redirect_ebpf::{
-    addr::{ctx_addr6, is_v4_mapped, sock_key, Endpoint, RawEnds},
+    addr::{ctx_addr6, is_v4_mapped, peer_key, sock_key, Endpoint, RawEnds},
     counters::count,
     maps::{
         ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
-        PROXY_SOCKS, SOCK_PAIRS, STEERED,
+        PROXY_SOCKS, SOCK_PAIRS, STEERED, TPROXY_ORIGINS,
     },
 };
 
@@ -82,8 +87,44 @@ fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
 
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    if captured(ctx).is_some() {
+    if captured(ctx).is_some() || tproxy_origin(ctx) {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// In a TPROXY pod, records a socket marked 1337 (the proxy's original-source connection to
+/// its application) in `TPROXY_ORIGINS`, under the key its peer will have, as its SYN leaves.
+#[inline(always)]
+fn tproxy_origin(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the context's socket pointer, which the verifier makes us check for null.
+    let mark = unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        (*sk).mark
+    };
+    if mark != TPROXY_MARK {
+        return false;
+    }
+    // SAFETY: helper valid for sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-data value, read at once.
+    let tproxy =
+        unsafe { MESH_PODS.get(netns_cookie) }.is_some_and(|pod| pod.flags & POD_FLAG_TPROXY != 0);
+    tproxy
+        && TPROXY_ORIGINS
+            .insert(origin_key(ctx, netns_cookie), 1, 0)
+            .is_ok()
+}
+
+/// The [`TPROXY_ORIGINS`] key of an original-source socket: its peer's [`SockKey`], with the
+/// pod's netns cookie whatever the addresses.
+#[inline(always)]
+fn origin_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
+    SockKey {
+        netns_cookie,
+        ..peer_key(&own_key(ctx, netns_cookie))
     }
 }
 
@@ -113,6 +154,7 @@ fn on_state_change(ctx: &SockOpsContext) {
     // SAFETY: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = ACCEL_FALLBACK.remove(own_key(ctx, netns_cookie));
+    let _ = TPROXY_ORIGINS.remove(origin_key(ctx, netns_cookie));
     // SAFETY: plain-data value, copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
         return;

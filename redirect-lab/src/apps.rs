@@ -93,17 +93,39 @@ impl Lab {
     /// Starts Envoy as the pod's sidecar (Istio's listener shapes, see [`crate::envoy`]), as
     /// uid 1337, and waits until its outbound, inbound and health listeners listen.
     pub fn start_envoy(&mut self, pod: &str) -> Result<usize> {
+        self.start_envoy_in(pod, envoy::Mode::Redirect)
+    }
+
+    /// [`Lab::start_envoy`] in either interception mode: in TPROXY mode as Istio runs it
+    /// there, uid 0 and gid 1337 (through `setpriv`), with a transparent inbound listener.
+    pub fn start_envoy_in(&mut self, pod: &str, mode: envoy::Mode) -> Result<usize> {
         let p = self.pod(pod);
         let config = self.dir.join(format!("{pod}-envoy.json"));
-        let bootstrap = envoy::bootstrap(&p.v4.to_string(), &p.v6.to_string());
+        let bootstrap = envoy::bootstrap(&p.v4.to_string(), &p.v6.to_string(), mode);
         std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let log = self.dir.join(format!("{pod}-envoy.log"));
         let mut placement = p.placement();
-        placement.uid = Some(PROXY_UID);
-        let args = envoy::args(&config);
+        let binary = envoy::binary();
+        let mut args = envoy::args(&config);
+        let program = match mode {
+            envoy::Mode::Redirect => {
+                placement.uid = Some(PROXY_UID);
+                binary
+            }
+            envoy::Mode::Tproxy => {
+                let gid = PROXY_UID.to_string();
+                let mut wrapped = ["--regid", &gid, "--clear-groups", "--"]
+                    .map(String::from)
+                    .to_vec();
+                wrapped.push(binary.display().to_string());
+                wrapped.append(&mut args);
+                args = wrapped;
+                which("setpriv")?
+            }
+        };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = spawn(placement, &log, &envoy::binary(), &args)?;
+        let proc = spawn(placement, &log, &program, &args)?;
         self.procs.push(proc);
         for port in [
             envoy::OUTBOUND_PORT,

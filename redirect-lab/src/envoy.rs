@@ -4,6 +4,10 @@
 //! 15006 (`original_dst` filter, an ORIGINAL_DST cluster whose upstream connections leave from
 //! 127.0.0.6 / ::6), admin on 127.0.0.1:15000, the 15021 health and 15090 stats listeners,
 //! two worker threads (each listener a reuseport group of two sockets), running as uid 1337.
+//! In TPROXY mode ([`Mode::Tproxy`]), as Istio's injector and istiod set it up: `virtualInbound`
+//! is `transparent` with the `original_src` listener filter (mark 1337), so the application
+//! sees the client's address, the inbound cluster binds no 127.0.0.6, and Envoy runs as uid 0
+//! with gid 1337 (it needs `CAP_NET_ADMIN` for `IP_TRANSPARENT`).
 //!
 //! Every connection is logged as one JSON line ([`crate::wire::EnvoyRecord`]) on stdout.
 
@@ -123,8 +127,19 @@ fn unlimited() -> Value {
     }]})
 }
 
+/// The mark of Envoy's original-source connections in TPROXY mode (Istio's
+/// `--inbound-tproxy-mark`).
+pub const TPROXY_MARK: u32 = 1337;
+
+/// How inbound connections reach Envoy (`sidecar.istio.io/interceptionMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redirect,
+    Tproxy,
+}
+
 /// Envoy's bootstrap for a lab pod whose addresses are `pod_v4` and `pod_v6`.
-pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
+pub fn bootstrap(pod_v4: &str, pod_v6: &str, mode: Mode) -> Value {
     let mut outbound = dual_stack("virtualOutbound", OUTBOUND_PORT);
     outbound["use_original_dst"] = json!(true);
     outbound["listener_filters"] = json!([{
@@ -135,6 +150,25 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
     let mut inbound = dual_stack("virtualInbound", INBOUND_PORT);
     inbound["listener_filters"] = outbound["listener_filters"].clone();
     inbound["filter_chains"] = tcp_proxy("inbound", "InboundPassthroughCluster");
+    // 127.0.0.6 / ::6 in REDIRECT mode; in TPROXY mode original_src gives the source.
+    let mut bind = json!({
+        "source_address": {"address": "127.0.0.6", "port_value": 0},
+        "extra_source_addresses": [{"address": {"address": "::6", "port_value": 0}}],
+    });
+    if mode == Mode::Tproxy {
+        inbound["transparent"] = json!(true);
+        inbound["listener_filters"]
+            .as_array_mut()
+            .expect("listener filters are a list")
+            .push(json!({
+                "name": "envoy.filters.listener.original_src",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
+                    "mark": TPROXY_MARK,
+                }
+            }));
+        bind = Value::Null;
+    }
     let self_call = json!({
         "name": "selfCall",
         "address": socket("127.0.0.1", SELF_CALL_PORT),
@@ -169,10 +203,7 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str) -> Value {
                     "lb_policy": "CLUSTER_PROVIDED",
                     "connect_timeout": connect_timeout,
                     "circuit_breakers": unlimited(),
-                    "upstream_bind_config": {
-                        "source_address": {"address": "127.0.0.6", "port_value": 0},
-                        "extra_source_addresses": [{"address": {"address": "::6", "port_value": 0}}],
-                    },
+                    "upstream_bind_config": bind,
                 },
                 {
                     "name": "ThisPod",

@@ -1,7 +1,8 @@
-//! Istio's `istio-iptables` REDIRECT rule set for a pod's capture options, in the order and
+//! Istio's `istio-iptables` rule sets (REDIRECT and TPROXY mode) for a pod's capture options, in the order and
 //! shape of Istio's own golden test outputs (`tools/istio-iptables/pkg/capture/testdata`:
 //! `ip-range`, `outbound-ports-include`, `outbound-ports-exclude`, `inbound-ports-include`,
-//! `inbound-wildcard-exclude`, `ipv6-uid-gid`, `loopback-outbound-iprange`), proxy uid and gid
+//! `inbound-wildcard-exclude`, `ipv6-uid-gid`, `loopback-outbound-iprange`, `tproxy`,
+//! `inbound-ports-tproxy`, `kube-virt-interfaces`), proxy uid and gid
 //! 1337, with the inbound exclusions Istio's injector passes (`-d`: 15090, 15021 and the
 //! status port, 15020 unless `status.sidecar.istio.io/port` moves it). The conformance suite
 //! runs these rules in a pod as the reference, beside redirectd; the benchmark's `iptables`
@@ -31,7 +32,19 @@ pub struct Options {
     pub dns_capture: bool,
     /// `traffic.sidecar.istio.io/excludeInterfaces`.
     pub exclude_interfaces: Vec<String>,
+    /// `traffic.sidecar.istio.io/kubevirtInterfaces` (the golden `kube-virt-interfaces`).
+    pub virt_interfaces: Vec<String>,
+    /// `sidecar.istio.io/interceptionMode: TPROXY` (the golden `tproxy` and
+    /// `inbound-ports-*tproxy`): inbound in the mangle table, with Istio's policy routing.
+    pub tproxy: bool,
 }
+
+/// Istio's `--inbound-tproxy-mark` and `--inbound-tproxy-route-table`.
+const TPROXY_MARK: u32 = 1337;
+const TPROXY_TABLE: u32 = 133;
+/// The mark Istio's rules give the proxy's own connections to its pod's address in TPROXY
+/// mode (`outboundMark`, the TPROXY mark + 1).
+const PROXY_TO_POD_MARK: u32 = 1338;
 
 fn join<T: ToString>(v: &[T]) -> String {
     v.iter()
@@ -93,7 +106,94 @@ impl Options {
                 self.exclude_interfaces.join(","),
             ));
         }
+        if self.tproxy {
+            a.push(("sidecar.istio.io/interceptionMode", "TPROXY".into()));
+        }
+        if !self.virt_interfaces.is_empty() {
+            a.push((
+                "traffic.sidecar.istio.io/kubevirtInterfaces",
+                self.virt_interfaces.join(","),
+            ));
+        }
         a
+    }
+
+    /// The inbound ports that return before capture when every port is captured: Istio's
+    /// injector's `-d` (15090, 15021, the status port) and `excludeInboundPorts`.
+    fn excluded_inbound(&self) -> Vec<u16> {
+        let mut excluded = vec![15090, 15021];
+        excluded.extend(Some(self.status_port.unwrap_or(15020)).filter(|p| *p != 0));
+        excluded.extend(&self.exclude_inbound_ports);
+        excluded
+    }
+
+    /// The `-t mangle` rules of TPROXY mode for one family (none in REDIRECT mode), in the
+    /// golden `tproxy`'s order: inbound TCP is handed to 15006 unchanged and marked, the
+    /// proxy's original-source connections (mark 1337) are left alone and their replies
+    /// marked back to it through the connection mark.
+    pub fn mangle_rules(&self, v6: bool) -> Vec<String> {
+        if !self.tproxy {
+            return Vec::new();
+        }
+        let (passthrough, localhost) = if v6 {
+            ("::6/128", "::1/128")
+        } else {
+            ("127.0.0.6/32", "127.0.0.1/32")
+        };
+        let (mark, to_pod) = (TPROXY_MARK, PROXY_TO_POD_MARK);
+        let mut r: Vec<String> = ["-N ISTIO_DIVERT", "-N ISTIO_TPROXY", "-N ISTIO_INBOUND"]
+            .map(String::from)
+            .to_vec();
+        for i in &self.exclude_interfaces {
+            r.push(format!("-A PREROUTING -i {i} -j RETURN"));
+            r.push(format!("-A OUTPUT -o {i} -j RETURN"));
+        }
+        r.push(format!("-A ISTIO_DIVERT -j MARK --set-mark {mark}"));
+        r.push("-A ISTIO_DIVERT -j ACCEPT".into());
+        r.push(format!("-A ISTIO_TPROXY ! -d {localhost} -p tcp -j TPROXY --tproxy-mark {mark}/0xffffffff --on-port 15006"));
+        let established = "-m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT";
+        match &self.include_inbound_ports {
+            None => {
+                r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+                for p in self.excluded_inbound() {
+                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j RETURN"));
+                }
+                r.push(format!("-A ISTIO_INBOUND -p tcp {established}"));
+                r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY".into());
+            }
+            Some(ports) if !ports.is_empty() => {
+                r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+                for p in ports {
+                    r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} {established}"));
+                    r.push(format!(
+                        "-A ISTIO_INBOUND -p tcp --dport {p} -j ISTIO_TPROXY"
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        r.push(format!(
+            "-A PREROUTING -p tcp -m mark --mark {mark} -j CONNMARK --save-mark"
+        ));
+        r.push(format!(
+            "-A OUTPUT -p tcp -o lo -m mark --mark {mark} -j RETURN"
+        ));
+        for owner in ["--uid-owner", "--gid-owner"] {
+            r.push(format!("-A OUTPUT ! -d {localhost} -p tcp -o lo -m owner {owner} 1337 -j MARK --set-mark {to_pod}"));
+        }
+        r.push(format!(
+            "-A OUTPUT -p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark"
+        ));
+        r.push(format!(
+            "-I ISTIO_INBOUND 1 -p tcp -m mark --mark {mark} -j RETURN"
+        ));
+        r.push(format!(
+            "-I ISTIO_INBOUND 2 -p tcp -s {passthrough} -i lo -j RETURN"
+        ));
+        r.push(format!(
+            "-I ISTIO_INBOUND 3 -p tcp -i lo -m mark ! --mark {to_pod} -j RETURN"
+        ));
+        r
     }
 
     /// The `-t nat` rules for one family (`v6`: ip6tables), each as its arguments.
@@ -126,13 +226,16 @@ impl Options {
             r.push(format!("-A PREROUTING -i {i} -j RETURN"));
             r.push(format!("-A OUTPUT -o {i} -j RETURN"));
         }
+        // A VM interface's other traffic is not inbound capture's.
+        for i in &self.virt_interfaces {
+            r.push(format!("-I PREROUTING 1 -i {i} -j RETURN"));
+        }
         match &self.include_inbound_ports {
+            // TPROXY: inbound is captured in the mangle table.
+            _ if self.tproxy => {}
             None => {
                 r.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
-                let mut excluded = vec![15090, 15021];
-                excluded.extend(Some(self.status_port.unwrap_or(15020)).filter(|p| *p != 0));
-                excluded.extend(&self.exclude_inbound_ports);
-                for p in excluded {
+                for p in self.excluded_inbound() {
                     r.push(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j RETURN"));
                 }
                 r.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into());
@@ -231,35 +334,69 @@ impl Options {
                 }
             }
         }
+        // Last, inserted first: a VM interface's TCP goes to the outbound listener.
+        for i in &self.virt_interfaces {
+            r.push(format!("-I PREROUTING 1 -i {i} -j ISTIO_REDIRECT"));
+        }
         r
     }
 }
 
-/// Installs the rules of both families in `ns`.
+/// Installs the rules of both families in `ns` (and, in TPROXY mode, Istio's policy routing:
+/// `ip rule add fwmark 1337 lookup 133` and `ip route add local default dev lo table 133`).
 pub fn install(ns: &Netns, options: &Options) -> Result<()> {
     for (cmd, v6) in [("iptables", false), ("ip6tables", true)] {
-        for rule in options.rules(v6) {
-            let mut args = vec![cmd, "-t", "nat"];
-            args.extend(rule.split_whitespace());
-            ns.exec(&args)
-                .with_context(|| format!("{cmd} -t nat {rule}"))?;
+        for (table, rules) in [
+            ("nat", options.rules(v6)),
+            ("mangle", options.mangle_rules(v6)),
+        ] {
+            for rule in rules {
+                let mut args = vec![cmd, "-t", table];
+                args.extend(rule.split_whitespace());
+                ns.exec(&args)
+                    .with_context(|| format!("{cmd} -t {table} {rule}"))?;
+            }
+        }
+    }
+    if options.tproxy {
+        let (mark, table) = (TPROXY_MARK.to_string(), TPROXY_TABLE.to_string());
+        for (family, default) in [("inet", "default"), ("inet6", "::/0")] {
+            ns.exec(&[
+                "ip", "-f", family, "rule", "add", "fwmark", &mark, "lookup", &table,
+            ])?;
+            ns.exec(&[
+                "ip", "-f", family, "route", "add", "local", default, "dev", "lo", "table", &table,
+            ])?;
         }
     }
     Ok(())
 }
 
-/// Removes both nat tables from `ns` (flushing would leave the NAT hooks and conntrack on).
+/// Removes both families' nat and mangle tables from `ns` (flushing would leave the hooks and
+/// conntrack on), and TPROXY's policy routing.
 pub fn remove(ns: &Netns) -> Result<()> {
     let version = ns.exec(&["iptables", "-V"])?;
     if !version.contains("nf_tables") {
         bail!("{version}: a legacy iptables nat table cannot be removed; use iptables-nft");
     }
     for family in ["ip", "ip6"] {
-        let _ = ns.exec(&["nft", "delete", "table", family, "nat"]);
+        for table in ["nat", "mangle"] {
+            let _ = ns.exec(&["nft", "delete", "table", family, table]);
+        }
     }
     let left = ns.exec(&["nft", "list", "tables"])?;
-    if left.contains("nat") {
-        bail!("nat tables left in {}: {left}", ns.name);
+    if left.contains("nat") || left.contains("mangle") {
+        bail!("nat or mangle tables left in {}: {left}", ns.name);
+    }
+    let (mark, table) = (TPROXY_MARK.to_string(), TPROXY_TABLE.to_string());
+    for family in ["inet", "inet6"] {
+        while ns
+            .exec(&[
+                "ip", "-f", family, "rule", "del", "fwmark", &mark, "lookup", &table,
+            ])
+            .is_ok()
+        {}
+        let _ = ns.exec(&["ip", "-f", family, "route", "flush", "table", &table]);
     }
     Ok(())
 }

@@ -26,10 +26,9 @@ pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInbound
 pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
 /// The status port Istio excludes when a pod does not say ([`STATUS_PORT`]).
 pub const DEFAULT_STATUS_PORT: u16 = 15020;
-/// `sidecar.istio.io/interceptionMode`: `REDIRECT` (Istio's default) is what redirectd does.
+/// `sidecar.istio.io/interceptionMode`: `REDIRECT` (Istio's default) or `TPROXY` (the
+/// application sees the client's address).
 pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-/// Why a TPROXY pod is refused (a rejected configuration: never captured as REDIRECT).
-pub const TPROXY_UNSUPPORTED: &str = "interception mode TPROXY is not supported yet: captured as REDIRECT the application would not see the client's address and Envoy's original-source connections would loop back into capture, so the pod is refused instead; use REDIRECT, or redirectd.dev/skip: \"true\" to leave the pod to istio-init or istio-cni";
 /// Ours: `closed` (default, as under Istio) or `open`: what happens to a connection that
 /// should be captured while the pod's proxy is not listening (refused, or sent direct).
 pub const FAIL_MODE: &str = "redirectd.dev/failMode";
@@ -47,12 +46,23 @@ pub const DNS_CAPTURE: &str = "redirectd.dev/dnsCapture";
 /// Ours: `"true"` (default) or `"false"`: same-node acceleration (sockmap) for this pod.
 pub const ACCEL: &str = "redirectd.dev/accel";
 
-/// Istio interception annotations we know but do not implement; a pod carrying one gets a
-/// warning (its traffic would be intercepted differently than under istio-iptables).
-const UNSUPPORTED: &[&str] = &[
-    "traffic.sidecar.istio.io/kubevirtInterfaces",
-    "istio.io/reroute-virtual-interfaces",
-];
+/// `traffic.sidecar.istio.io/kubevirtInterfaces`: interfaces through which a VM's traffic
+/// enters the pod (KubeVirt); every TCP connection arriving through one is captured to the
+/// outbound listener, whatever its destination.
+pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+/// `istio.io/reroute-virtual-interfaces`: the older name of [`KUBEVIRT_INTERFACES`] (Istio
+/// reads both; the lists are joined).
+pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+
+/// Whether `sk_lookup` can see a connection's ingress interface on this kernel; set once by
+/// the daemon from its probe (unset: assumed, as in unit tests and off-node checks).
+static INGRESS_SEEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Records whether this kernel lets `sk_lookup` see the ingress interface (the daemon, at
+/// start).
+pub fn set_ingress_seen(seen: bool) {
+    let _ = INGRESS_SEEN.set(seen);
+}
 /// `traffic.sidecar.istio.io/excludeInterfaces`: interface names whose traffic is never
 /// captured, either way.
 pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
@@ -235,6 +245,16 @@ pub struct CapturePolicy {
     /// `excludeInterfaces`: names.
     #[serde(default)]
     pub exclude_interfaces: BTreeSet<String>,
+    /// `kubevirtInterfaces` (and `reroute-virtual-interfaces`): names.
+    #[serde(default)]
+    pub vm_interfaces: BTreeSet<String>,
+    /// Those interfaces' indexes in the pod's namespace: read by the daemon on each pass.
+    #[serde(skip)]
+    pub vm_ifindexes: BTreeSet<u32>,
+    /// Interception mode TPROXY: the proxy reaches the application from the client's address
+    /// (its sockets marked 1337 go direct), and the pod gets TPROXY's policy routing.
+    #[serde(default)]
+    pub tproxy: bool,
     /// What those interfaces are in the pod's namespace: read by the daemon on each pass,
     /// never from the pod's configuration.
     #[serde(skip)]
@@ -259,6 +279,9 @@ impl Default for CapturePolicy {
             status_port: None,
             owner_groups: OwnerGroups::All,
             dns_capture: false,
+            tproxy: false,
+            vm_interfaces: BTreeSet::new(),
+            vm_ifindexes: BTreeSet::new(),
             exclude_interfaces: BTreeSet::new(),
             interfaces: None,
         }
@@ -375,15 +398,16 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
             INCLUDE_INBOUND_PORTS => {
                 policy.include_inbound_ports = port_selection(value).map_err(err)?
             }
-            INTERCEPTION_MODE => match value.trim() {
-                "REDIRECT" => {}
-                "TPROXY" => return Err(err(TPROXY_UNSUPPORTED.into())),
-                _ => {
-                    return Err(err(
-                        "expected REDIRECT (NONE: leave the pod out of the mesh instead)".into(),
-                    ))
+            INTERCEPTION_MODE => {
+                match value.trim() {
+                    "REDIRECT" => policy.tproxy = false,
+                    "TPROXY" => policy.tproxy = true,
+                    _ => return Err(err(
+                        "expected REDIRECT or TPROXY (NONE: leave the pod out of the mesh instead)"
+                            .into(),
+                    )),
                 }
-            },
+            }
             STATUS_PORT => {
                 policy.status_port = Some(value.trim().parse::<u16>().map_err(|_| {
                     err("expected a port (1-65535), or 0 for no status port".into())
@@ -398,11 +422,11 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
             }
             DNS_CAPTURE => policy.dns_capture = go_bool(value).map_err(err)?,
             EXCLUDE_INTERFACES => {
-                policy.exclude_interfaces = items(value)
-                    .map(|n| crate::interfaces::valid_name(n).map(|()| n.to_string()))
-                    .collect::<Result<_, _>>()
-                    .map_err(err)?
+                policy.exclude_interfaces = interface_names(value).map_err(err)?
             }
+            KUBEVIRT_INTERFACES | REROUTE_VIRTUAL_INTERFACES => policy
+                .vm_interfaces
+                .extend(vm_interfaces(value).map_err(err)?),
             ACCEL => {
                 policy.accel = match value.trim() {
                     "true" => true,
@@ -410,13 +434,30 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
                     _ => return Err(err("expected \"true\" or \"false\"".into())),
                 }
             }
-            k if UNSUPPORTED.contains(&k) => {
-                warnings.push(format!("annotation {k} is not supported and is ignored"))
-            }
             _ => {}
         }
     }
+    let both = policy
+        .vm_interfaces
+        .intersection(&policy.exclude_interfaces);
+    warnings.extend(both.map(|i| format!("interface {i} is in both {KUBEVIRT_INTERFACES} and {EXCLUDE_INTERFACES}: its VM's TCP is captured (Istio's redirect rule for it comes first)")));
     Ok(Parsed { policy, warnings })
+}
+
+/// A list of interface names.
+fn interface_names(value: &str) -> Result<BTreeSet<String>, String> {
+    items(value)
+        .map(|n| crate::interfaces::valid_name(n).map(|()| n.to_string()))
+        .collect()
+}
+
+/// `kubevirtInterfaces`: interface names, on a kernel that can see them in `sk_lookup`.
+fn vm_interfaces(value: &str) -> Result<BTreeSet<String>, String> {
+    let names = interface_names(value)?;
+    if !names.is_empty() && !INGRESS_SEEN.get().copied().unwrap_or(true) {
+        return Err("capturing a VM's traffic needs sk_lookup's ingress_ifindex (Linux 5.17), which this kernel lacks: the pod is refused rather than served with its VM uncaptured; use redirectd.dev/skip: \"true\" to leave the pod to istio-cni or istio-init".into());
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -480,6 +521,22 @@ mod tests {
     }
 
     #[test]
+    fn vm_interfaces_joined_and_an_excluded_one_warned() {
+        let p = parse(&ann(&[
+            (KUBEVIRT_INTERFACES, "k6t-a,net1"),
+            (REROUTE_VIRTUAL_INTERFACES, "k6t-b"),
+            (EXCLUDE_INTERFACES, "net1"),
+        ]))
+        .unwrap();
+        let names: Vec<&str> = p.policy.vm_interfaces.iter().map(String::as_str).collect();
+        assert_eq!(names, ["k6t-a", "k6t-b", "net1"]);
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("net1"), "{:?}", p.warnings);
+        let e = parse(&ann(&[(KUBEVIRT_INTERFACES, "tap0,has space")])).unwrap_err();
+        assert_eq!(e.annotation, KUBEVIRT_INTERFACES);
+    }
+
+    #[test]
     fn bad_values_name_annotation_and_value() {
         for (k, v) in [
             (EXCLUDE_OUTBOUND_PORTS, "70000"),
@@ -495,7 +552,6 @@ mod tests {
             (DNS_CAPTURE, "yes"),
             (EXCLUDE_INTERFACES, "net1,has space"),
             (EXCLUDE_INTERFACES, "a-name-too-long0"),
-            (INTERCEPTION_MODE, "TPROXY"),
             (INTERCEPTION_MODE, "redirect"),
             (STATUS_PORT, "status"),
             (ACCEL, "yes"),

@@ -8,6 +8,8 @@
 //! - `BPF_LINK_CREATE` and `BPF_OBJ_PIN` for `cgroup/getsockopt` only: aya attaches it, but
 //!   its `CgroupSockoptLink` cannot become an `FdLink`, so it cannot be pinned, and an
 //!   unpinned link would detach when the daemon exits.
+//! - `BPF_PROG_LOAD` of a three-instruction probe: whether `sk_lookup` may read a context field
+//!   (aya's probes cover program types, map types and helpers, not fields).
 
 use std::{
     ffi::CString,
@@ -102,4 +104,48 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     let mut attr = Attr([0; 32]);
     attr.0[0] = link.as_raw_fd() as u32;
     bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+/// `BPF_PROG_TYPE_SK_LOOKUP` and its attach type `BPF_SK_LOOKUP`.
+const PROG_TYPE_SK_LOOKUP: u32 = 30;
+const ATTACH_SK_LOOKUP: u32 = 36;
+/// `offsetof(struct bpf_sk_lookup, ingress_ifindex)`.
+const SK_LOOKUP_INGRESS_IFINDEX: i16 = 64;
+
+/// Does the verifier let an `sk_lookup` program read `ingress_ifindex` (Linux 5.17)? Loads
+/// (and closes) a three-instruction program: `r2 = ctx->ingress_ifindex; r0 = 1; exit`.
+pub fn sk_lookup_reads_ingress_ifindex() -> std::io::Result<bool> {
+    let insn = |code: u8, regs: u8, off: i16, imm: i32| -> u64 {
+        u64::from(code)
+            | (u64::from(regs) << 8)
+            | (u64::from(off as u16) << 16)
+            | (u64::from(imm as u32) << 32)
+    };
+    // BPF_LDX | BPF_MEM | BPF_W (dst r2, src r1); BPF_ALU64 | BPF_MOV | BPF_K (r0); BPF_EXIT.
+    let insns = [
+        insn(0x61, 0x12, SK_LOOKUP_INGRESS_IFINDEX, 0),
+        insn(0xb7, 0, 0, 1),
+        insn(0x95, 0, 0, 0),
+    ];
+    let license = c"GPL";
+    let mut attr = Attr([0; 32]);
+    attr.0[0] = PROG_TYPE_SK_LOOKUP;
+    attr.0[1] = insns.len() as u32;
+    let (i, l) = (insns.as_ptr() as u64, license.as_ptr() as u64);
+    attr.0[2] = i as u32;
+    attr.0[3] = (i >> 32) as u32;
+    attr.0[4] = l as u32;
+    attr.0[5] = (l >> 32) as u32;
+    attr.0[17] = ATTACH_SK_LOOKUP;
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: on success the kernel returned a new fd, which nothing else owns.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(true)
+        }
+        // The verifier's refusal of the field (EACCES, or EINVAL for an unknown offset).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EINVAL)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }

@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub orig_dst_map_size: u32,
     /// The namespace whose routes lead to the pods (Kubernetes); `None`: the daemon's own.
     pub node_netns: Option<PathBuf>,
+    /// The kernel's `net` sysctls (`/proc/sys/net` or a host mount of it), for TPROXY pods.
+    pub proc_sys_net: PathBuf,
     /// Serve the chained CNI plugin (pods registered at sandbox creation).
     pub cni: Option<CniOptions>,
 }
@@ -157,6 +159,10 @@ struct Engine {
     /// The node's proxy uid and gid, for pods that do not say (translated for a
     /// user-namespaced pod).
     proxy_ids: (u32, u32),
+    /// The kernel's `net` sysctls, for TPROXY pods' accept mark.
+    proc_sys_net: PathBuf,
+    /// The proxy's outbound port, whose listeners VM pods need transparent.
+    outbound_port: u16,
 }
 
 /// How long after start a previous run's entries wait for pods whose namespace is not found
@@ -250,7 +256,7 @@ impl Engine {
     }
 
     /// `spec` as the kernel sees it: its excluded interfaces' routes and addresses read from
-    /// its namespace; for a pod in a user namespace of its own (`hostUsers: false`), its
+    /// its namespace (and, for a TPROXY pod, TPROXY's routing made sure of there); for a pod in a user namespace of its own (`hostUsers: false`), its
     /// proxy's ids and owner groups translated to host ids through the pod's id maps. A pod whose maps cannot be read yet, or lack the proxy's id, is retried (what is
     /// applied for it stays; a new one is not served, never served with the wrong uid).
     fn host_view(&self, mut spec: PodSpec, netns: &std::path::Path) -> Result<PodSpec> {
@@ -258,6 +264,26 @@ impl Engine {
             let view = crate::interfaces::read(netns, &spec.policy.exclude_interfaces)
                 .context("reading its excluded interfaces")?;
             spec.policy.interfaces = Some(view);
+        }
+        if !spec.policy.vm_interfaces.is_empty() {
+            let vm =
+                crate::vm_ifaces::prepare(netns, &spec.policy.vm_interfaces, self.outbound_port)
+                    .context("routing its VM interfaces to the proxy")?;
+            if !vm.added.is_empty() {
+                log::info!(
+                    "pod {}: VM interfaces set up: {}",
+                    spec.key,
+                    vm.added.join(", ")
+                );
+            }
+            spec.policy.vm_ifindexes = vm.ifindexes;
+        }
+        if spec.policy.tproxy {
+            let added = crate::tproxy::prepare(netns, &self.proc_sys_net)
+                .context("setting up TPROXY's policy routing in its namespace")?;
+            if !added.is_empty() {
+                log::info!("pod {}: TPROXY set up: {}", spec.key, added.join(", "));
+            }
         }
         if let Some(ids) = crate::userns::of_netns(netns).context("its user namespace")? {
             let (uid, gid) = self.proxy_ids;
@@ -330,6 +356,8 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         started: std::time::Instant::now(),
         read_counters: opts.metrics_addr.is_some(),
         proxy_ids: (opts.node.proxy_uid, opts.node.proxy_gid),
+        proc_sys_net: opts.proc_sys_net.clone(),
+        outbound_port: opts.node.outbound_port,
     };
     Ok((engine, loaded.programs))
 }
@@ -665,6 +693,24 @@ fn answer_all(calls: Vec<CniCall>, reason: &str) {
     }
 }
 
+/// Refuses a kernel without what the data path needs; warns of what only some pods need.
+fn check_kernel() -> Result<()> {
+    if let Some(msg) = probe::missing(&probe::run()) {
+        anyhow::bail!(msg);
+    }
+    for (check, without) in probe::optional() {
+        if check.present != Some(true) {
+            log::warn!(
+                "this kernel lacks {} (Linux {}): {without}",
+                check.what,
+                check.since
+            );
+        }
+    }
+    crate::annotations::set_ingress_seen(probe::sk_lookup_sees_ingress() == Some(true));
+    Ok(())
+}
+
 /// Runs until SIGTERM or SIGINT. Programs and maps stay pinned after exit so traffic keeps
 /// flowing; the next `run` takes over, `uninstall` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -673,9 +719,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => mounts::cgroup2_root()?,
     };
     check_cgroup(&cgroup)?;
-    if let Some(msg) = probe::missing(&probe::run()) {
-        anyhow::bail!(msg);
-    }
+    check_kernel()?;
     let (mut engine, programs) = start(&opts, &cgroup)?;
     let stats = Arc::new(SourceStats::default());
     let mut publisher = Publisher::new(&opts, &cgroup, programs, stats.clone());

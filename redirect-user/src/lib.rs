@@ -24,4 +24,6 @@ pub mod reconcile;
 pub mod rules;
 pub mod sources;
 pub mod status;
+pub mod tproxy;
 pub mod userns;
+pub mod vm_ifaces;

@@ -389,9 +389,16 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
         return Ok(None);
     }
     let _ = std::fs::remove_file(&pin);
+    // 1: the program may read the ingress interface (Linux 5.17); 2: it may not.
+    let sees_ingress: u8 = if crate::probe::sk_lookup_sees_ingress() == Some(true) {
+        1
+    } else {
+        2
+    };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir.join("maps"))
         .override_global("POD_NETNS_COOKIE", &netns_cookie, true)
+        .override_global("SEES_INGRESS_IFINDEX", &sees_ingress, true)
         .load(INBOUND_OBJECT)
         .context("loading the inbound (sk_lookup) object")?;
     let prog: &mut SkLookup = ebpf

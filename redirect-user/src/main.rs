@@ -106,6 +106,11 @@ struct RunArgs {
     /// namespace from its IP (default: the daemon's own, the node's with hostNetwork).
     #[arg(long)]
     node_netns: Option<PathBuf>,
+    /// Where the kernel's `net` sysctls are (TPROXY pods need
+    /// `net.ipv4.tcp_fwmark_accept` set in their namespace): a container's own /proc/sys is
+    /// read-only, so the DaemonSet mounts the host's /proc/sys/net and names it here.
+    #[arg(long, env = "REDIRECTD_PROC_SYS_NET", default_value = "/proc/sys/net")]
+    proc_sys_net: PathBuf,
     /// Serve the chained CNI plugin (`redirect-cni`) on this unix socket: pods are captured
     /// when their sandbox is created, before any container starts.
     #[arg(long)]
@@ -162,6 +167,7 @@ impl RunArgs {
             resync: Duration::from_secs(1),
             orig_dst_map_size: self.orig_dst_map_size,
             node_netns: self.node_netns,
+            proc_sys_net: self.proc_sys_net,
             cni: self.cni_socket.map(|socket| CniOptions {
                 socket,
                 state_file: self.cni_state,
@@ -373,6 +379,18 @@ fn real_main(cli: Cli) -> Result<()> {
                     None => "UNKNOWN",
                 };
                 println!("{state:<8} {:<55} (Linux {})", c.what, c.since);
+            }
+            for (c, without) in redirect_user::probe::optional() {
+                let state = match c.present {
+                    Some(true) => "ok",
+                    Some(false) => "missing",
+                    None => "unknown",
+                };
+                let what = format!("{} (optional)", c.what);
+                println!(
+                    "{state:<8} {what:<55} (Linux {}); without it {without}",
+                    c.since
+                );
             }
             match redirect_user::probe::missing(&checks) {
                 Some(msg) => bail!(msg),

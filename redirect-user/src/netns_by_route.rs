@@ -25,7 +25,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
@@ -156,15 +157,41 @@ impl Rtnl {
         Ok(Self { sock, seq: 0 })
     }
 
+    /// Adds an object (`ip rule add`, `ip route add`): `Ok(false)` if it was there already.
+    pub(crate) fn add(&mut self, msg: RouteNetlinkMessage) -> Result<bool> {
+        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        match self.exchange(msg, flags) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::raw_os_error)
+                    == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends one request and collects the replies (all parts of a dump).
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         dump: bool,
     ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.exchange(msg, NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 })
+    }
+
+    /// Sends one message with `flags` and collects the replies (all parts of a dump).
+    fn exchange(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        let dump = flags & NLM_F_DUMP != 0;
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        header.flags = flags;
         header.sequence_number = self.seq;
         let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
         req.finalize();

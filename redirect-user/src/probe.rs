@@ -134,6 +134,24 @@ pub fn run() -> Vec<Check> {
     checks
 }
 
+/// What only some pods need: `(check, what is refused without it)`.
+pub fn optional() -> Vec<(Check, &'static str)> {
+    vec![(
+        Check {
+            what: "sk_lookup context field ingress_ifindex".into(),
+            since: "5.17",
+            present: sk_lookup_sees_ingress(),
+        },
+        "pods with kubevirtInterfaces are refused",
+    )]
+}
+
+/// Whether `sk_lookup` programs can read the ingress interface (probed once).
+pub fn sk_lookup_sees_ingress() -> Option<bool> {
+    static SEEN: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *SEEN.get_or_init(|| crate::bpf_sys::sk_lookup_reads_ingress_ifindex().ok())
+}
+
 /// The checks that failed, as one line an operator can act on, or `None` if all passed.
 pub fn missing(checks: &[Check]) -> Option<String> {
     let bad: Vec<String> = checks

@@ -1,4 +1,5 @@
-//! A pod's capture policy compiled into the entries the kernel maps hold (`PORT_RULES`,
+//! A pod's capture policy compiled into the entries the kernel maps hold (`PORT_RULES`, which
+//! also keys the pod's VM interfaces by index,
 //! `ADDR_RULES`, `NODE_ADDRS`, `OWNER_GROUPS` and the `POD_FLAG_*` bits of its `MESH_PODS`
 //! entry), and the
 //! encoding of those map keys. Pure code: [`crate::datapath`] writes what this returns, and
@@ -16,8 +17,9 @@ use redirect_common::{
     POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS,
     POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
     POD_FLAG_LOOPBACK_INCLUDE, POD_FLAG_NO_ACCEL, POD_FLAG_OWNER_GROUPS_EXCLUDE,
-    POD_FLAG_OWNER_GROUPS_INCLUDE, POD_FLAG_REJECTED, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
-    PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
+    POD_FLAG_OWNER_GROUPS_INCLUDE, POD_FLAG_REJECTED, POD_FLAG_TPROXY, POD_FLAG_VM_IFACES,
+    POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6, PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND,
+    PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND, PORT_VM_IFACE,
 };
 
 use crate::annotations::{
@@ -85,6 +87,20 @@ impl PodRules {
         }
         if policy.dns_capture {
             r.flags |= POD_FLAG_DNS_CAPTURE;
+        }
+        if policy.tproxy {
+            r.flags |= POD_FLAG_TPROXY;
+        }
+        if !policy.vm_interfaces.is_empty() {
+            // Indexes past u16 cannot be keyed; the daemon refuses such a pod before this.
+            r.flags |= POD_FLAG_VM_IFACES;
+            r.ports.extend(
+                policy
+                    .vm_ifindexes
+                    .iter()
+                    .filter_map(|i| u16::try_from(*i).ok())
+                    .map(|i| (PORT_VM_IFACE, i)),
+            );
         }
         r.interfaces(policy);
         r.owner_groups(&policy.owner_groups);

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_lab::{wire::ClientResult, Lab, Report};
+use redirect_lab::{istio_iptables::Options, wire::ClientResult, Lab, Netns, Placement, Report};
 
 /// A lab, or a loud failure naming what the test needs.
 pub fn lab() -> Lab {
@@ -111,4 +111,98 @@ pub fn traffic_during<T>(
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// How one connection looked, for the side-by-side tests: its outcome, the addresses the
+/// client and the server saw, and which of the pod's Envoy listeners took it (none: direct;
+/// sorted, since Envoy logs a connection when it closes and the order of two is not the
+/// test's).
+pub fn seen(lab: &Lab, envoy: usize, placement: Placement<'_>, target: &str) -> String {
+    let before = lab.envoy_log(envoy).len();
+    let r = lab
+        .client_at(placement, &["--target", target, "--timeout-ms", "3000"])
+        .unwrap();
+    let r = &r[0];
+    let mut listeners: Vec<String> = lab
+        .envoy_log_since(envoy, before)
+        .into_iter()
+        .map(|e| e.listener)
+        .collect();
+    listeners.sort();
+    format!(
+        "error {:?}; client {:?} -> {:?}; server {:?}; envoy {listeners:?}",
+        r.error,
+        r.local.as_deref().map(host_of),
+        r.peername,
+        r.reply.as_ref().map(|s| (&s.local, host_of(&s.peer))),
+    )
+}
+
+/// Prints each `(what, how it looked)` row under Istio's rules and under redirectd, and fails
+/// naming every row that differs.
+pub fn assert_same_rows(reference: &[(String, String)], ours: &[(String, String)]) {
+    let mut differences = Vec::new();
+    for ((what, a), (_, b)) in reference.iter().zip(ours) {
+        println!("{what}\n  istio-iptables {a}\n  redirectd      {b}");
+        if a != b {
+            differences.push(format!(
+                "{what}:\n  istio-iptables {a}\n  redirectd      {b}"
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+/// Starts the daemon serving `pod` with `options` as its annotations (the pods file), and
+/// waits until it is applied.
+pub fn serve_with(lab: &mut Lab, pod: &str, options: &Options) {
+    let ann = options.annotations();
+    let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    lab.start_daemon(&pods_yaml(&[lab.pod(pod).yaml_entry(&ann)]), &[])
+        .unwrap();
+    lab.daemon().wait_pods(&[pod]).unwrap();
+}
+
+/// A second link of `pod`: a veth from its namespace (`ends[0]`) to `side` (`ends[1]`), each
+/// end `(device, IPv4/len, IPv6/len)`, up.
+pub fn link_pod_to(lab: &Lab, pod: &str, side: &Netns, ends: [(&str, &str, &str); 2]) {
+    let [(pod_dev, ..), (side_dev, ..)] = ends;
+    let pod_ns = &lab.pod(pod).netns;
+    redirect_lab::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            pod_dev,
+            "netns",
+            &pod_ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            side_dev,
+            "netns",
+            &side.name,
+        ],
+    )
+    .unwrap();
+    for (ns, (dev, v4, v6)) in [(pod_ns, ends[0]), (side, ends[1])] {
+        ns.exec(&["ip", "addr", "add", v4, "dev", dev]).unwrap();
+        ns.exec(&["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"])
+            .unwrap();
+        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
+    }
+}
+
+/// The side-by-side tests' lab: pods `app`, `plain` and `ext`, a server on `app_ports` in
+/// `app` and on 8080 in `ext`, and Envoy in `app` in `mode`. Returns it and Envoy's index.
+pub fn app_plain_ext(app_ports: &[u16], mode: redirect_lab::envoy::Mode) -> (Lab, usize) {
+    let mut lab = lab();
+    for p in ["app", "plain", "ext"] {
+        lab.add_pod(p).unwrap();
+    }
+    lab.start_server("app", app_ports).unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    let envoy = lab.start_envoy_in("app", mode).unwrap();
+    (lab, envoy)
 }

@@ -6,34 +6,11 @@
 //! under redirectd, with Envoy as the sidecar, and must be seen the same by every party.
 
 use redirect_lab::{
+    envoy::Mode,
     istio_iptables::{self, Options},
     spawn, Lab, Netns, Placement,
 };
-use redirect_tests::{lab, pods_yaml};
-
-/// What a connection looked like: the outcome and addresses each side saw, and which Envoy
-/// listener took it (none: direct).
-fn seen(lab: &Lab, envoy: usize, placement: Placement<'_>, target: &str) -> String {
-    let before = lab.envoy_log(envoy).len();
-    let r = lab
-        .client_at(placement, &["--target", target, "--timeout-ms", "3000"])
-        .unwrap();
-    let r = &r[0];
-    let listeners: Vec<String> = lab
-        .envoy_log_since(envoy, before)
-        .into_iter()
-        .map(|e| e.listener)
-        .collect();
-    format!(
-        "error {:?}; app {:?} -> {:?}; server {:?}; envoy {listeners:?}",
-        r.error,
-        r.local.as_deref().map(redirect_tests::host_of),
-        r.peername,
-        r.reply
-            .as_ref()
-            .map(|s| (&s.local, redirect_tests::host_of(&s.peer))),
-    )
-}
+use redirect_tests::{app_plain_ext, assert_same_rows, link_pod_to, seen, serve_with};
 
 fn in_side<'a>(lab: &'a Lab, side: &'a Netns) -> Placement<'a> {
     Placement {
@@ -99,34 +76,18 @@ fn rows(lab: &Lab, envoy: usize, side: &Netns) -> Vec<(String, String)> {
 
 #[test]
 fn excluded_interfaces_as_istio_excludes_them() {
-    let mut lab = lab();
-    for p in ["app", "plain", "ext"] {
-        lab.add_pod(p).unwrap();
-    }
-    lab.start_server("app", &[8080]).unwrap();
-    lab.start_server("ext", &[8080]).unwrap();
-    let envoy = lab.start_envoy("app").unwrap();
+    let (mut lab, envoy) = app_plain_ext(&[8080], Mode::Redirect);
     // net1: app 192.168.77.1 / fd77::1 <-> side 192.168.77.2 / fd77::2.
     let side = Netns::new(format!("{}-side", lab.id)).unwrap();
-    let app_ns = lab.pod("app").netns.name.clone();
-    redirect_lab::run(
-        "ip",
-        &[
-            "link", "add", "net1", "netns", &app_ns, "type", "veth", "peer", "name", "side0",
-            "netns", &side.name,
+    link_pod_to(
+        &lab,
+        "app",
+        &side,
+        [
+            ("net1", "192.168.77.1/24", "fd77::1/64"),
+            ("side0", "192.168.77.2/24", "fd77::2/64"),
         ],
-    )
-    .unwrap();
-    let app = &lab.pod("app").netns;
-    for (ns, dev, v4, v6) in [
-        (app, "net1", "192.168.77.1/24", "fd77::1/64"),
-        (&side, "side0", "192.168.77.2/24", "fd77::2/64"),
-    ] {
-        ns.exec(&["ip", "addr", "add", v4, "dev", dev]).unwrap();
-        ns.exec(&["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"])
-            .unwrap();
-        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
-    }
+    );
     let server = spawn(
         in_side(&lab, &side),
         &lab.dir.join("side-server.log"),
@@ -143,22 +104,9 @@ fn excluded_interfaces_as_istio_excludes_them() {
     istio_iptables::install(&lab.pod("app").netns, &options).unwrap();
     let reference = rows(&lab, envoy, &side);
     istio_iptables::remove(&lab.pod("app").netns).unwrap();
-    let ann = options.annotations();
-    let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    lab.start_daemon(&pods_yaml(&[lab.pod("app").yaml_entry(&ann)]), &[])
-        .unwrap();
-    lab.daemon().wait_pods(&["app"]).unwrap();
+    serve_with(&mut lab, "app", &options);
     let ours = rows(&lab, envoy, &side);
-    let mut differences = Vec::new();
-    for ((what, a), (_, b)) in reference.iter().zip(&ours) {
-        println!("{what}\n  istio-iptables {a}\n  redirectd      {b}");
-        if a != b {
-            differences.push(format!(
-                "{what}:\n  istio-iptables {a}\n  redirectd      {b}"
-            ));
-        }
-    }
-    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    assert_same_rows(&reference, &ours);
     // Not vacuous: net1 went direct and eth0 was captured, both ways.
     let by = |w: &str| &ours.iter().find(|(what, _)| what == w).unwrap().1;
     assert!(

@@ -295,7 +295,10 @@ fn istio_cni_mode_pods() {
         "warned",
         NODE,
         &[&ip(&lab, "warned")],
-        &[("traffic.sidecar.istio.io/kubevirtInterfaces", "net1")],
+        &[
+            ("traffic.sidecar.istio.io/kubevirtInterfaces", "net1"),
+            ("traffic.sidecar.istio.io/excludeInterfaces", "net1"),
+        ],
     );
     for p in [&pending, &uid2001, &gw, &none, &warned] {
         api.apply_silently(p);

@@ -8,8 +8,8 @@
 //! not a gateway (`istio-proxy ... router`), it is not on the host network, its interception
 //! mode is not NONE (the `sidecar.istio.io/interceptionMode` annotation, else the
 //! istio-proxy container's `ISTIO_META_INTERCEPTION_MODE`, else `proxy.istio.io/config`;
-//! default REDIRECT), and `redirectd.dev/skip` is not "true". REDIRECT is served; TPROXY is
-//! refused as a rejected configuration (locked, its CNI ADD fails) until it is supported. It is served as soon as it has
+//! default REDIRECT), and `redirectd.dev/skip` is not "true". REDIRECT and TPROXY are served.
+//! It is served as soon as it has
 //! an address and is not finished: Pending (init containers running) or Running. Its
 //! `traffic.sidecar.istio.io/*` annotations go through the same parser as the pods file; its
 //! proxy's uid and gid come from the istio-proxy container's security context.
@@ -180,6 +180,17 @@ fn proxy_ids(pod: &Pod) -> Result<(u32, u32), String> {
     Ok((id(uid, "runAsUser")?, id(gid, "runAsGroup")?))
 }
 
+/// `ISTIO_META_DNS_CAPTURE` from the istio-proxy container's environment or `proxyMetadata`
+/// (`None`: not set); a bad value is `Err((field, reason))`.
+fn dns_capture_of(
+    pod: &Pod,
+    ann: &BTreeMap<String, String>,
+) -> Result<Option<bool>, (String, String)> {
+    proxy_setting(pod, ann, DNS_CAPTURE_ENV)
+        .map(|(v, from)| annotations::go_bool(&v).map_err(|reason| (from, reason)))
+        .transpose()
+}
+
 /// Whether the pod is in the mesh, with which configuration, whatever its phase; and the
 /// warnings its annotations give.
 pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
@@ -211,10 +222,11 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
         };
         (Membership::Invalid(e), Vec::new())
     };
-    if let Some((mode, from)) = interception_mode(pod, &ann) {
+    let mode = interception_mode(pod, &ann);
+    let tproxy = mode.as_ref().is_some_and(|(m, _)| m == "TPROXY");
+    if let Some((mode, from)) = mode {
         match mode.as_str() {
-            "REDIRECT" => {}
-            "TPROXY" => return invalid(from, annotations::TPROXY_UNSUPPORTED.into()),
+            "REDIRECT" | "TPROXY" => {}
             "NONE" => return outside("interception mode NONE"),
             other => {
                 return invalid(
@@ -232,12 +244,9 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
         Ok(g) => g,
         Err((field, reason)) => return invalid(field, reason),
     };
-    let dns = match proxy_setting(pod, &ann, DNS_CAPTURE_ENV) {
-        None => None,
-        Some((v, from)) => match annotations::go_bool(&v) {
-            Ok(b) => Some(b),
-            Err(reason) => return invalid(from, reason),
-        },
+    let dns = match dns_capture_of(pod, &ann) {
+        Ok(d) => d,
+        Err((field, reason)) => return invalid(field, reason),
     };
     match annotations::parse(&ann) {
         Ok(parsed) => {
@@ -246,6 +255,7 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
                 proxy_gid: Some(gid),
                 owner_groups: groups.unwrap_or(parsed.policy.owner_groups.clone()),
                 dns_capture: dns.unwrap_or(parsed.policy.dns_capture),
+                tproxy,
                 ..parsed.policy
             };
             let warnings = parsed
@@ -618,12 +628,15 @@ mod tests {
         assert!(mesh(&with(None, None, None)), "default REDIRECT");
         assert!(mesh(&with(Some("REDIRECT"), Some("NONE"), Some("NONE"))));
         assert!(!mesh(&with(None, Some("NONE"), Some("REDIRECT"))));
-        // TPROXY (from the environment here, over the config's NONE) is refused, not served
-        // as REDIRECT.
-        let Membership::Invalid(e) = with(None, Some("TPROXY"), Some("NONE")) else {
-            panic!("a TPROXY pod is refused until TPROXY is supported");
+        // TPROXY (from the environment here, over the config's NONE) is served as TPROXY.
+        let Membership::Mesh(p) = with(None, Some("TPROXY"), Some("NONE")) else {
+            panic!("a TPROXY pod is served");
         };
-        assert!(e.reason.contains("TPROXY is not supported yet"), "{e}");
+        assert!(p.tproxy);
+        let Membership::Mesh(p) = with(Some("REDIRECT"), Some("TPROXY"), None) else {
+            panic!("the annotation wins");
+        };
+        assert!(!p.tproxy);
         assert!(!mesh(&with(None, None, Some("NONE"))));
         let Membership::Invalid(e) = with(None, Some("REDIRCT"), None) else {
             panic!("a misspelt mode is rejected, not ignored");
@@ -704,12 +717,15 @@ mod tests {
     }
 
     #[test]
-    fn annotation_warnings_are_kept() {
+    fn vm_interfaces_from_both_annotations() {
         let mut p = base();
-        p["metadata"]["annotations"]["traffic.sidecar.istio.io/kubevirtInterfaces"] = "net1".into();
-        let (m, warnings) = membership(&pod(p));
-        assert!(matches!(m, Membership::Mesh(_)));
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("shop/web") && warnings[0].contains("kubevirtInterfaces"));
+        p["metadata"]["annotations"]["traffic.sidecar.istio.io/kubevirtInterfaces"] =
+            "k6t-a".into();
+        p["metadata"]["annotations"]["istio.io/reroute-virtual-interfaces"] = "k6t-b, k6t-a".into();
+        let Membership::Mesh(policy) = membership(&pod(p)).0 else {
+            panic!("mesh pod expected");
+        };
+        let names: Vec<&str> = policy.vm_interfaces.iter().map(String::as_str).collect();
+        assert_eq!(names, ["k6t-a", "k6t-b"]);
     }
 }
