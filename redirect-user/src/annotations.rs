@@ -455,7 +455,7 @@ fn interface_names(value: &str) -> Result<BTreeSet<String>, String> {
 fn vm_interfaces(value: &str) -> Result<BTreeSet<String>, String> {
     let names = interface_names(value)?;
     if !names.is_empty() && !INGRESS_SEEN.get().copied().unwrap_or(true) {
-        return Err("capturing a VM's traffic needs sk_lookup's ingress_ifindex (Linux 5.17), which this kernel lacks: the pod is refused rather than served with its VM uncaptured; use redirectd.dev/skip: \"true\" to leave the pod to istio-cni or istio-init".into());
+        return Err("capturing a VM's traffic needs sk_lookup's ingress_ifindex (Linux 5.17), which this kernel lacks: the pod is refused (locked, and its CNI ADD fails) so that its VM does not run uncaptured; use redirectd.dev/skip: \"true\" to leave the pod to istio-cni or istio-init".into());
     }
     Ok(names)
 }
