@@ -255,42 +255,57 @@ impl Engine {
         out
     }
 
-    /// `spec` as the kernel sees it: its excluded interfaces' routes and addresses read from
-    /// its namespace (and, for a TPROXY pod, TPROXY's routing made sure of there); for a pod in a user namespace of its own (`hostUsers: false`), its
-    /// proxy's ids and owner groups translated to host ids through the pod's id maps. A pod whose maps cannot be read yet, or lack the proxy's id, is retried (what is
-    /// applied for it stays; a new one is not served, never served with the wrong uid).
+    /// `spec` as the kernel sees it: what its namespace says or needs ([`Self::namespace_view`]);
+    /// for a pod in a user namespace of its own (`hostUsers: false`), its proxy's ids and owner
+    /// groups translated to host ids through the pod's id maps. A pod whose namespace or maps
+    /// cannot be read yet, or lack the proxy's id, is retried (what is applied for it stays; a
+    /// new one is not served, never served with the wrong uid).
     fn host_view(&self, mut spec: PodSpec, netns: &std::path::Path) -> Result<PodSpec> {
-        if !spec.policy.exclude_interfaces.is_empty() {
-            let view = crate::interfaces::read(netns, &spec.policy.exclude_interfaces)
-                .context("reading its excluded interfaces")?;
-            spec.policy.interfaces = Some(view);
-        }
-        if !spec.policy.vm_interfaces.is_empty() {
-            let vm =
-                crate::vm_ifaces::prepare(netns, &spec.policy.vm_interfaces, self.outbound_port)
-                    .context("routing its VM interfaces to the proxy")?;
-            if !vm.added.is_empty() {
-                log::info!(
-                    "pod {}: VM interfaces set up: {}",
-                    spec.key,
-                    vm.added.join(", ")
-                );
-            }
-            spec.policy.vm_ifindexes = vm.ifindexes;
-        }
-        if spec.policy.tproxy {
-            let added = crate::tproxy::prepare(netns, &self.proc_sys_net)
-                .context("setting up TPROXY's policy routing in its namespace")?;
-            if !added.is_empty() {
-                log::info!("pod {}: TPROXY set up: {}", spec.key, added.join(", "));
-            }
-        }
+        self.namespace_view(&mut spec, netns)?;
         if let Some(ids) = crate::userns::of_netns(netns).context("its user namespace")? {
             let (uid, gid) = self.proxy_ids;
             spec.policy = crate::userns::translate(&spec.policy, &ids, uid, gid)
                 .with_context(|| format!("its user namespace (ids read from pid {})", ids.pid))?;
         }
         Ok(spec)
+    }
+
+    /// What the pod's namespace says or needs, through one rtnetlink socket bound there: its
+    /// excluded interfaces' routes and addresses, its VM interfaces' indexes (their TCP routed
+    /// to the proxy), TPROXY's routing (each made sure of, idempotently).
+    fn namespace_view(&self, spec: &mut PodSpec, netns: &std::path::Path) -> Result<()> {
+        let p = &mut spec.policy;
+        let by_name = !p.exclude_interfaces.is_empty() || !p.vm_interfaces.is_empty();
+        if !by_name && !p.tproxy {
+            return Ok(());
+        }
+        let ns =
+            std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        let mut rtnl = crate::netns_by_route::Rtnl::open_in(&ns)?;
+        let links = if by_name { rtnl.links()? } else { Vec::new() };
+        if !p.exclude_interfaces.is_empty() {
+            let view = crate::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)
+                .context("reading its excluded interfaces")?;
+            p.interfaces = Some(view);
+        }
+        if !p.vm_interfaces.is_empty() {
+            let (names, port) = (&p.vm_interfaces, self.outbound_port);
+            let vm = crate::vm_ifaces::prepare(&ns, &mut rtnl, &links, names, port)
+                .context("routing its VM interfaces to the proxy")?;
+            if !vm.added.is_empty() {
+                let added = vm.added.join(", ");
+                log::info!("pod {}: VM interfaces set up: {added}", spec.key);
+            }
+            p.vm_ifindexes = vm.ifindexes;
+        }
+        if p.tproxy {
+            let added = crate::tproxy::prepare(&ns, &mut rtnl, &self.proc_sys_net)
+                .context("setting up TPROXY's policy routing in its namespace")?;
+            if !added.is_empty() {
+                log::info!("pod {}: TPROXY set up: {}", spec.key, added.join(", "));
+            }
+        }
+        Ok(())
     }
 
     /// Removes map entries and inbound links that no applied pod owns, then lets slots the

@@ -6,9 +6,9 @@
 //! interface or not (the longest match decides, as routing does), and the addresses of the
 //! excluded interfaces (a connection arriving through one is addressed to it).
 
-use std::{collections::BTreeSet, fs::File, net::IpAddr, path::Path};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::{annotations::Cidr, netns_by_route::Rtnl};
@@ -27,16 +27,18 @@ fn network(addr: IpAddr, len: u8) -> Cidr {
     format!("{addr}/{len}").parse().unwrap_or(Cidr::host(addr))
 }
 
-/// Reads the view of the namespace at `netns` for the interfaces named `excluded` (a name
-/// not there yet contributes nothing until it appears).
-pub fn read(netns: &Path, excluded: &BTreeSet<String>) -> Result<InterfaceView> {
-    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let mut rtnl = Rtnl::open_in(&ns)?;
-    let indexes: BTreeSet<u32> = rtnl
-        .links()?
-        .into_iter()
+/// Reads the view of a pod's namespace, through `rtnl` bound there and its `links`
+/// (`(index, name)`), for the interfaces named `excluded` (a name not there yet contributes
+/// nothing until it appears).
+pub(crate) fn read(
+    rtnl: &mut Rtnl,
+    links: &[(u32, String)],
+    excluded: &BTreeSet<String>,
+) -> Result<InterfaceView> {
+    let indexes: BTreeSet<u32> = links
+        .iter()
         .filter(|(_, name)| excluded.contains(name))
-        .map(|(i, _)| i)
+        .map(|(i, _)| *i)
         .collect();
     let routes = rtnl
         .main_routes()?

@@ -35,22 +35,21 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// (Istio's), and the kernel only sees a rule as already there at the same priority.
 pub(crate) const RULE_PRIORITY: u32 = 32765;
 
-/// Makes sure the pod's namespace at `netns` has TPROXY's routing and accept-mark setting.
-/// `proc_sys_net`: where the kernel's `net` sysctls are (`/proc/sys/net`, or a host mount of it
-/// when the daemon's own is read-only). Returns what it had to add (empty: all was there).
-pub fn prepare(netns: &Path, proc_sys_net: &Path) -> Result<Vec<String>> {
-    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let mut rtnl = Rtnl::open_in(&ns)?;
-    let mut added = in_both_families(&mut rtnl, |family| {
+/// Makes sure the pod's namespace `ns` (`rtnl` bound there) has TPROXY's routing and
+/// accept-mark setting. `proc_sys_net`: where the kernel's `net` sysctls are (`/proc/sys/net`,
+/// or a host mount of it when the daemon's own is read-only). Returns what it had to add
+/// (empty: all was there).
+pub(crate) fn prepare(ns: &File, rtnl: &mut Rtnl, proc_sys_net: &Path) -> Result<Vec<String>> {
+    let mut added = in_both_families(rtnl, |family| {
         let what = format!("rule fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE}");
         (
             what,
             rule_to_table(family, vec![RuleAttribute::FwMark(TPROXY_MARK)]),
         )
     })?;
-    added.extend(local_table(&mut rtnl)?);
+    added.extend(local_table(rtnl)?);
     let knob = proc_sys_net.join("ipv4/tcp_fwmark_accept");
-    let set = crate::netns::run_in(&ns, move || -> Result<bool> {
+    let set = crate::netns::run_in(ns, move || -> Result<bool> {
         let now = std::fs::read_to_string(&knob)
             .with_context(|| format!("reading {}", knob.display()))?;
         if now.trim() == "1" {

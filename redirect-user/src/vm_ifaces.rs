@@ -17,7 +17,7 @@
 //!   listening sockets it finds on the outbound port (the same `pidfd_getfd` it adopts a
 //!   running proxy's listener with). It changes nothing else for the listener.
 
-use std::{collections::BTreeSet, fs::File, os::fd::AsFd, path::Path};
+use std::{collections::BTreeSet, fs::File, os::fd::AsFd};
 
 use anyhow::{bail, Context as _, Result};
 use netlink_packet_route::{rule::RuleAttribute, IpProtocol};
@@ -34,22 +34,25 @@ pub struct Prepared {
     pub added: Vec<String>,
 }
 
-/// Makes sure the pod's namespace at `netns` routes the TCP of its VM interfaces `names` to
-/// the pod and that its outbound listeners on `outbound_port` are transparent. A name not
-/// there yet contributes nothing until it appears.
-pub fn prepare(netns: &Path, names: &BTreeSet<String>, outbound_port: u16) -> Result<Prepared> {
-    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    let mut rtnl = Rtnl::open_in(&ns)?;
+/// Makes sure the pod's namespace `ns` (`rtnl` bound there, `links` its interfaces as
+/// `(index, name)`) routes the TCP of its VM interfaces `names` to the pod and that its
+/// outbound listeners on `outbound_port` are transparent. A name not there yet contributes
+/// nothing until it appears.
+pub(crate) fn prepare(
+    ns: &File,
+    rtnl: &mut Rtnl,
+    links: &[(u32, String)],
+    names: &BTreeSet<String>,
+    outbound_port: u16,
+) -> Result<Prepared> {
     let mut out = Prepared::default();
-    for (index, name) in rtnl.links()? {
-        if !names.contains(&name) {
-            continue;
-        }
+    for (index, name) in links.iter().filter(|(_, n)| names.contains(n)) {
+        let index = *index;
         if index > u32::from(u16::MAX) {
             bail!("VM interface {name} has index {index}, above the 65535 redirectd can key");
         }
         out.ifindexes.insert(index);
-        let added = crate::tproxy::in_both_families(&mut rtnl, |family| {
+        let added = crate::tproxy::in_both_families(rtnl, |family| {
             let what = format!("rule iif {name} ipproto tcp lookup {TPROXY_ROUTE_TABLE}");
             let selectors = vec![
                 RuleAttribute::Iifname(name.clone()),
@@ -60,8 +63,8 @@ pub fn prepare(netns: &Path, names: &BTreeSet<String>, outbound_port: u16) -> Re
         out.added.extend(added);
     }
     if !out.ifindexes.is_empty() {
-        out.added.extend(crate::tproxy::local_table(&mut rtnl)?);
-        for (_, family, sock) in crate::listeners::find(&ns, &[outbound_port])? {
+        out.added.extend(crate::tproxy::local_table(rtnl)?);
+        for (_, family, sock) in crate::listeners::find(ns, &[outbound_port])? {
             if make_transparent(sock.as_fd(), family).with_context(|| {
                 format!("making the listener on port {outbound_port} transparent")
             })? {
