@@ -39,6 +39,15 @@ pub struct Options {
     pub tproxy: bool,
 }
 
+/// The family's passthrough source and localhost, as Istio's rules name them.
+fn own_addresses(v6: bool) -> (&'static str, &'static str) {
+    if v6 {
+        ("::6/128", "::1/128")
+    } else {
+        ("127.0.0.6/32", "127.0.0.1/32")
+    }
+}
+
 /// Istio's `--inbound-tproxy-mark` and `--inbound-tproxy-route-table`.
 const TPROXY_MARK: u32 = 1337;
 const TPROXY_TABLE: u32 = 133;
@@ -135,11 +144,7 @@ impl Options {
         if !self.tproxy {
             return Vec::new();
         }
-        let (passthrough, localhost) = if v6 {
-            ("::6/128", "::1/128")
-        } else {
-            ("127.0.0.6/32", "127.0.0.1/32")
-        };
+        let (passthrough, localhost) = own_addresses(v6);
         let (mark, to_pod) = (TPROXY_MARK, PROXY_TO_POD_MARK);
         let mut r: Vec<String> = ["-N ISTIO_DIVERT", "-N ISTIO_TPROXY", "-N ISTIO_INBOUND"]
             .map(String::from)
@@ -198,11 +203,7 @@ impl Options {
 
     /// The `-t nat` rules for one family (`v6`: ip6tables), each as its arguments.
     pub fn rules(&self, v6: bool) -> Vec<String> {
-        let (passthrough, localhost) = if v6 {
-            ("::6/128", "::1/128")
-        } else {
-            ("127.0.0.6/32", "127.0.0.1/32")
-        };
+        let (passthrough, localhost) = own_addresses(v6);
         let of_family = |cidrs: &[String]| -> Vec<String> {
             cidrs
                 .iter()
