@@ -38,7 +38,7 @@ use redirect_ebpf::{
     },
     counters::count,
     maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
-    policy::{local_to_pod, outbound, Outbound},
+    policy::{outbound, Outbound},
 };
 
 /// Verdict of a `cgroup/connect*` program: let the call proceed.
@@ -252,25 +252,18 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
     }
     // An unbound socket to `::6` leaves from `::6` (the kernel picks the destination's own
     // address on lo), and Istio's rule 2 returns it; to 127.0.0.6 it leaves from 127.0.0.1.
+    // In a TPROXY pod the proxy hands an inbound connection to its application from the
+    // client's address instead (Envoy's `original_src`), its socket marked 1337.
     let from_passthrough = src.is_passthrough_source()
-        || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source());
-    // Row 2t: in a TPROXY pod, the proxy's original-source connections to the application
-    // (marked 1337, to an address local to the pod) go direct, as Istio's rules leave them.
-    let verdict = if pod.flags & POD_FLAG_TPROXY != 0
-        && mark == TPROXY_MARK
-        && is_proxy
-        && local_to_pod(&pod, dst)
-    {
-        Outbound::Direct
-    } else {
-        outbound(
-            &pod,
-            dst,
-            is_proxy,
-            (uid_gid >> 32) as u32,
-            from_passthrough,
-        )
-    };
+        || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source())
+        || (pod.flags & POD_FLAG_TPROXY != 0 && mark == TPROXY_MARK && is_proxy);
+    let verdict = outbound(
+        &pod,
+        dst,
+        is_proxy,
+        (uid_gid >> 32) as u32,
+        from_passthrough,
+    );
     let (to_outbound, port) = match verdict {
         Outbound::Direct => {
             count(pod.pod_id, |c| c.outbound_direct += 1);

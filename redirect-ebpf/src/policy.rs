@@ -110,7 +110,7 @@ fn group_filtered(pod: &PodConfig, gid: u32) -> bool {
 
 /// The outbound rules of docs/interception.md, first match wins. `is_proxy`: the caller runs
 /// as the proxy's uid or gid; `gid`: the caller's group; `from_passthrough`: the socket is
-/// bound to 127.0.0.6 / ::6.
+/// bound to 127.0.0.6 / ::6 (or, in a TPROXY pod, is a proxy's socket marked 1337).
 #[inline(always)]
 pub fn outbound(
     pod: &PodConfig,
