@@ -74,6 +74,17 @@ pub struct Report {
     pub sock_pairs: usize,
     pub orig_by_cookie: usize,
     pub orig_by_tuple: usize,
+    /// The node's shared rule maps: entries the applied pods' rules take, and capacity.
+    #[serde(default)]
+    pub rule_maps: Vec<MapFill>,
+}
+
+/// How full one map is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 impl Report {

@@ -128,6 +128,8 @@ struct Pass {
     applied: Vec<(PodKey, u32, u64, PodCounters)>,
     /// `(map, entries, capacity)` of the connection maps.
     fill: Vec<(&'static str, usize, u32)>,
+    /// `(map, entries, capacity)` of the shared rule maps.
+    rule_maps: Vec<(&'static str, usize, u32)>,
     /// Verifier instruction count of the per-pod program, when one was loaded.
     inbound_insns: Option<u32>,
 }
@@ -174,13 +176,32 @@ impl Engine {
     fn pass(&mut self, desired: &Desired) -> Pass {
         let Resolution {
             resolved,
-            unresolved,
+            mut unresolved,
             pending,
             netns,
         } = self.resolve(desired);
-        let report = self
+        // Pods whose entry is unusable keep what is applied for them, as unresolved ones do.
+        let held: Vec<PodKey> = desired
+            .held
+            .iter()
+            .filter(|k| !unresolved.contains(k))
+            .cloned()
+            .collect();
+        unresolved.extend(held.iter().cloned());
+        let mut report = self
             .reconciler
             .reconcile(&resolved, &unresolved, &mut self.datapath);
+        for key in held {
+            if self.reconciler.applied().contains_key(&key) {
+                let pod = key.to_string();
+                let why = desired.rejected.iter().find(|e| e.pod == pod);
+                let why = why.map_or_else(
+                    || "its entry is unusable".into(),
+                    |e| format!("{}: {}", e.field, e.reason),
+                );
+                report.kept.push((key, why));
+            }
+        }
         // What a previous run left is swept once every desired pod was found (a pod whose
         // namespace is not found yet may own some of those entries), or, at the latest,
         // SWEEP_GRACE after start (a pod listed but gone must not hold slots for ever).
@@ -208,6 +229,7 @@ impl Engine {
             netns,
             applied,
             fill: self.datapath.fill(),
+            rule_maps: self.reconciler.rule_maps(),
             inbound_insns: self.datapath.inbound_insns.take(),
         }
     }
@@ -477,6 +499,15 @@ impl Publisher {
         status.rejected = problems;
         status.warnings = desired.warnings.clone();
         status.file_error = published.source_error.clone();
+        status.rule_maps = pass
+            .rule_maps
+            .iter()
+            .map(|&(map, entries, capacity)| crate::status::MapFill {
+                map: map.into(),
+                entries,
+                capacity,
+            })
+            .collect();
         status.pods = pass
             .applied
             .iter()
@@ -517,7 +548,7 @@ impl Publisher {
                 rejected_pods: status.rejected.len(),
                 reconcile_errors: self.reconcile_errors,
                 watch_restarts: self.stats.watch_restarts.load(Ordering::Relaxed),
-                maps: pass.fill,
+                maps: pass.fill.into_iter().chain(pass.rule_maps).collect(),
                 ..live
             }));
         }
@@ -682,6 +713,9 @@ fn answer_calls(calls: Vec<CniCall>, pass: &Pass) {
                 .cloned()
         } else if let Some((_, e)) = pass.report.failed.iter().find(|(k, _)| k == key) {
             Some(format!("pod {key}: {e}"))
+        } else if let Some((_, e)) = pass.report.locked.iter().find(|(k, _)| k == key) {
+            // Locked (its connections refused): the sandbox does not start.
+            Some(format!("pod {key}: its configuration is rejected: {e}"))
         } else {
             None
         };

@@ -118,6 +118,11 @@ struct RunArgs {
     /// Where the pods registered by the CNI plugin are kept across restarts.
     #[arg(long, default_value = DEFAULT_CNI_STATE)]
     cni_state: PathBuf,
+    /// Most entries one pod's rules may take in each of the node's shared rule maps
+    /// (PORT_RULES, ADDR_RULES, OWNER_GROUPS, NODE_ADDRS): a pod over it is a rejected
+    /// configuration (locked, or its CNI ADD fails), so no pod can use up another's room.
+    #[arg(long, env = "REDIRECTD_MAX_RULES_PER_POD", default_value_t = redirect_user::room::DEFAULT_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=65_536))]
+    max_rules_per_pod: usize,
     /// How often to check the pods file, in milliseconds.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
@@ -160,6 +165,7 @@ impl RunArgs {
                 outbound_port: self.outbound_port,
                 inbound_port: self.inbound_port,
                 proxy_ports,
+                rules_per_pod: self.max_rules_per_pod,
             },
             accel: !self.no_accel,
             metrics_addr: self.metrics_addr,

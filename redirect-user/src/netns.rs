@@ -131,17 +131,40 @@ pub struct Resolver {
     by_ip: BTreeMap<IpAddr, Located>,
     /// The addresses of each namespace inode already looked into by the `/proc` scan.
     scanned: BTreeMap<u64, Vec<IpAddr>>,
+    /// Namespaces no pod may be: the daemon's own, the node's (pid 1's) and `--node-netns`,
+    /// by cookie, with what to call each.
+    host: Vec<(u64, String)>,
 }
 
 impl Resolver {
     /// A resolver that finds pods by IP through the routes of `node_netns` (default: the
     /// daemon's own namespace).
     pub fn new(node_netns: Option<PathBuf>) -> Result<Self> {
+        let mut host = vec![(
+            own_cookie()?,
+            "the daemon's own network namespace".to_string(),
+        )];
         if let Some(path) = &node_netns {
-            File::open(path).with_context(|| format!("opening --node-netns {}", path.display()))?;
+            let ns = File::open(path)
+                .with_context(|| format!("opening --node-netns {}", path.display()))?;
+            host.push((
+                cookie(&ns)?,
+                format!(
+                    "the node's network namespace (--node-netns {})",
+                    path.display()
+                ),
+            ));
+        }
+        // Without hostPID pid 1 is the container's own init, already covered above.
+        if let Ok(init) = File::open("/proc/1/ns/net")
+            .map_err(anyhow::Error::from)
+            .and_then(|f| cookie(&f))
+        {
+            host.push((init, "the node's network namespace (pid 1's)".into()));
         }
         Ok(Self {
             node_netns,
+            host,
             ..Default::default()
         })
     }
@@ -162,8 +185,22 @@ impl Resolver {
         };
         let file = File::open(&path)
             .with_context(|| format!("opening network namespace {}", path.display()))?;
+        let cookie = cookie(&file)?;
+        let host: Vec<&str> = self
+            .host
+            .iter()
+            .filter(|(c, _)| *c == cookie)
+            .map(|(_, what)| what.as_str())
+            .collect();
+        if !host.is_empty() {
+            bail!(
+                "{} is {}: refused, capturing it would take the node's own connections (kubelet's, the daemon's) to a proxy",
+                path.display(),
+                host.join(" and ")
+            );
+        }
         Ok(Found {
-            cookie: cookie(&file)?,
+            cookie,
             path,
             description,
         })

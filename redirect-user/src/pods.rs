@@ -90,15 +90,22 @@ pub struct Desired {
     pub pods: Vec<PodSpec>,
     /// Mesh pods with an invalid configuration (also listed in `rejected`).
     pub invalid: Vec<InvalidPod>,
+    /// Pods named by an entry that cannot be used (a structural error: a misspelt or
+    /// mistyped field, a bad address, a relative netns; or a name listed twice): whatever is
+    /// applied for them stays in force, by name, until the entry is fixed or removed (also
+    /// listed in `rejected`).
+    pub held: Vec<PodKey>,
     /// Every entry rejected, with the reason.
     pub rejected: Vec<PodError>,
     pub warnings: Vec<String>,
 }
 
-/// Why an entry is not a valid pod: unusable (cannot even tell which pod, or where), or a
-/// known pod whose configuration is invalid.
+/// Why an entry is not a valid pod: unusable (cannot even tell which pod), a named pod whose
+/// entry is broken (cannot tell where it is, or its addresses: held as it is), or a known pod
+/// whose configuration is invalid.
 enum EntryError {
     Unusable(PodError),
+    Held(PodKey, PodError),
     Invalid(Box<InvalidPod>),
 }
 
@@ -111,9 +118,11 @@ impl From<PodError> for EntryError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPod {
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
+    // Read by `key_of` before the entry is deserialized; here so they are known fields.
+    #[serde(rename = "name")]
+    _name: String,
+    #[serde(default = "default_namespace", rename = "namespace")]
+    _namespace: String,
     netns: Option<PathBuf>,
     pid: Option<u32>,
     #[serde(default)]
@@ -129,28 +138,67 @@ fn default_namespace() -> String {
 /// Longest pod name or namespace accepted (Kubernetes: 253 for names, 63 for namespaces).
 const MAX_NAME_LEN: usize = 253;
 
+/// Most addresses one pod may list (Kubernetes gives a pod at most one per family).
+pub const MAX_POD_IPS: usize = 16;
+
+/// What an empty pods file is taken for: nothing, never "no pods" (a file being rewritten
+/// reads empty for a moment).
+const NO_POD_LIST: &str =
+    "no `pods` list (an empty file is taken for one being rewritten); write `pods: []` to serve no pod";
+
 /// Parses a whole pods file. `Err` only when the file as a whole is unusable (not UTF-8,
-/// not YAML, no `pods` list): the caller then keeps serving the previous desired set.
+/// not YAML, no `pods` list, empty): the caller then keeps serving the previous desired set.
+/// Removing every pod takes an explicit `pods: []`.
 pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("not UTF-8 (byte {}): {e}", e.valid_up_to()))?;
+    crate::limits::check_yaml(text).map_err(|e| e.to_string())?;
     let doc: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let entries = match &doc {
-        serde_yaml_ng::Value::Null => return Ok(Desired::default()),
+        serde_yaml_ng::Value::Null => return Err(NO_POD_LIST.into()),
         serde_yaml_ng::Value::Mapping(m) => match m.get("pods") {
-            None | Some(serde_yaml_ng::Value::Null) => return Ok(Desired::default()),
+            None | Some(serde_yaml_ng::Value::Null) => return Err(NO_POD_LIST.into()),
             Some(serde_yaml_ng::Value::Sequence(s)) => s,
             Some(_) => return Err("`pods` must be a list".into()),
         },
         _ => return Err("top level must be a mapping with a `pods` list".into()),
     };
+    let parsed: Vec<_> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| parse_entry(i, e))
+        .collect();
+    // A name listed twice: neither entry is applied, and whatever is applied for the pod
+    // stays (never the other entry's namespace).
+    let mut count: BTreeMap<&PodKey, usize> = BTreeMap::new();
+    for key in parsed.iter().filter_map(|r| match r {
+        Ok((spec, _)) => Some(&spec.key),
+        Err(EntryError::Held(key, _)) => Some(key),
+        Err(EntryError::Invalid(pod)) => Some(&pod.key),
+        Err(EntryError::Unusable(_)) => None,
+    }) {
+        *count.entry(key).or_default() += 1;
+    }
+    let duplicates: BTreeSet<PodKey> = count
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(k, _)| k.clone())
+        .collect();
     let mut desired = Desired::default();
-    let mut seen_keys = BTreeSet::new();
+    for key in &duplicates {
+        desired.held.push(key.clone());
+        desired.rejected.push(PodError {
+            pod: key.to_string(),
+            field: "name".into(),
+            reason: "duplicate pod (same namespace and name): no entry of it is applied; what is applied for it stays".into(),
+        });
+    }
+    let mut seen_keys = duplicates;
     let mut seen_netns = BTreeMap::new();
     let mut seen_ips: BTreeMap<IpAddr, PodKey> = BTreeMap::new();
-    for (i, entry) in entries.iter().enumerate() {
-        match parse_entry(i, entry) {
+    for entry in parsed {
+        match entry {
             Ok((spec, warnings)) => {
                 let reject = |field: &str, reason: String| PodError {
                     pod: spec.key.to_string(),
@@ -158,10 +206,6 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                     reason,
                 };
                 if !seen_keys.insert(spec.key.clone()) {
-                    desired.rejected.push(reject(
-                        "name",
-                        "duplicate pod (same namespace and name)".into(),
-                    ));
                     continue;
                 }
                 if let Some((ip, other)) = spec
@@ -193,6 +237,12 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
                 desired.pods.push(spec);
             }
             Err(EntryError::Unusable(e)) => desired.rejected.push(e),
+            Err(EntryError::Held(key, e)) => {
+                desired.rejected.push(e);
+                if seen_keys.insert(key.clone()) {
+                    desired.held.push(key);
+                }
+            }
             Err(EntryError::Invalid(pod)) => {
                 let pod = *pod;
                 desired.rejected.push(pod.error.clone());
@@ -229,6 +279,15 @@ fn netns_ref(netns: Option<PathBuf>, pid: Option<u32>) -> Result<NetnsRef, (&'st
 
 /// The entry's addresses, each once: `(field, reason)` for the first bad one.
 fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
+    if ips.len() > MAX_POD_IPS {
+        return Err((
+            "ips".into(),
+            format!(
+                "{} addresses; a pod may list at most {MAX_POD_IPS}",
+                ips.len()
+            ),
+        ));
+    }
     let mut out = Vec::new();
     for (j, ip) in ips.iter().enumerate() {
         let addr: IpAddr = ip
@@ -241,6 +300,32 @@ fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
         out.push(addr);
     }
     Ok(out)
+}
+
+/// The pod an entry names, if its `name` (and `namespace`, when given) are usable names.
+fn key_of(entry: &serde_yaml_ng::Value) -> Result<PodKey, (&'static str, String)> {
+    let text = |field: &'static str| match entry.get(field) {
+        None if field == "namespace" => Ok(default_namespace()),
+        None => Err((field, "missing".to_string())),
+        Some(serde_yaml_ng::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err((field, "must be a string".to_string())),
+    };
+    let (name, namespace) = (text("name")?, text("namespace")?);
+    for (field, value) in [("name", &name), ("namespace", &namespace)] {
+        if value.is_empty() || value.len() > MAX_NAME_LEN {
+            return Err((field, format!("must be 1-{MAX_NAME_LEN} characters")));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() || c == '/' || c.is_whitespace())
+        {
+            return Err((
+                field,
+                format!("{value:?} has a character not allowed in a name"),
+            ));
+        }
+    }
+    Ok(PodKey { namespace, name })
 }
 
 fn parse_entry(
@@ -260,6 +345,9 @@ fn parse_entry(
         field: field.into(),
         reason,
     };
+    let key = key_of(entry).map_err(|(field, reason)| err(field, reason))?;
+    // From here on the pod is known: a broken entry holds what is applied for it.
+    let held = |e: PodError| EntryError::Held(key.clone(), e);
     let raw: RawPod = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
         let msg = e.to_string();
         // serde names the field in its message ("unknown field `x`", "invalid type ... for `y`").
@@ -268,29 +356,11 @@ fn parse_entry(
             .nth(1)
             .filter(|f| !f.is_empty())
             .unwrap_or("entry");
-        err(field, msg.clone())
+        held(err(field, msg.clone()))
     })?;
-    for (field, value) in [("name", &raw.name), ("namespace", &raw.namespace)] {
-        if value.is_empty() || value.len() > MAX_NAME_LEN {
-            return Err(err(field, format!("must be 1-{MAX_NAME_LEN} characters")).into());
-        }
-        if value
-            .chars()
-            .any(|c| c.is_control() || c == '/' || c.is_whitespace())
-        {
-            return Err(err(
-                field,
-                format!("{value:?} has a character not allowed in a name"),
-            )
-            .into());
-        }
-    }
-    let netns = netns_ref(raw.netns, raw.pid).map_err(|(field, reason)| err(field, reason))?;
-    let ips = addresses(&raw.ips).map_err(|(field, reason)| err(&field, reason))?;
-    let key = PodKey {
-        namespace: raw.namespace,
-        name: raw.name,
-    };
+    let netns =
+        netns_ref(raw.netns, raw.pid).map_err(|(field, reason)| held(err(field, reason)))?;
+    let ips = addresses(&raw.ips).map_err(|(field, reason)| held(err(&field, reason)))?;
     let parsed = match annotations::parse(&raw.annotations) {
         Ok(p) => p,
         Err(e) => {
@@ -387,6 +457,7 @@ pods:
             .map(|e| (e.pod.clone(), e.field.clone()))
             .collect();
         let want = [
+            ("default/ok", "name"),
             (
                 "default/badport",
                 "annotations[\"traffic.sidecar.istio.io/excludeOutboundPorts\"]",
@@ -397,8 +468,6 @@ pods:
             ("default/wrongtype", "entry"),
             ("default/both", "netns"),
             ("pods[7]", "name"),
-            ("default/ok", "name"),
-            ("default/samens", "netns"),
             ("default/rel", "netns"),
             ("default/bad/name", "name"),
             ("default/sameip2", "ips"),
@@ -416,7 +485,77 @@ pods:
         assert!(parse_file(b"pods: [").unwrap_err().contains("YAML"));
         assert!(parse_file(b"pods: 3").is_err());
         assert!(parse_file(b"- a").is_err());
-        assert!(parse_file(b"").unwrap().pods.is_empty());
-        assert!(parse_file(b"pods:").unwrap().pods.is_empty());
+        // Never "no pods": a file being rewritten reads empty.
+        assert!(parse_file(b"").unwrap_err().contains("pods: []"));
+        assert!(parse_file(b"pods:").unwrap_err().contains("pods: []"));
+        assert!(parse_file(b"pods: []").unwrap().pods.is_empty());
+        let deep = format!("pods: {}{}", "[".repeat(100), "]".repeat(100));
+        assert!(parse_file(deep.as_bytes())
+            .unwrap_err()
+            .contains("nested deeper"));
+    }
+
+    /// A structural error in a named pod's entry holds what is applied for it (by name); a
+    /// name listed twice holds it too, and neither entry's namespace is used.
+    #[test]
+    fn broken_entries_of_named_pods_are_held() {
+        let d = parse_file(
+            br#"
+pods:
+  - name: typo
+    netns: /run/netns/a
+    ip: ["10.0.0.1"]
+  - name: asstring
+    netns: /run/netns/b
+    ips: "10.0.0.2"
+  - name: badip
+    netns: /run/netns/c
+    ips: ["10.0.0.300"]
+  - name: rel
+    netns: run/netns/d
+  - name: twice
+    netns: /run/netns/e
+  - name: twice
+    netns: /run/netns/f
+  - name: fine
+    netns: /run/netns/e
+  - name: 7
+    netns: /run/netns/g
+"#,
+        )
+        .unwrap();
+        let held: Vec<String> = d.held.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            held,
+            [
+                "default/twice",
+                "default/typo",
+                "default/asstring",
+                "default/badip",
+                "default/rel"
+            ]
+        );
+        assert_eq!(d.pods.len(), 1);
+        assert_eq!(d.pods[0].key.name, "fine");
+        // A name that is not a name cannot hold anything: rejected only.
+        assert!(
+            d.rejected.iter().any(|e| e.pod == "pods[7]"),
+            "{:?}",
+            d.rejected
+        );
+        let many: Vec<String> = (0..=MAX_POD_IPS)
+            .map(|i| format!("\"10.0.1.{i}\""))
+            .collect();
+        let yaml = format!(
+            "pods:\n  - name: m\n    pid: 5\n    ips: [{}]\n",
+            many.join(",")
+        );
+        let d = parse_file(yaml.as_bytes()).unwrap();
+        assert_eq!(d.held.len(), 1);
+        assert!(
+            d.rejected[0].reason.contains("at most 16"),
+            "{:?}",
+            d.rejected
+        );
     }
 }

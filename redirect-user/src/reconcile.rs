@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::{
     datapath::PodMaps,
     pods::{PodKey, PodSpec},
+    room::{self, Usage},
     rules::PodRules,
 };
 
@@ -29,6 +30,8 @@ pub struct NodeSettings {
     /// The proxy's own ports, never captured inbound (Istio: 15001, 15006, 15008, 15020,
     /// 15021, 15090).
     pub proxy_ports: Vec<u16>,
+    /// Most entries one pod's rules may take in each shared rule map (see [`crate::room`]).
+    pub rules_per_pod: usize,
 }
 
 /// A desired pod whose network namespace was found.
@@ -138,7 +141,7 @@ impl Reconciler {
             return None;
         }
         let existing = maps.existing_rules(prev.pod_id, prev.flags).ok()?;
-        if want.resolved.rejected.is_some() {
+        if want.rejected.is_some() {
             return Some((prev, existing));
         }
         let same_config = PodConfig {
@@ -191,7 +194,13 @@ impl Reconciler {
                 .collect(),
             ..Default::default()
         };
-        let mut cookie_owner: BTreeMap<u64, &PodKey> = BTreeMap::new();
+        // A kept pod's namespace stays its own: no other pod is installed there.
+        let mut cookie_owner: BTreeMap<u64, &PodKey> = self
+            .applied
+            .iter()
+            .filter(|(k, _)| plan.keep.contains(*k))
+            .map(|(k, a)| (a.netns_cookie, k))
+            .collect();
         for r in desired {
             if let Some(other) = cookie_owner.get(&r.netns_cookie) {
                 report.failed.push((
@@ -201,7 +210,17 @@ impl Reconciler {
                 continue;
             }
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
-            if let Some(reason) = &r.rejected {
+            let compiled = r
+                .rejected
+                .is_none()
+                .then(|| PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports));
+            // Rules over the per-pod limit are a rejected configuration like a typo.
+            let rejected = r.rejected.clone().or_else(|| {
+                compiled
+                    .as_ref()
+                    .and_then(|c| room::over_pod_limit(c, self.node.rules_per_pod))
+            });
+            if let Some(reason) = &rejected {
                 // Kept only in the namespace it was applied in: a pod recreated in a new one
                 // with a rejected configuration is locked there.
                 let same_netns = |a: &&Applied| a.netns_cookie == r.netns_cookie;
@@ -217,25 +236,18 @@ impl Reconciler {
                     continue;
                 }
             }
-            let rules = match &r.rejected {
-                Some(_) => PodRules::locked(&r.spec.ips, &self.node.proxy_ports),
-                None => PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports),
+            let rules = match compiled {
+                Some(c) if rejected.is_none() => c,
+                _ => PodRules::locked(&r.spec.ips, &self.node.proxy_ports),
             };
-            let config = PodConfig {
-                pod_id: 0,
-                proxy_uid: r.spec.policy.proxy_uid.unwrap_or(self.node.proxy_uid),
-                proxy_gid: r.spec.policy.proxy_gid.unwrap_or(self.node.proxy_gid),
-                outbound_port: self.node.outbound_port,
-                inbound_port: self.node.inbound_port,
-                flags: rules.flags,
-                _pad: 0,
-            };
+            let config = self.config_for(&r.spec, &rules);
             plan.pods.insert(
                 r.spec.key.clone(),
                 Wanted {
                     resolved: r,
                     config,
                     rules,
+                    rejected,
                 },
             );
         }
@@ -247,17 +259,19 @@ impl Reconciler {
     fn apply(&mut self, plan: &Plan, maps: &mut impl PodMaps, report: &mut Report) -> Vec<Applied> {
         let mut replaced = Vec::new();
         let mut fresh = BTreeSet::new();
+        let mut usage = self.usage();
         for (key, want) in &plan.pods {
             match self.applied.get(key) {
                 Some(a) if a.is(want) => continue,
                 Some(_) => {}
                 None => {
                     if let Some((prev, rules)) = self.adoptable(want, maps) {
+                        usage.add(&rules);
                         match self.adopt(key, want, prev, rules, maps) {
                             Ok(()) => report.adopted.push(key.clone()),
                             Err(e) => report.failed.push((key.clone(), format!("{e:#}"))),
                         }
-                        if let Some(reason) = &want.resolved.rejected {
+                        if let Some(reason) = &want.rejected {
                             report.kept.push((key.clone(), reason.clone()));
                         }
                         continue;
@@ -271,12 +285,14 @@ impl Reconciler {
                 ));
                 continue;
             };
-            if let Err(e) = self.install(key, want, pod_id, maps) {
-                report.failed.push((key.clone(), format!("{e:#}")));
+            let Some((installed, locked_why)) =
+                self.install_or_lock(key, want, pod_id, &usage, maps, report)
+            else {
                 continue;
-            }
-            if let Some(reason) = &want.resolved.rejected {
-                report.locked.push((key.clone(), reason.clone()));
+            };
+            usage.add(&installed.rules);
+            if let Some(reason) = locked_why {
+                report.locked.push((key.clone(), reason));
             }
             fresh.insert(pod_id);
             let new = Applied {
@@ -284,9 +300,9 @@ impl Reconciler {
                 netns_cookie: want.resolved.netns_cookie,
                 config: PodConfig {
                     pod_id,
-                    ..want.config
+                    ..installed.config
                 },
-                rules: want.rules.clone(),
+                rules: installed.rules,
             };
             match self.applied.insert(key.clone(), new) {
                 Some(old) => {
@@ -300,6 +316,87 @@ impl Reconciler {
             }
         }
         replaced
+    }
+
+    /// Installs `want` in slot `pod_id`, if its rules fit the room the node's rule maps have
+    /// left (and the kernel takes them). A pod that does not fit is never left uncaptured:
+    /// served before, what is in force stays (reported); never served, it is installed
+    /// locked, which only needs room the maps hold in reserve. Returns what was installed
+    /// and, if locked, why; `None` when nothing was (reported).
+    fn install_or_lock(
+        &self,
+        key: &PodKey,
+        want: &Wanted,
+        pod_id: u32,
+        usage: &Usage,
+        maps: &mut impl PodMaps,
+        report: &mut Report,
+    ) -> Option<(Installed, Option<String>)> {
+        let locked = want.rejected.is_some();
+        let attempt = usage
+            .fits(&want.rules, locked)
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| self.install(key, want, pod_id, maps));
+        let why = match attempt {
+            Ok(()) => return Some((Installed::of(want), want.rejected.clone())),
+            Err(e) => format!("{e:#}"),
+        };
+        if let Some(a) = self.applied.get(key) {
+            let state = if a.locked() {
+                &mut report.locked
+            } else {
+                &mut report.kept
+            };
+            state.push((key.clone(), why));
+            return None;
+        }
+        if locked {
+            report.failed.push((key.clone(), why));
+            return None;
+        }
+        let rules = PodRules::locked(&want.resolved.spec.ips, &self.node.proxy_ports);
+        let lock = Wanted {
+            resolved: want.resolved,
+            config: self.config_for(&want.resolved.spec, &rules),
+            rules,
+            rejected: Some(why.clone()),
+        };
+        match self.install(key, &lock, pod_id, maps) {
+            Ok(()) => Some((Installed::of(&lock), Some(why))),
+            Err(e) => {
+                report
+                    .failed
+                    .push((key.clone(), format!("{why}; locking it failed too: {e:#}")));
+                None
+            }
+        }
+    }
+
+    /// The `MESH_PODS` entry of `spec` with `rules` (slot 0 until one is given).
+    fn config_for(&self, spec: &PodSpec, rules: &PodRules) -> PodConfig {
+        PodConfig {
+            pod_id: 0,
+            proxy_uid: spec.policy.proxy_uid.unwrap_or(self.node.proxy_uid),
+            proxy_gid: spec.policy.proxy_gid.unwrap_or(self.node.proxy_gid),
+            outbound_port: self.node.outbound_port,
+            inbound_port: self.node.inbound_port,
+            flags: rules.flags,
+            _pad: 0,
+        }
+    }
+
+    /// Entries the applied pods' rules take in the shared rule maps.
+    fn usage(&self) -> Usage {
+        let mut u = Usage::default();
+        for a in self.applied.values() {
+            u.add(&a.rules);
+        }
+        u
+    }
+
+    /// `(map, entries, capacity)` of the shared rule maps, for status and metrics.
+    pub fn rule_maps(&self) -> Vec<(&'static str, usize, u32)> {
+        self.usage().report()
     }
 
     /// Takes over a previous run's entries for a pod as they are; only inbound capture is
@@ -415,6 +512,23 @@ struct Wanted<'a> {
     /// `pod_id` is set when a slot is given.
     config: PodConfig,
     rules: PodRules,
+    /// Why its configuration is rejected (then `rules` lock it, if it was never served).
+    rejected: Option<String>,
+}
+
+/// What [`Reconciler::install_or_lock`] wrote.
+struct Installed {
+    config: PodConfig,
+    rules: PodRules,
+}
+
+impl Installed {
+    fn of(want: &Wanted) -> Self {
+        Self {
+            config: want.config,
+            rules: want.rules.clone(),
+        }
+    }
 }
 
 /// What one pass wants in the maps.
@@ -521,6 +635,7 @@ mod tests {
             outbound_port: 15001,
             inbound_port: 15006,
             proxy_ports: vec![15001, 15006],
+            rules_per_pod: 256,
         }
     }
 
@@ -654,6 +769,80 @@ mod tests {
         let rep = r.reconcile(&[pod("a", 10, &[6379])], &[], &mut m);
         assert_eq!(rep.updated.len(), 1);
         assert!(m.ports.iter().any(|(_, _, p)| *p == 6379));
+    }
+
+    /// Ports 1..=n excluded: n PORT_RULES entries, plus the two proxy ports.
+    fn ports(n: u16) -> Vec<u16> {
+        (1..=n).collect()
+    }
+
+    #[test]
+    fn rules_over_the_per_pod_limit_lock_a_new_pod_and_keep_a_served_one() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        let rep = r.reconcile(&[pod("big", 10, &ports(300))], &[], &mut m);
+        assert_eq!(rep.locked.len(), 1, "{rep:?}");
+        assert!(rep.locked[0].1.contains("per-pod limit of 256"), "{rep:?}");
+        assert_ne!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+        // Served first, then grown past the limit: its last good rules stay.
+        r.reconcile(&[pod("a", 11, &ports(10))], &[], &mut m);
+        let rep = r.reconcile(&[pod("a", 11, &ports(300))], &[], &mut m);
+        assert_eq!(rep.kept.len(), 1, "{rep:?}");
+        assert_eq!(m.pods[&11].flags & POD_FLAG_REJECTED, 0);
+        assert!(m.ports.iter().any(|(_, _, p)| *p == 10));
+        assert!(!m.ports.iter().any(|(_, _, p)| *p == 11));
+    }
+
+    #[test]
+    fn a_pod_that_does_not_fit_the_node_is_locked_never_left_uncaptured() {
+        let mut r = Reconciler::new(NodeSettings {
+            rules_per_pod: 20_000,
+            ..node()
+        });
+        let mut m = FakeMaps::default();
+        // 65,536 PORT_RULES less a sixteenth in reserve: 61,440 for served pods.
+        let pods: Vec<Resolved> = (0..3)
+            .map(|i| pod(&format!("p{i}"), 10 + i, &ports(19_990)))
+            .collect();
+        let rep = r.reconcile(&pods, &[], &mut m);
+        assert_eq!(rep.added.len(), 3, "{rep:?}");
+        let mut more = pods.clone();
+        more.push(pod("late", 20, &ports(2_000)));
+        let rep = r.reconcile(&more, &[], &mut m);
+        assert_eq!(rep.locked.len(), 1, "{rep:?}");
+        assert!(
+            rep.locked[0].1.contains("PORT_RULES map is full"),
+            "{rep:?}"
+        );
+        assert_ne!(m.pods[&20].flags & POD_FLAG_REJECTED, 0);
+        assert_eq!(r.rule_maps()[0].0, "PORT_RULES");
+        // Room made (a pod removed; its entries go at the end of that pass): served as
+        // configured at the next pass.
+        let rep = r.reconcile(&more[1..], &[], &mut m);
+        assert_eq!(rep.removed.len(), 1, "{rep:?}");
+        let rep = r.reconcile(&more[1..], &[], &mut m);
+        assert_eq!(rep.updated.len(), 1, "{rep:?}");
+        assert_eq!(m.pods[&20].flags & POD_FLAG_REJECTED, 0);
+    }
+
+    #[test]
+    fn no_pod_is_installed_in_a_kept_pods_namespace() {
+        let mut r = Reconciler::new(node());
+        let mut m = FakeMaps::default();
+        r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
+        let a = PodKey {
+            namespace: "default".into(),
+            name: "a".into(),
+        };
+        // `a` held (its entry broken); another entry claims its namespace.
+        let rep = r.reconcile(&[pod("b", 10, &[1])], &[a], &mut m);
+        assert_eq!(rep.failed.len(), 1, "{rep:?}");
+        assert!(
+            rep.failed[0].1.contains("already pod default/a's"),
+            "{rep:?}"
+        );
+        assert_eq!(m.pods.len(), 1);
+        assert!(m.ports.iter().all(|(_, _, p)| *p != 1));
     }
 
     #[test]

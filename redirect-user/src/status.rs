@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-pub use redirect_common::status::{PodReport, PodStatus, ProgramReport, Report, CONFIG_CURRENT};
+pub use redirect_common::status::{
+    MapFill, PodReport, PodStatus, ProgramReport, Report, CONFIG_CURRENT,
+};
 use redirect_common::{map_names, PodCounters};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +26,9 @@ pub struct StatusFile {
     pub warnings: Vec<String>,
     /// Set while the pods file as a whole is unusable (the last good version is served).
     pub file_error: Option<String>,
+    /// The shared rule maps' fill, as the reconciler accounts for it.
+    #[serde(default)]
+    pub rule_maps: Vec<MapFill>,
 }
 
 impl StatusFile {
@@ -88,6 +93,7 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
         warnings: status.warnings,
         file_error: status.file_error,
         programs: status.programs,
+        rule_maps: status.rule_maps,
     })
 }
 
@@ -156,6 +162,14 @@ fn print_counters(r: &Report) {
         "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",
         r.sock_pairs, r.orig_by_cookie, r.orig_by_tuple
     );
+    if !r.rule_maps.is_empty() {
+        let fill: Vec<String> = r
+            .rule_maps
+            .iter()
+            .map(|m| format!("{} {}/{}", m.map, m.entries, m.capacity))
+            .collect();
+        println!("rule maps (entries/capacity): {}", fill.join(", "));
+    }
 }
 
 /// What is rejected, retried or wrong with the pod source.

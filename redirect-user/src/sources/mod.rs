@@ -89,6 +89,19 @@ impl Published {
                 },
             );
         }
+        for key in &desired.held {
+            let pod = key.to_string();
+            if let Some(e) = desired.rejected.iter().find(|e| e.pod == pod) {
+                let m = Membership::Invalid(e.clone());
+                members.insert(
+                    key.clone(),
+                    Member {
+                        uid: None,
+                        membership: m,
+                    },
+                );
+            }
+        }
         for p in &desired.invalid {
             let m = Membership::Invalid(p.error.clone());
             members.insert(
