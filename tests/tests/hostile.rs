@@ -203,7 +203,7 @@ fn pods_file_mistakes_never_turn_capture_off() {
         let mut f = std::fs::File::create(&path).unwrap();
         f.write_all(half.as_bytes()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        f.write_all(good[half.len()..].as_bytes()).unwrap();
+        f.write_all(&good.as_bytes()[half.len()..]).unwrap();
         drop(f);
         std::thread::sleep(Duration::from_millis(30));
     }
