@@ -106,6 +106,19 @@ async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
 }
 
 fn check_cgroup(path: &Path) -> Result<()> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let fs = rustix::fs::statfs(path)
+        .with_context(|| format!("--cgroup {}: cannot read it", path.display()))?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    let magic = fs.f_type as i64;
+    if magic != CGROUP2_SUPER_MAGIC {
+        anyhow::bail!(
+            "--cgroup {}: not a cgroup v2 directory (its filesystem is {}); cgroup v1 cannot hold the socket programs: pass a directory of the cgroup v2 mount ({})",
+            path.display(),
+            if magic == 0x0027_e0eb { "cgroup v1".to_string() } else { format!("type {magic:#x}") },
+            crate::mounts::cgroup2_root().map_or_else(|e| format!("none found: {e:#}"), |p| p.display().to_string())
+        );
+    }
     if !path.join("cgroup.procs").exists() {
         anyhow::bail!(
             "{} is not a cgroup v2 directory (no cgroup.procs); pass --cgroup a directory of the cgroup v2 mount",

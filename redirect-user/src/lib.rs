@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod netns;
 pub mod netns_by_route;
 pub mod pods;
+pub mod private_file;
 pub mod privileges;
 pub mod probe;
 pub mod procfs;

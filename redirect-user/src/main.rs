@@ -29,7 +29,8 @@ struct Cli {
         long,
         global = true,
         env = "REDIRECTD_LOG_LEVEL",
-        default_value = "info"
+        default_value = "info",
+        value_parser = clap::builder::PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"])
     )]
     log_level: String,
     /// Log lines as text, or as one JSON object each (`ts`, `level`, `target`, `msg`), for
@@ -128,6 +129,17 @@ struct RunArgs {
     poll_ms: u64,
 }
 
+/// Refuses a flag whose directory `dir` is not there.
+fn check_dir_flag(flag: &str, dir: &std::path::Path) -> Result<()> {
+    if !dir.is_dir() {
+        bail!(
+            "{flag}: {} is not a directory (give where the kernel's net sysctls are, e.g. /proc/sys/net)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 impl RunArgs {
     /// Checks the flags together and turns them into the daemon's options.
     fn into_options(self) -> Result<RunOptions> {
@@ -136,6 +148,11 @@ impl RunArgs {
         proxy_ports.extend([self.outbound_port, self.inbound_port]);
         proxy_ports.sort_unstable();
         proxy_ports.dedup();
+        check_dir_flag("--proc-sys-net", &self.proc_sys_net.join("ipv4"))?;
+        if self.cni_socket.is_some() {
+            redirect_user::private_file::check(&self.cni_state).context("--cni-state")?;
+        }
+        redirect_user::private_file::check(&self.status_file).context("--status-file")?;
         if self.outbound_port == self.inbound_port {
             bail!(
                 "--outbound-port and --inbound-port are both {}; they must differ",
@@ -324,6 +341,12 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // A command whose output is piped (`redirectd status | head`) ends quietly when the
+        // reader goes, as command-line tools do; the daemon keeps SIGPIPE ignored.
+        // SAFETY: restores the default disposition of one signal, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let mut logger = env_logger::Builder::new();
     logger
         .parse_filters(&format!("{},aya::bpf=error", cli.log_level))

@@ -32,14 +32,10 @@ pub struct StatusFile {
 }
 
 impl StatusFile {
+    /// Writes the file whole, readable by root only (see [`crate::private_file`]).
     pub fn write(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(self).context("encoding status")?;
-        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        crate::private_file::write(path, &json)
     }
 
     pub fn read(path: &Path) -> Result<Self> {

@@ -225,13 +225,7 @@ impl Registry {
             pods: self.pods.values().cloned().collect(),
         };
         let write = || -> Result<()> {
-            if let Some(dir) = self.state_file.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.state_file.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
-            std::fs::rename(&tmp, &self.state_file)?;
-            Ok(())
+            crate::private_file::write(&self.state_file, &serde_json::to_vec(&state)?)
         };
         if let Err(e) = write() {
             log::error!(
