@@ -92,6 +92,11 @@ impl Daemon {
         Ok(())
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -379,6 +379,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             let opts = args.into_options()?;
             // Before any thread exists: capabilities are per thread, and inherited.
+            redirect_user::privileges::raise_fd_limit();
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -13,7 +13,10 @@ use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Resp
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use redirect_common::PodCounters;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+};
 
 /// What the metrics show, published by the daemon's loop.
 #[derive(Debug, Clone, Default)]
@@ -300,13 +303,23 @@ pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Arc<Snapshot>>) -> Resu
         .await
         .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     log::info!("metrics on http://{addr}/metrics, /healthz, /readyz");
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut errors = AcceptErrors::default();
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                errors.ok();
+                s
+            }
             Err(e) => {
-                log::warn!("metrics endpoint: accept: {e}");
+                tokio::time::sleep(errors.failed(&e)).await;
                 continue;
             }
+        };
+        // Over the limit: closed at once, so no client can hold the daemon's descriptors.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
         };
         let rx = rx.clone();
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -319,16 +332,74 @@ pub async fn serve(addr: SocketAddr, rx: watch::Receiver<Arc<Snapshot>>) -> Resu
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                log::debug!("metrics endpoint: {e}");
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => log::debug!("metrics endpoint: {e}"),
+                Err(_) => log::debug!(
+                    "metrics endpoint: a connection outlived {CONNECTION_TIMEOUT:?}; closed"
+                ),
+                Ok(Ok(())) => {}
             }
+            drop(permit);
         });
+    }
+}
+
+/// Connections served at once; more are closed as soon as they are accepted. Scrapers and
+/// probes need a few.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The longest one connection may last, whatever it sends.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Consecutive `accept` errors (out of descriptors, say): each waits longer before the next
+/// try, up to a second, and the log says so once every ten seconds, not once per error.
+#[derive(Default)]
+struct AcceptErrors {
+    consecutive: u32,
+    suppressed: u64,
+    last_logged: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    fn ok(&mut self) {
+        self.consecutive = 0;
+    }
+
+    /// Records an error; returns how long to wait before accepting again.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        self.consecutive = self.consecutive.saturating_add(1);
+        let quiet = self
+            .last_logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        if quiet {
+            self.suppressed += 1;
+        } else {
+            log::warn!(
+                "metrics endpoint: accept: {e} ({} more errors since the last report); backing off",
+                self.suppressed
+            );
+            self.suppressed = 0;
+            self.last_logged = Some(std::time::Instant::now());
+        }
+        Duration::from_millis(10u64 << self.consecutive.min(7)).min(Duration::from_secs(1))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_errors_back_off_and_log_rarely() {
+        let mut a = AcceptErrors::default();
+        let e = std::io::Error::from_raw_os_error(24);
+        let waits: Vec<Duration> = (0..10).map(|_| a.failed(&e)).collect();
+        assert_eq!(waits[0], Duration::from_millis(20));
+        assert_eq!(waits[9], Duration::from_secs(1));
+        assert_eq!(a.suppressed, 9, "one report for ten errors");
+        a.ok();
+        assert_eq!(a.failed(&e), Duration::from_millis(20));
+    }
 
     #[test]
     fn every_counter_is_exported_once() {

@@ -36,6 +36,26 @@ pub const KEPT: &[(u32, &str)] = &[
     (39, "CAP_BPF: load programs, create maps"),
 ];
 
+/// Raises the soft limit on open descriptors to the hard limit (the daemon holds a namespace,
+/// link and socket per pod, and serves clients): a default soft limit of 1,024 is easy to
+/// reach. Logged, not fatal, if it cannot.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit is not a valid soft one for descriptors.
+    let max = limit.maximum.unwrap_or(1 << 20);
+    let raised = Rlimit {
+        current: Some(max),
+        maximum: limit.maximum,
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        log::warn!(
+            "could not raise the open-file limit from {:?}: {e}",
+            limit.current
+        );
+    }
+}
+
 /// Bit mask of [`KEPT`].
 pub fn kept_mask() -> u64 {
     KEPT.iter().fold(0, |m, (c, _)| m | (1u64 << c))

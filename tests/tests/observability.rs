@@ -15,6 +15,76 @@ fn get(url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// 1,100 connections held open on the metrics port (any pod can reach it with the monitoring
+/// overlay) take at most the server's connection limit of the daemon's descriptors: the
+/// daemon keeps serving its pods, the log is not flooded, and /healthz answers once they go.
+#[test]
+fn a_flood_of_connections_cannot_take_the_daemons_descriptors() {
+    // The test itself holds the connections.
+    // SAFETY: getrlimit/setrlimit on this process with a struct we own.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max.min(1 << 16);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("late").unwrap();
+    let first = pods_yaml(&[lab.pod("client").yaml_entry(&[])]);
+    lab.start_daemon(&first, &["--metrics-addr", &addr])
+        .unwrap();
+    lab.daemon().wait_pods(&["client"]).unwrap();
+    let pid = lab.daemon().pid().unwrap();
+    let before = open_fds(pid);
+
+    let held: Vec<std::net::TcpStream> = (0..1_100)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = open_fds(pid);
+    assert!(
+        during < before + 64 + 16,
+        "{} connections held took the daemon from {before} to {during} descriptors",
+        held.len()
+    );
+    // Still serving: a pod added now is applied.
+    let both = pods_yaml(&[
+        lab.pod("client").yaml_entry(&[]),
+        lab.pod("late").yaml_entry(&[]),
+    ]);
+    lab.daemon().write_pods(&both).unwrap();
+    lab.daemon().wait_pods(&["client", "late"]).unwrap();
+    drop(held);
+    let healthy = eventually(Duration::from_secs(15), "/healthz after the flood", || {
+        (get(&format!("http://{addr}/healthz")).0 == 200).then_some(())
+    });
+    assert!(healthy.is_ok(), "{}", lab.daemon().log_text());
+    let log = lab.daemon().log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("metrics endpoint"))
+        .count();
+    assert!(
+        lines <= 5,
+        "{lines} log lines about the metrics endpoint:\n{log}"
+    );
+}
+
 #[test]
 fn metrics_healthz_readyz() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
