@@ -355,6 +355,9 @@ pod_counters! {
     /// `SO_ORIGINAL_DST` asked on the proxy's outbound port for a connection we have no entry
     /// for (evicted, or a client that connected to the proxy port itself).
     orig_dst_missed,
+    /// Raw sockets that could write TCP around capture, refused in the pod (a raw TCP or
+    /// `IPPROTO_RAW` socket, or `IP_HDRINCL`), for any process but the proxy.
+    raw_denied,
 }
 const _: () = assert!(size_of::<PodCounters>() == 128);
 

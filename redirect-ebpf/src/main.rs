@@ -9,6 +9,7 @@
 mod connect;
 mod dns;
 mod peername;
+mod raw;
 mod sk_msg;
 mod sockops;
 mod sockopt;

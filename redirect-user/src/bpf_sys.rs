@@ -29,6 +29,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `BPF_CGROUP_GETSOCKOPT` (`enum bpf_attach_type`, include/uapi/linux/bpf.h).
 pub const ATTACH_CGROUP_GETSOCKOPT: u32 = 21;
+/// `BPF_CGROUP_SETSOCKOPT`.
+pub const ATTACH_CGROUP_SETSOCKOPT: u32 = 22;
 
 /// `union bpf_attr`, as raw words; every command uses a prefix of it and the kernel requires
 /// the rest to be zero.

@@ -22,7 +22,7 @@ use aya::{
     maps::SockHash,
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -39,8 +39,11 @@ static INBOUND_OBJECT: &[u8] =
 #[derive(Clone, Copy)]
 enum CgroupKind {
     SockOps,
-    Sockopt,
+    /// `cgroup/getsockopt` or `cgroup/setsockopt`: the `bpf_sys` attach type.
+    Sockopt(u32),
     SockAddr,
+    /// `cgroup/sock_create`.
+    Sock,
 }
 
 /// A program of the object and the hook it attaches to.
@@ -59,7 +62,19 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
     ProgramDef {
         name: "rd_getsockopt",
         hook: "cgroup/getsockopt",
-        kind: CgroupKind::Sockopt,
+        kind: CgroupKind::Sockopt(bpf_sys::ATTACH_CGROUP_GETSOCKOPT),
+        min_kernel: "5.15",
+    },
+    ProgramDef {
+        name: "rd_sock_create",
+        hook: "cgroup/sock_create",
+        kind: CgroupKind::Sock,
+        min_kernel: "5.7",
+    },
+    ProgramDef {
+        name: "rd_setsockopt",
+        hook: "cgroup/setsockopt",
+        kind: CgroupKind::Sockopt(bpf_sys::ATTACH_CGROUP_SETSOCKOPT),
         min_kernel: "5.15",
     },
     ProgramDef {
@@ -274,8 +289,12 @@ fn load_one(ebpf: &mut Ebpf, def: &ProgramDef) -> Result<ProgramReport> {
             let p: &mut SockOps = prog.try_into().with_context(ctx)?;
             p.load().with_context(ctx)?;
         }
-        CgroupKind::Sockopt => {
+        CgroupKind::Sockopt(_) => {
             let p: &mut CgroupSockopt = prog.try_into().with_context(ctx)?;
+            p.load().with_context(ctx)?;
+        }
+        CgroupKind::Sock => {
+            let p: &mut CgroupSock = prog.try_into().with_context(ctx)?;
             p.load().with_context(ctx)?;
         }
         CgroupKind::SockAddr => {
@@ -315,14 +334,15 @@ fn attach_cgroup(ebpf: &mut Ebpf, def: &ProgramDef, cgroup: &File, pin: &Path) -
             let id = p.attach(cgroup, mode)?;
             FdLink::try_from(p.take_link(id)?)?
         }
-        CgroupKind::Sockopt => {
+        CgroupKind::Sock => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        CgroupKind::Sockopt(attach_type) => {
             // aya cannot pin this link type (see bpf_sys): create and pin it by hand.
             let p: &mut CgroupSockopt = prog.try_into()?;
-            let link = bpf_sys::link_create(
-                p.fd()?.as_fd(),
-                cgroup.as_fd(),
-                bpf_sys::ATTACH_CGROUP_GETSOCKOPT,
-            )?;
+            let link = bpf_sys::link_create(p.fd()?.as_fd(), cgroup.as_fd(), attach_type)?;
             return bpf_sys::obj_pin(link.as_fd(), pin);
         }
     };

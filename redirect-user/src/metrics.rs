@@ -95,6 +95,12 @@ const MISSED: Family = Family {
     labels: &[],
 };
 
+const RAW_DENIED: Family = Family {
+    metric: "redirect_raw_sockets_denied_total",
+    help: "Raw sockets that could write TCP around capture, refused in a mesh pod (socket() or IP_HDRINCL).",
+    labels: &[],
+};
+
 /// Where each per-pod counter (by its name in [`PodCounters::NAMES`]) is exported: the
 /// family and the values of the family's extra labels. The one table of the metric names.
 const PER_POD: [(&str, &Family, &[&str]); PodCounters::COUNT] = [
@@ -123,6 +129,7 @@ const PER_POD: [(&str, &Family, &[&str]); PodCounters::COUNT] = [
     ("accel_bytes", &ACCEL_BYTES, &[]),
     ("orig_dst_evicted", &EVICTED, &[]),
     ("orig_dst_missed", &MISSED, &[]),
+    ("raw_denied", &RAW_DENIED, &[]),
 ];
 
 fn counter_vec(registry: &Registry, f: &Family) -> Result<IntCounterVec> {

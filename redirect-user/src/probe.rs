@@ -35,7 +35,7 @@ fn map(name: &str, t: MapType, since: &'static str) -> Check {
 }
 
 /// The helpers the programs call: `(program type name, type, helper name, helper, since)`.
-const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 9] = {
+const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 10] = {
     use BpfHelper as H;
     use ProgramType as P;
     let cookie = "bpf_get_netns_cookie";
@@ -43,6 +43,13 @@ const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 9] = {
         (
             "cgroup_sock_addr",
             P::CgroupSockAddr,
+            cookie,
+            H::BPF_FUNC_get_netns_cookie,
+            "5.7",
+        ),
+        (
+            "cgroup_sock",
+            P::CgroupSock,
             cookie,
             H::BPF_FUNC_get_netns_cookie,
             "5.7",
@@ -111,6 +118,7 @@ pub fn run() -> Vec<Check> {
     let mut checks = vec![
         program("cgroup_sock_addr", ProgramType::CgroupSockAddr, "4.17"),
         program("sock_ops", ProgramType::SockOps, "4.13"),
+        program("cgroup_sock", ProgramType::CgroupSock, "4.10"),
         program("cgroup_sockopt", ProgramType::CgroupSockopt, "5.3"),
         program("sk_lookup", ProgramType::SkLookup, "5.9"),
         program("sk_msg", ProgramType::SkMsg, "4.17"),

@@ -96,6 +96,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "dig"),
     // musl's resolver in DNS capture's tests (a static binary built from tests/c).
     ("musl-tools", "musl-gcc"),
+    // Ping's raw ICMP socket must keep working in a mesh pod whose raw TCP sockets are refused.
+    ("iputils-ping", "ping"),
 ];
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {

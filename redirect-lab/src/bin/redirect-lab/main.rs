@@ -8,10 +8,12 @@
 //! - `server`: answers each connection with the addresses it saw (JSON line, or HTTP for curl).
 //! - `client`: opens connections to targets and prints one JSON line per connection.
 //! - `validate`: Istio's istio-validation check (CNI mode), as its validator makes it.
+//! - `raw-syn`, `raw-sniff`: a TCP SYN written through a raw socket, and its detection.
 
 mod client;
 mod dns;
 mod proxy;
+mod raw;
 mod server;
 mod sockets;
 mod validate;
@@ -121,6 +123,24 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Writes one TCP SYN through a raw socket; prints `{"error": ...}`.
+    RawSyn {
+        #[arg(long)]
+        source: std::net::SocketAddrV4,
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, value_enum)]
+        via: raw::Via,
+    },
+    /// Waits for a TCP SYN to `port` from `from_port`; prints `{"seen": bool}`.
+    RawSniff {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        from_port: u16,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// A client: `count` connections spread over the targets, `concurrency` at a time.
     Client {
         #[arg(long = "target", required = true)]
@@ -207,6 +227,16 @@ fn main() -> Result<()> {
             timeout_ms,
         } => dns::run(server, &name, transport, Duration::from_millis(timeout_ms)),
         Cmd::WithResolvConf { nameservers, cmd } => dns::with_resolv_conf(&nameservers, &cmd),
+        Cmd::RawSyn {
+            source,
+            target,
+            via,
+        } => raw::syn_run(source, target, via),
+        Cmd::RawSniff {
+            port,
+            from_port,
+            timeout_ms,
+        } => raw::sniff_run(port, from_port, Duration::from_millis(timeout_ms)),
         Cmd::PerfServer { rr_port, sink_port } => redirect_lab::perf::server(rr_port, sink_port),
         Cmd::PerfClient {
             target,
