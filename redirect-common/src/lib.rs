@@ -25,9 +25,13 @@ pub const MAX_PORT_RULES: u32 = 65_536;
 pub const MAX_GROUP_RULES: u32 = 16_384;
 /// Maximum number of address rules (all pods together) in `ADDR_RULES`.
 pub const MAX_ADDR_RULES: u32 = 16_384;
-/// Capacity of `DNS_ORIG`: UDP sockets whose DNS went to the agent (LRU: a closed socket's
-/// entry ages out).
+/// Capacity of `DNS_ASKED`: open UDP sockets whose DNS went to the agent (an entry is
+/// deleted when its socket closes).
 pub const MAX_DNS_SOCKETS: u32 = 16_384;
+/// How many `DNS_ASKED` entries one pod may hold (open UDP sockets whose DNS went to the
+/// agent): a sixteenth of the map, so no pod can take another's room. Past it, the pod's
+/// further DNS queries are refused (`EPERM`), never sent around the agent.
+pub const MAX_DNS_SOCKETS_PER_POD: u32 = MAX_DNS_SOCKETS / 16;
 /// Capacity of each original-destination map (`ORIG_BY_COOKIE`, `ORIG_BY_TUPLE`). LRU maps,
 /// so a connection whose close we never saw cannot fill them.
 pub const MAX_ORIG_DST: u32 = 65_536;
@@ -49,7 +53,8 @@ pub mod map_names {
     pub const STEERED: &str = "STEERED";
     pub const POD_SOURCES: &str = "POD_SOURCES";
     pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
-    pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const DNS_ASKED: &str = "DNS_ASKED";
+    pub const DNS_SOCKETS: &str = "DNS_SOCKETS";
     pub const TPROXY_ORIGINS: &str = "TPROXY_ORIGINS";
 }
 

@@ -56,8 +56,12 @@ pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: ctx fields the verifier allows a connect4 program to read.
     let (protocol, ip_be, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
     let dst = Endpoint::v4(ip_be, port as u16);
-    if protocol == IPPROTO_UDP && crate::dns::udp(&ctx, &dst) {
-        crate::dns::to_agent4(&ctx);
+    if protocol == IPPROTO_UDP {
+        match crate::dns::udp(&ctx, &dst) {
+            crate::dns::Udp::Leave => {}
+            crate::dns::Udp::ToAgent => crate::dns::to_agent4(&ctx),
+            crate::dns::Udp::Refuse => return REFUSE,
+        }
     }
     if protocol != IPPROTO_TCP {
         return ALLOW;
@@ -104,8 +108,10 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
         } else {
             Endpoint::v6(addr, port as u16)
         };
-        if crate::dns::udp(&ctx, &dst) {
-            crate::dns::to_agent6(&ctx, mapped);
+        match crate::dns::udp(&ctx, &dst) {
+            crate::dns::Udp::Leave => {}
+            crate::dns::Udp::ToAgent => crate::dns::to_agent6(&ctx, mapped),
+            crate::dns::Udp::Refuse => return REFUSE,
         }
     }
     if protocol != IPPROTO_TCP {

@@ -6,20 +6,28 @@
 //! - a connected socket is sent to the agent at `connect()` (`connect4/6` call [`udp`]);
 //! - an unconnected socket is sent there per datagram, at `sendto()`/`sendmsg()`/`sendmmsg()`
 //!   (`sendmsg4/6`, which the kernel runs for every datagram that names its destination);
-//! - both remember the server the application named, per socket, in `DNS_ORIG`; `recvmsg4/6`
-//!   rewrite the source of a datagram from the agent back to it, so resolvers that check the
-//!   reply's source (glibc, musl, dig) accept it; `getpeername` shows it too.
+//! - both remember the server the application named, per socket, in `DNS_ASKED`;
+//!   `recvmsg4/6` rewrite the source of a datagram from the agent back to it, so resolvers
+//!   that check the reply's source (glibc, musl, dig) accept it; `getpeername` shows it too;
+//! - `sock_release` deletes a socket's entry when it closes. Each pod holds at most
+//!   `MAX_DNS_SOCKETS_PER_POD` entries (open sockets): past it, or with the map full, its
+//!   query is refused (`EPERM`), never sent around the agent, and no other pod's entry is
+//!   ever evicted (the map is no LRU).
+
+use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_uid_gid,
         generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
-use redirect_common::{OrigDst, PodConfig, AF_INET, AGENT_DNS_PORT, POD_FLAG_DNS_CAPTURE};
+use redirect_common::{
+    OrigDst, PodConfig, AF_INET, AGENT_DNS_PORT, MAX_DNS_SOCKETS_PER_POD, POD_FLAG_DNS_CAPTURE,
+};
 
 use redirect_ebpf::{
     addr::{
@@ -27,41 +35,118 @@ use redirect_ebpf::{
         LOOPBACK6_LAST_BE, V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{DNS_ORIG, MESH_PODS},
+    maps::{DNS_ASKED, DNS_SOCKETS, MESH_PODS},
     policy::dns_udp,
 };
 
 /// Verdict of sendmsg/recvmsg programs: let the call proceed.
 const ALLOW: i32 = 1;
+/// Verdict: the call fails with `EPERM`.
+const REFUSE: i32 = 0;
+
+/// What becomes of a UDP `connect()` or addressed send.
+pub enum Udp {
+    /// Not DNS to capture: as the application asked.
+    Leave,
+    /// Sent to the agent (the server asked is recorded).
+    ToAgent,
+    /// DNS to capture, but the pod holds its limit of open DNS sockets (or the map is full):
+    /// refused (`EPERM`) rather than sent around the agent.
+    Refuse,
+}
 
 /// For a UDP `connect()` or addressed send to `dst`: should it go to the agent instead? If
-/// so, `dst` is recorded for the socket first (if it cannot be, the query goes where it was
-/// sent: DNS keeps working, uncaptured).
+/// so, `dst` is recorded for the socket first.
 #[inline(always)]
-pub fn udp(ctx: &SockAddrContext, dst: &Endpoint) -> bool {
+pub fn udp(ctx: &SockAddrContext, dst: &Endpoint) -> Udp {
     // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
     let pod: PodConfig = match unsafe { MESH_PODS.get(netns_cookie) } {
         Some(pod) if pod.flags & POD_FLAG_DNS_CAPTURE != 0 => *pod,
-        _ => return false,
+        _ => return Udp::Leave,
     };
     let uid_gid = bpf_get_current_uid_gid();
     let gid = (uid_gid >> 32) as u32;
     let is_proxy = uid_gid as u32 == pod.proxy_uid || gid == pod.proxy_gid;
     if !dns_udp(&pod, dst, is_proxy, gid) {
-        return false;
+        return Udp::Leave;
     }
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if DNS_ORIG
-        .insert(cookie, dst.orig_dst(pod.pod_id, netns_cookie), 0)
-        .is_err()
-    {
-        return false;
+    let orig = dst.orig_dst(pod.pod_id, netns_cookie);
+    // SAFETY: plain-data value, only tested for presence.
+    let known = unsafe { DNS_ASKED.get(cookie) }.is_some();
+    let recorded = if known {
+        DNS_ASKED.insert(cookie, orig, BPF_EXIST).is_ok()
+    } else {
+        record_new(cookie, &orig)
+    };
+    if !recorded {
+        count(pod.pod_id, |c| c.outbound_fail_closed += 1);
+        return Udp::Refuse;
     }
     count(pod.pod_id, |c| c.outbound_captured += 1);
+    Udp::ToAgent
+}
+
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// Records a socket's first DNS server, within its pod's share of the map.
+#[inline(always)]
+fn record_new(cookie: u64, orig: &OrigDst) -> bool {
+    let Some(n) = DNS_SOCKETS.get_ptr_mut(orig.pod_id) else {
+        return false;
+    };
+    // SAFETY: a slot of an array map; a racing update only makes the bound approximate.
+    if unsafe { *n } >= u64::from(MAX_DNS_SOCKETS_PER_POD) {
+        return false;
+    }
+    if DNS_ASKED.insert(cookie, *orig, BPF_NOEXIST).is_err() {
+        return false;
+    }
+    // SAFETY: the slot pointer from above.
+    unsafe { atomic_add(n, 1) };
     true
+}
+
+/// Forgets a closing UDP socket's DNS server and gives its pod the room back. Runs for every
+/// IPv4/IPv6 socket released under the cgroup; anything but UDP returns at once. Minimum
+/// kernel: 5.9 (`cgroup/sock_release`).
+#[cgroup_sock(sock_release)]
+pub fn rd_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: a field a sock_release program may read.
+    if unsafe { (*ctx.sock).protocol } != IPPROTO_UDP {
+        return ALLOW;
+    }
+    // SAFETY: helper valid for cgroup_sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-data value, copied out at once.
+    let Some(orig) = (unsafe { DNS_ASKED.get(cookie) }).copied() else {
+        return ALLOW;
+    };
+    if DNS_ASKED.remove(cookie).is_ok() {
+        if let Some(n) = DNS_SOCKETS.get_ptr_mut(orig.pod_id) {
+            // SAFETY: a slot of an array map.
+            unsafe { atomic_add(n, u64::MAX) };
+        }
+    }
+    ALLOW
+}
+
+const IPPROTO_UDP: u32 = 17;
+
+/// Adds `v` (wrapping: `u64::MAX` takes one) to `*n` atomically, the result unused, so it is
+/// the BPF `lock add` every kernel has. The BPF target's `core` offers no atomic
+/// read-modify-write methods, only the intrinsic.
+///
+/// # Safety
+/// `n` must point to a live map value.
+#[inline(always)]
+unsafe fn atomic_add(n: *mut u64, v: u64) {
+    // SAFETY: as the caller promises.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, v) };
 }
 
 /// The server the application asked, if this socket's DNS went to the agent.
@@ -70,7 +155,7 @@ pub fn asked(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    unsafe { DNS_ORIG.get(cookie) }.copied()
+    unsafe { DNS_ASKED.get(cookie) }.copied()
 }
 
 /// Writes the agent's IPv4 address and port as the destination.
@@ -107,10 +192,14 @@ pub fn rd_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: ctx fields the verifier allows a sendmsg4 program to read.
     let (ip_be, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    if udp(&ctx, &Endpoint::v4(ip_be, port as u16)) {
-        to_agent4(&ctx);
+    match udp(&ctx, &Endpoint::v4(ip_be, port as u16)) {
+        Udp::Leave => ALLOW,
+        Udp::ToAgent => {
+            to_agent4(&ctx);
+            ALLOW
+        }
+        Udp::Refuse => REFUSE,
     }
-    ALLOW
 }
 
 /// DNS capture for IPv6 datagrams (IPv4-mapped destinations too). Minimum kernel: 5.7.
@@ -125,10 +214,14 @@ pub fn rd_sendmsg6(ctx: SockAddrContext) -> i32 {
     } else {
         Endpoint::v6(addr, port as u16)
     };
-    if udp(&ctx, &dst) {
-        to_agent6(&ctx, mapped);
+    match udp(&ctx, &dst) {
+        Udp::Leave => ALLOW,
+        Udp::ToAgent => {
+            to_agent6(&ctx, mapped);
+            ALLOW
+        }
+        Udp::Refuse => REFUSE,
     }
-    ALLOW
 }
 
 /// A datagram from the agent to a socket whose DNS went there shows the server the

@@ -5,6 +5,9 @@
 //! Program names start with `rd_` and fit the kernel's 16-byte name limit.
 #![no_std]
 #![no_main]
+// DNS capture's per-pod socket counts need an atomic add (see `dns::atomic_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod dns;

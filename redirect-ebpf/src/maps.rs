@@ -33,12 +33,21 @@ pub static PORT_RULES: HashMap<PortRuleKey, u32> = HashMap::pinned(MAX_PORT_RULE
 pub static OWNER_GROUPS: HashMap<GroupRuleKey, u32> = HashMap::pinned(MAX_GROUP_RULES, 0);
 
 /// The DNS server a UDP socket of a mesh pod last addressed, when its query went to the
-/// agent instead (DNS capture). Key: socket cookie. Value: [`OrigDst`]. Written by
-/// `connect4/6` (connected sockets) and `sendmsg4/6` (each addressed send); read by
-/// `recvmsg4/6`, which show the agent's reply as coming from that server, and `getpeername`.
-/// LRU: a UDP socket's close is not seen, its entry ages out (cookies are never reused).
+/// agent instead (DNS capture). Key: socket cookie. Value: [`OrigDst`] (its `pod_id` says
+/// whose it is). Written by `connect4/6` (connected sockets) and `sendmsg4/6` (each addressed
+/// send); read by `recvmsg4/6`, which show the agent's reply as coming from that server, and
+/// `getpeername`; deleted by `sock_release` when the socket closes. A plain hash, not an LRU:
+/// no pod's queries can evict another pod's entry (each pod may hold at most
+/// [`redirect_common::MAX_DNS_SOCKETS_PER_POD`] entries, counted in `DNS_SOCKETS`).
 #[map]
-pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+pub static DNS_ASKED: HashMap<u64, OrigDst> = HashMap::pinned(MAX_DNS_SOCKETS, 0);
+
+/// How many `DNS_ASKED` entries each pod holds, indexed by pod id (`u64`: the BPF target's
+/// atomic width). Added to by the programs
+/// that write an entry, taken from by `sock_release` when it deletes one (by the entry's own
+/// pod id, so the count stays exact across slot reuse and restarts).
+#[map]
+pub static DNS_SOCKETS: Array<u64> = Array::pinned(MAX_PODS, 0);
 
 /// Per-pod address rules (`excludeOutboundIPRanges`, `includeOutboundIPRanges`, the pod's own
 /// IPs). Key: LPM key over [`AddrRuleData`] (pod id and kind matched exactly, then the

@@ -9,7 +9,7 @@ use redirect_common::{OrigDst, AF_INET};
 
 use redirect_ebpf::{
     addr::{ctx_write_addr6, V4_MAPPED_WORD_BE},
-    maps::{DNS_ORIG, ORIG_BY_COOKIE},
+    maps::{DNS_ASKED, ORIG_BY_COOKIE},
 };
 
 /// getpeername hooks cannot refuse; 1 lets the (possibly rewritten) address through.
@@ -20,8 +20,8 @@ fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data values, copied out at once. A connected UDP socket whose DNS went
-    // to the agent is in DNS_ORIG.
-    unsafe { ORIG_BY_COOKIE.get(cookie).or_else(|| DNS_ORIG.get(cookie)) }.copied()
+    // to the agent is in DNS_ASKED.
+    unsafe { ORIG_BY_COOKIE.get(cookie).or_else(|| DNS_ASKED.get(cookie)) }.copied()
 }
 
 /// Peer of a captured IPv4 socket. Minimum kernel: 5.8.

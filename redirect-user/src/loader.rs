@@ -66,6 +66,12 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
         min_kernel: "5.15",
     },
     ProgramDef {
+        name: "rd_sock_release",
+        hook: "cgroup/sock_release",
+        kind: CgroupKind::Sock,
+        min_kernel: "5.9",
+    },
+    ProgramDef {
         name: "rd_sock_create",
         hook: "cgroup/sock_create",
         kind: CgroupKind::Sock,

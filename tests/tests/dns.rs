@@ -312,3 +312,73 @@ fn real_resolvers_get_the_agents_answer() {
         }
     }
 }
+
+/// One pod with DNS capture sending queries from 20,000 fresh UDP sockets while another pod's
+/// query waits in its socket: the other pod's reply still shows the server it asked (entries
+/// go when their socket closes; no pod evicts another's). Past its share of open DNS sockets
+/// (1,024), a pod's further queries are refused, and the other pod is still served.
+#[test]
+fn one_pods_dns_flood_never_breaks_another_pods_lookups() {
+    let (mut lab, _agent) = build();
+    lab.add_pod("flood").unwrap();
+    let capture = [("redirectd.dev/dnsCapture", "true")];
+    let yaml = pods_yaml(&[
+        lab.pod("app").yaml_entry(&capture),
+        lab.pod("flood").yaml_entry(&capture),
+    ]);
+    lab.start_daemon(&yaml, &[]).unwrap();
+    lab.daemon().wait_pods(&["app", "flood"]).unwrap();
+    let server = format!("{}:53", lab.pod("ext").v4);
+    let lab_bin = redirect_lab::bin("redirect-lab");
+    let lab_bin = lab_bin.to_string_lossy();
+    let query = |delay: &str| {
+        let out = lab
+            .run_in(
+                "app",
+                None,
+                &lab_bin,
+                &[
+                    "dns-query",
+                    "--server",
+                    &server,
+                    "--name",
+                    AGENT_NAME,
+                    "--transport",
+                    "sendto",
+                    "--read-delay-ms",
+                    delay,
+                ],
+            )
+            .unwrap();
+        serde_json::from_str::<DnsResult>(out.trim()).unwrap()
+    };
+    let flood = |count: &str, hold: bool| {
+        let mut args = vec!["dns-flood", "--server", &server, "--count", count];
+        if hold {
+            args.push("--hold");
+        }
+        let out = lab.run_in("flood", None, &lab_bin, &args).unwrap();
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let want = DnsResult {
+        answers: vec![AT_AGENT.to_string()],
+        rcode: 0,
+        from: Some(server.clone()),
+        error: None,
+    };
+    let (victim, flooded) = std::thread::scope(|s| {
+        let victim = s.spawn(|| query("3000"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let flooded = flood("20000", false);
+        (victim.join().unwrap(), flooded)
+    });
+    assert_eq!(flooded["sent"], 20_000, "{flooded}");
+    assert_eq!(victim, want, "the app's reply after the flood");
+
+    let held = flood("1100", true);
+    assert_eq!(held["sent"], 1_024, "{held}");
+    assert_eq!(held["refused"], 76, "{held}");
+    assert_eq!(query("0"), want, "the app's query after the held flood");
+    let st = lab.daemon().pod_status("flood").unwrap();
+    assert!(st.counter("outbound_fail_closed") >= 76, "{st:?}");
+}

@@ -155,7 +155,13 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (s, len as libc::socklen_t)
 }
 
-fn ask(server: SocketAddr, name: &str, how: Transport, timeout: Duration) -> Result<DnsResult> {
+fn ask(
+    server: SocketAddr,
+    name: &str,
+    how: Transport,
+    timeout: Duration,
+    read_delay: Duration,
+) -> Result<DnsResult> {
     let q = query(name);
     let mut buf = vec![0u8; 4096];
     let (reply, from) = match how {
@@ -175,6 +181,7 @@ fn ask(server: SocketAddr, name: &str, how: Transport, timeout: Duration) -> Res
             let s = udp_socket(server, timeout)?;
             s.connect(server)?;
             s.send(&q)?;
+            std::thread::sleep(read_delay);
             let (n, from) = s.recv_from(&mut buf)?;
             (buf[..n].to_vec(), from)
         }
@@ -185,6 +192,7 @@ fn ask(server: SocketAddr, name: &str, how: Transport, timeout: Duration) -> Res
             } else {
                 sendmmsg_one(&s, server, &q)?;
             }
+            std::thread::sleep(read_delay);
             let (n, from) = s.recv_from(&mut buf)?;
             (buf[..n].to_vec(), from)
         }
@@ -198,13 +206,50 @@ fn ask(server: SocketAddr, name: &str, how: Transport, timeout: Duration) -> Res
     })
 }
 
-/// Asks `server` for `name`'s A record once and prints a [`DnsResult`] line.
-pub fn run(server: SocketAddr, name: &str, how: Transport, timeout: Duration) -> Result<()> {
-    let r = ask(server, name, how, timeout).unwrap_or_else(|e| DnsResult {
+/// Asks `server` for `name`'s A record once and prints a [`DnsResult`] line; over UDP, the
+/// reply is read `read_delay` after the query was sent (it waits in the socket meanwhile).
+pub fn run(
+    server: SocketAddr,
+    name: &str,
+    how: Transport,
+    timeout: Duration,
+    read_delay: Duration,
+) -> Result<()> {
+    let r = ask(server, name, how, timeout, read_delay).unwrap_or_else(|e| DnsResult {
         error: Some(format!("{e:#}")),
         ..Default::default()
     });
     println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// `count` queries to `server`, each from a fresh UDP socket (`sendto`), closed at once or,
+/// with `hold`, all kept open until the end; prints `{"sent": n, "refused": n}` (refused:
+/// the send failed with EPERM).
+pub fn flood(server: SocketAddr, count: usize, hold: bool) -> Result<()> {
+    let q = query("flood.test");
+    let (mut sent, mut refused, mut held) = (0usize, 0usize, Vec::new());
+    for _ in 0..count {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let s = UdpSocket::bind(bind)?;
+        match s.send_to(&q, server) {
+            Ok(_) => sent += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => refused += 1,
+            Err(e) => return Err(e).context("sendto"),
+        }
+        if hold {
+            held.push(s);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "refused": refused })
+    );
+    drop(held);
     Ok(())
 }
 

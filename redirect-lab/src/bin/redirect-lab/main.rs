@@ -115,6 +115,19 @@ enum Cmd {
         transport: dns::Transport,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Over UDP: read the reply this long after sending the query.
+        #[arg(long, default_value_t = 0)]
+        read_delay_ms: u64,
+    },
+    /// Many DNS queries, each from a fresh UDP socket; prints how many were sent and refused.
+    DnsFlood {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// Keep every socket open until all are sent.
+        #[arg(long)]
+        hold: bool,
     },
     /// Runs a command with an /etc/resolv.conf of its own (a private mount namespace).
     WithResolvConf {
@@ -225,7 +238,19 @@ fn main() -> Result<()> {
             name,
             transport,
             timeout_ms,
-        } => dns::run(server, &name, transport, Duration::from_millis(timeout_ms)),
+            read_delay_ms,
+        } => dns::run(
+            server,
+            &name,
+            transport,
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(read_delay_ms),
+        ),
+        Cmd::DnsFlood {
+            server,
+            count,
+            hold,
+        } => dns::flood(server, count, hold),
         Cmd::WithResolvConf { nameservers, cmd } => dns::with_resolv_conf(&nameservers, &cmd),
         Cmd::RawSyn {
             source,
