@@ -176,7 +176,7 @@ fn fuzz(seconds: u64) -> Result<()> {
         cargo(&["install", "cargo-fuzz", "--locked"])?;
     }
     let dir = root().join("fuzz");
-    for target in ["pods_file", "annotations"] {
+    for target in ["pods_file", "annotations", "proxy_config", "cni_request"] {
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let status = Command::new("cargo")

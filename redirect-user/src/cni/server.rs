@@ -8,7 +8,7 @@ use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 use anyhow::{Context as _, Result};
 use redirect_common::cni::{CniCommand, CniReply, CniRequest};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot, watch},
 };
@@ -71,6 +71,15 @@ pub async fn serve(
     }
 }
 
+/// A plugin's request line, bounded in size and nesting before it is parsed; `Err` says why
+/// it is refused.
+pub fn parse_request(line: &str) -> Result<CniRequest, String> {
+    crate::limits::check_pod_document(line).map_err(|e| format!("request refused: {e}"))?;
+    serde_json::from_str::<CniRequest>(line).map_err(|e| {
+        format!("request not understood ({e}); is redirect-cni the same version as redirectd?")
+    })
+}
+
 async fn handle(
     stream: UnixStream,
     source: watch::Receiver<Option<Published>>,
@@ -78,17 +87,17 @@ async fn handle(
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    tokio::time::timeout(READ_TIMEOUT, BufReader::new(read).read_line(&mut line))
-        .await
-        .context("the plugin sent no request in time")?
-        .context("reading the plugin's request")?;
-    let reply = match serde_json::from_str::<CniRequest>(&line) {
+    let limit = crate::limits::MAX_POD_DOCUMENT_BYTES as u64 + 1;
+    tokio::time::timeout(
+        READ_TIMEOUT,
+        BufReader::new(read.take(limit)).read_line(&mut line),
+    )
+    .await
+    .context("the plugin sent no request in time")?
+    .context("reading the plugin's request")?;
+    let reply = match parse_request(&line) {
         Ok(request) => answer(request, &source, &calls).await,
-        Err(e) => CniReply::Refused {
-            reason: format!(
-                "request not understood ({e}); is redirect-cni the same version as redirectd?"
-            ),
-        },
+        Err(reason) => CniReply::Refused { reason },
     };
     let mut out = serde_json::to_string(&reply)?;
     out.push('\n');

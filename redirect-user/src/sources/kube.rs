@@ -104,8 +104,7 @@ fn interception_mode(pod: &Pod, ann: &BTreeMap<String, String>) -> Option<(Strin
             format!("istio-proxy env {INTERCEPTION_MODE_ENV}"),
         ));
     }
-    let config = ann.get(PROXY_CONFIG)?;
-    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(config).ok()?;
+    let doc = proxy_config(ann.get(PROXY_CONFIG)?).ok()?;
     let m = doc.get("interceptionMode")?.as_str()?;
     Some((
         m.trim().to_string(),
@@ -128,7 +127,7 @@ fn proxy_setting(
     if let Some(v) = env {
         return Some((v, format!("istio-proxy env {name}")));
     }
-    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(ann.get(PROXY_CONFIG)?).ok()?;
+    let doc = proxy_config(ann.get(PROXY_CONFIG)?).ok()?;
     let v = doc.get("proxyMetadata")?.get(name)?.as_str()?;
     Some((
         v.to_string(),
@@ -191,6 +190,13 @@ fn dns_capture_of(
         .transpose()
 }
 
+/// The `proxy.istio.io/config` annotation as a YAML document, bounded in size and nesting
+/// before it is parsed (a pod's annotation must not stall the daemon).
+pub fn proxy_config(text: &str) -> Result<serde_yaml_ng::Value, String> {
+    crate::limits::check_pod_document(text).map_err(|e| e.to_string())?;
+    serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))
+}
+
 /// Whether the pod is in the mesh, with which configuration, whatever its phase; and the
 /// warnings its annotations give.
 pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
@@ -222,6 +228,12 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
         };
         (Membership::Invalid(e), Vec::new())
     };
+    if let Some(Err(e)) = ann
+        .get(PROXY_CONFIG)
+        .map(|c| crate::limits::check_pod_document(c))
+    {
+        return invalid(format!("annotations[{PROXY_CONFIG:?}]"), e.to_string());
+    }
     let mode = interception_mode(pod, &ann);
     let tproxy = mode.as_ref().is_some_and(|(m, _)| m == "TPROXY");
     if let Some((mode, from)) = mode {
@@ -511,7 +523,8 @@ pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> R
                 continue;
             }
         }
-        let (published, notes) = publish(&pods, &fetcher);
+        // Every pod's annotations are parsed here: off the async workers' queue.
+        let (published, notes) = tokio::task::block_in_place(|| publish(&pods, &fetcher));
         tx.send_replace(Some(published));
         recorder.record(&pods, notes);
     }
@@ -642,6 +655,15 @@ mod tests {
             panic!("a misspelt mode is rejected, not ignored");
         };
         assert!(e.field.contains("ISTIO_META_INTERCEPTION_MODE"), "{e}");
+        // A proxy config nested past the limit is refused before it is parsed.
+        let deep = format!("{}REDIRECT{}", "[".repeat(100), "]".repeat(100));
+        let started = std::time::Instant::now();
+        let Membership::Invalid(e) = with(None, None, Some(&deep)) else {
+            panic!("a config nested 100 deep is rejected");
+        };
+        assert!(e.field.contains("proxy.istio.io/config"), "{e}");
+        assert!(e.reason.contains("nested deeper than 64"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
