@@ -435,14 +435,14 @@ fn pods_file_followed_while_running() {
 fn uninstall_leaves_nothing_behind() {
     let (mut lab, sidecar) = client_and_ext();
     let st = lab.daemon().wait_pods(&["client"]).unwrap();
-    // The eleven node-wide programs (the per-pod sk_lookup one is listed with id 0).
+    // The fourteen node-wide programs (the per-pod sk_lookup one is listed with id 0).
     let ids: Vec<u32> = st
         .programs
         .iter()
         .map(|p| p.id)
         .filter(|id| *id != 0)
         .collect();
-    assert_eq!(ids.len(), 11, "{st:#?}");
+    assert_eq!(ids.len(), 14, "{st:#?}");
     let target = format!("{}:8080", lab.pod("ext").v4);
     lab.client(Some("client"), None, &["--target", &target])
         .unwrap();
@@ -458,8 +458,8 @@ fn uninstall_leaves_nothing_behind() {
     assert_eq!(lab.sidecar_log(sidecar).len(), 2);
 
     let out = lab.daemon().uninstall().unwrap();
-    // Ten cgroup links and the pod's sk_lookup link.
-    assert!(out.contains("detached 11 links"), "{out}");
+    // Thirteen cgroup links and the pod's sk_lookup link.
+    assert!(out.contains("detached 14 links"), "{out}");
     assert!(out.contains("mesh pods keep running, uncaptured"), "{out}");
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     // The kernel unloads a program once nothing references it; that is asynchronous (RCU).
