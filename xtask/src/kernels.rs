@@ -185,12 +185,15 @@ fn fetch(root: &Path, spec: &KernelSpec) -> Result<PathBuf> {
     find().with_context(|| format!("no vmlinuz in {package}"))
 }
 
-/// virtme-ng in `target/virtme-ng` (pip `--target`), and what it runs on: qemu, udev, depmod.
+/// virtme-ng in `target/virtme-ng` (pip `--target`), and what it runs on: qemu, udev, depmod,
+/// and a static busybox (virtme builds the guest's initramfs with it; the package's dpkg file
+/// list shows it is installed, since the dynamic `busybox` has the same path).
 fn setup_vm(root: &Path) -> Result<PathBuf> {
     setup::packages(&[
         ("qemu-system-x86", "qemu-system-x86_64"),
         ("udev", "udevadm"),
         ("kmod", "depmod"),
+        ("busybox-static", "/var/lib/dpkg/info/busybox-static.list"),
     ])?;
     let dir = root.join("target").join("virtme-ng");
     let vng = dir.join("bin").join("vng");
