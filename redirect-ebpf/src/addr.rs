@@ -78,6 +78,23 @@ impl Endpoint {
         }
     }
 
+    /// Where the kernel sends a connection to this address: an unspecified one (0.0.0.0,
+    /// `::`) goes to the socket's own address `src`, or to loopback if it has none.
+    #[inline(always)]
+    pub fn or_local(&self, src: &Endpoint) -> Endpoint {
+        if !self.is_unspecified() {
+            return *self;
+        }
+        let addr_be = if !src.is_unspecified() {
+            src.addr_be
+        } else if self.family == AF_INET {
+            [LOCALHOST4_BE, 0, 0, 0]
+        } else {
+            [0, 0, 0, LOOPBACK6_LAST_BE]
+        };
+        Endpoint { addr_be, ..*self }
+    }
+
     /// 0.0.0.0 or `::`: a socket's local address before it is bound.
     #[inline(always)]
     pub fn is_unspecified(&self) -> bool {

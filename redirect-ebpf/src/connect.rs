@@ -240,6 +240,10 @@ enum Decision {
 /// `mark`: the socket's `SO_MARK`.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> Decision {
+    // The kernel takes a connection to 0.0.0.0 (`::`) to the socket's own address, or to
+    // loopback when it has none; the rules decide on that address, as Istio's see it.
+    let local = dst.or_local(src);
+    let dst = &local;
     // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
@@ -269,6 +273,9 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
         is_proxy,
         (uid_gid >> 32) as u32,
         from_passthrough,
+        // IPv4 only: an IPv6 socket bound to ::1 does reach other hosts' addresses (the
+        // conformance suite runs both under Istio's rules).
+        src.family == AF_INET && src.is_loopback(),
     );
     let (to_outbound, port) = match verdict {
         Outbound::Direct => {

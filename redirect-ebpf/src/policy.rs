@@ -110,7 +110,8 @@ fn group_filtered(pod: &PodConfig, gid: u32) -> bool {
 
 /// The outbound rules of docs/interception.md, first match wins. `is_proxy`: the caller runs
 /// as the proxy's uid or gid; `gid`: the caller's group; `from_passthrough`: the socket is
-/// bound to 127.0.0.6 / ::6 (or, in a TPROXY pod, is a proxy's socket marked 1337).
+/// bound to 127.0.0.6 / ::6 (or, in a TPROXY pod, is a proxy's socket marked 1337);
+/// `from_loopback`: the socket is bound to an IPv4 loopback address (127.0.0.0/8).
 #[inline(always)]
 pub fn outbound(
     pod: &PodConfig,
@@ -118,9 +119,19 @@ pub fn outbound(
     is_proxy: bool,
     gid: u32,
     from_passthrough: bool,
+    from_loopback: bool,
 ) -> Outbound {
     let port = dst.port();
     let addr16 = dst.addr16();
+    // `::6` is on lo in an Istio pod (istio-iptables adds it for the inbound passthrough),
+    // as 127.0.0.6 is in 127.0.0.0/8: both go over lo.
+    let over_lo = dst.is_loopback() || dst.is_passthrough_source() || is_pod_addr(pod, addr16);
+    // An IPv4 socket bound to a loopback address reaches nothing but its own host: the
+    // kernel refuses its connect() elsewhere (EINVAL; under Istio too, the route lookup comes
+    // before iptables). Capturing it would make that call succeed.
+    if from_loopback && !over_lo {
+        return Outbound::Direct;
+    }
     // 0: leaving through one of `excludeInterfaces` (Istio's `OUTPUT -o IFACE -j RETURN`,
     // before its own chain).
     if via_excluded_iface(pod, addr16) {
@@ -133,9 +144,6 @@ pub fn outbound(
     // With DNS capture on, TCP to port 53 is kept out of rows 3 and 4 (Istio's rules exclude
     // it there), whatever the destination: it reaches row 6.
     let dns = pod.flags & POD_FLAG_DNS_CAPTURE != 0 && port == DNS_PORT;
-    // `::6` is on lo in an Istio pod (istio-iptables adds it for the inbound passthrough),
-    // as 127.0.0.6 is in 127.0.0.0/8: both go over lo.
-    let over_lo = dst.is_loopback() || dst.is_passthrough_source() || is_pod_addr(pod, addr16);
     if over_lo {
         // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
         // resolving to itself) goes through inbound. 4: an app calling itself.

@@ -61,7 +61,8 @@ pub fn kept_mask() -> u64 {
     KEPT.iter().fold(0, |m, (c, _)| m | (1u64 << c))
 }
 
-/// Drops every capability but [`KEPT`] (bounding set first, then the process's sets).
+/// Drops every capability but [`KEPT`] (bounding set first, then the process's sets), and
+/// sets `no_new_privs`.
 pub fn drop_all_but_kept() -> Result<()> {
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -84,5 +85,7 @@ pub fn drop_all_but_kept() -> Result<()> {
     sets.effective &= kept;
     sets.permitted &= kept;
     sets.inheritable = CapabilitySet::empty();
-    set_capabilities(None, sets).context("capset")
+    set_capabilities(None, sets).context("capset")?;
+    // Nothing the daemon runs (it execs nothing) may ever gain privileges again.
+    rustix::thread::set_no_new_privs(true).context("setting no_new_privs")
 }

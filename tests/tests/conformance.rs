@@ -29,7 +29,8 @@ struct Row {
     /// The caller's uid and gid when not root or the proxy (owner-group rows).
     uid: Option<u32>,
     /// `pod:port`, a pod's address in the family being tested; `lo:port` for 127.0.0.1 (`::1`);
-    /// `lo2:port` for 127.1.2.3 (IPv6: `::1`, the only loopback address there).
+    /// `lo2:port` for 127.1.2.3 (IPv6: `::1`, the only loopback address there); `any:port`
+    /// for 0.0.0.0 (`::`). A `@lo6` suffix binds the socket to 127.0.0.6 (IPv6: `::1`) first.
     to: &'static str,
 }
 
@@ -100,6 +101,27 @@ fn cases() -> Vec<Case> {
                     "ext:8080",
                 ),
                 row("out-7", "app calls loopback", "client", false, "lo:8080"),
+                row(
+                    "out-any",
+                    "app calls 0.0.0.0 (::), which the kernel takes to loopback",
+                    "client",
+                    false,
+                    "any:8080",
+                ),
+                row(
+                    "out-anyp",
+                    "proxy calls 0.0.0.0 (::)",
+                    "client",
+                    true,
+                    "any:8080",
+                ),
+                row(
+                    "out-lob",
+                    "app bound to 127.0.0.6 (::1) calls another pod",
+                    "client",
+                    false,
+                    "ext:8080@lo6",
+                ),
                 row(
                     "out-9",
                     "app calls another pod (ranges *)",
@@ -516,7 +538,15 @@ fn build() -> Mesh {
 impl Mesh {
     /// `row.to` as an address of the family.
     fn target(&self, to: &str, v6: bool) -> String {
+        let to = to.split_once('@').map_or(to, |(t, _)| t);
         let (who, port) = to.split_once(':').unwrap();
+        if who == "any" {
+            return if v6 {
+                format!("[::]:{port}")
+            } else {
+                format!("0.0.0.0:{port}")
+            };
+        }
         if who == "lo" || who == "lo2" {
             return if v6 {
                 format!("[::1]:{port}")
@@ -543,14 +573,11 @@ impl Mesh {
             .collect();
         let target = self.target(row.to, v6);
         let uid = row.uid.or(row.as_proxy.then_some(PROXY_UID));
-        let r = self
-            .lab
-            .client(
-                Some(row.from),
-                uid,
-                &["--target", &target, "--timeout-ms", "3000"],
-            )
-            .unwrap();
+        let mut args = vec!["--target", target.as_str(), "--timeout-ms", "3000"];
+        if row.to.ends_with("@lo6") {
+            args.extend(["--bind", if v6 { "::1" } else { "127.0.0.6" }]);
+        }
+        let r = self.lab.client(Some(row.from), uid, &args).unwrap();
         let envoys: Vec<(&str, Vec<EnvoyRecord>)> = self
             .envoys
             .iter()

@@ -153,6 +153,12 @@ fn metrics_healthz_readyz() {
                 .trim();
             u64::from_str_radix(hex, 16).unwrap()
         };
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
+            "no_new_privs is not set: {status}"
+        );
         for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
             let c = caps(field);
             assert_eq!(

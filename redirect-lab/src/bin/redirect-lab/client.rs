@@ -6,15 +6,31 @@ use anyhow::{Context as _, Result};
 use redirect_lab::wire::{ClientResult, ServerReply};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::{Barrier, Semaphore},
 };
 
 use crate::sockets::{canonical, original_dst};
 
+/// Connects to `target`, from `bind` (port 0) when given.
+async fn connect(target: SocketAddr, bind: Option<std::net::IpAddr>) -> Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect(target).await.context("connect");
+    };
+    let s = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.bind(SocketAddr::new(ip, 0))
+        .with_context(|| format!("bind {ip}"))?;
+    s.connect(target).await.context("connect")
+}
+
 async fn one_connection(
     i: usize,
     target: SocketAddr,
+    bind: Option<std::net::IpAddr>,
     hold: Option<(Arc<Barrier>, Duration)>,
     timeout: Duration,
 ) -> ClientResult {
@@ -28,7 +44,7 @@ async fn one_connection(
         peername_held: None,
     };
     let attempt = async {
-        let mut s = TcpStream::connect(target).await.context("connect")?;
+        let mut s = connect(target, bind).await?;
         res.local = s.local_addr().ok().map(|a| canonical(a).to_string());
         res.peername = s.peer_addr().ok().map(|a| canonical(a).to_string());
         res.own_orig_dst = Some(match original_dst(&s) {
@@ -75,6 +91,7 @@ async fn one_connection(
 
 pub async fn run(
     targets: Vec<SocketAddr>,
+    bind: Option<std::net::IpAddr>,
     count: usize,
     concurrency: usize,
     hold: bool,
@@ -92,7 +109,7 @@ pub async fn run(
         let permit = sem.clone().acquire_owned().await?;
         let b = barrier.clone().map(|b| (b, Duration::from_millis(hold_ms)));
         tasks.push(tokio::spawn(async move {
-            let r = one_connection(i, target, b, Duration::from_millis(timeout_ms)).await;
+            let r = one_connection(i, target, bind, b, Duration::from_millis(timeout_ms)).await;
             drop(permit);
             r
         }));

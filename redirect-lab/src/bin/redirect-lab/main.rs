@@ -158,6 +158,9 @@ enum Cmd {
     Client {
         #[arg(long = "target", required = true)]
         targets: Vec<SocketAddr>,
+        /// Bind each connection's socket to this address first.
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
         #[arg(long, default_value_t = 1)]
         count: usize,
         #[arg(long, default_value_t = 1)]
@@ -220,6 +223,7 @@ fn main() -> Result<()> {
         )),
         Cmd::Client {
             targets,
+            bind,
             count,
             concurrency,
             hold,
@@ -227,6 +231,7 @@ fn main() -> Result<()> {
             timeout_ms,
         } => rt()?.block_on(client::run(
             targets,
+            bind,
             count,
             concurrency,
             hold,
