@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{SockContext, SockoptContext},
     EbpfContext,
 };
-use redirect_common::{PodConfig, SOL_IP, SOL_IPV6};
+use redirect_common::{SOL_IP, SOL_IPV6};
 
 use redirect_ebpf::{counters::count, maps::MESH_PODS};
 
@@ -33,15 +33,21 @@ const IPV6_HDRINCL: i32 = 36;
 /// caller's own buffer as it is.
 const PAGE_SIZE: i32 = 4096;
 
-/// The mesh pod of this netns whose non-proxy caller is asking, if it is one.
+/// The verdict on a raw-socket call in the netns of `netns_cookie`: refused (and counted)
+/// for any caller but the proxy in a mesh pod, allowed elsewhere.
 #[inline(always)]
-fn non_proxy_of_mesh_pod(netns_cookie: u64) -> Option<PodConfig> {
+fn verdict(netns_cookie: u64) -> i32 {
     // SAFETY: plain-data value, copied out at once.
-    let pod = unsafe { MESH_PODS.get(netns_cookie) }.copied()?;
+    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+        return ALLOW;
+    };
     // SAFETY: helper valid in both program types (a process context).
     let uid_gid = unsafe { bpf_get_current_uid_gid() };
-    let is_proxy = uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid;
-    (!is_proxy).then_some(pod)
+    if uid_gid as u32 == pod.proxy_uid || (uid_gid >> 32) as u32 == pod.proxy_gid {
+        return ALLOW;
+    }
+    count(pod.pod_id, |c| c.raw_denied += 1);
+    DENY
 }
 
 /// Refuses raw sockets that could write TCP in mesh pods. Minimum kernel: 5.7 (netns cookie
@@ -54,14 +60,7 @@ pub fn rd_sock_create(ctx: SockContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: helper valid for sock_create programs.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    match non_proxy_of_mesh_pod(netns_cookie) {
-        Some(pod) => {
-            count(pod.pod_id, |c| c.raw_denied += 1);
-            DENY
-        }
-        None => ALLOW,
-    }
+    verdict(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
 }
 
 /// Refuses `IP_HDRINCL` / `IPV6_HDRINCL` in mesh pods. Minimum kernel: 5.15 (netns cookie in
@@ -81,12 +80,5 @@ pub fn rd_setsockopt(ctx: SockoptContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: helper valid for sockopt programs.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    match non_proxy_of_mesh_pod(netns_cookie) {
-        Some(pod) => {
-            count(pod.pod_id, |c| c.raw_denied += 1);
-            DENY
-        }
-        None => ALLOW,
-    }
+    verdict(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
 }

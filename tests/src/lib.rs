@@ -23,6 +23,15 @@ pub fn ok(r: &[ClientResult]) -> &ClientResult {
     &r[0]
 }
 
+/// Did the sidecar (process `sidecar`) take this connection: does its log have the
+/// application's address as a peer?
+pub fn captured(lab: &Lab, sidecar: usize, r: &ClientResult) -> bool {
+    assert!(r.error.is_none(), "{r:?}");
+    lab.sidecar_log(sidecar)
+        .iter()
+        .any(|rec| Some(&rec.peer) == r.local.as_ref())
+}
+
 /// The host part of an address (`10.0.0.1:80` -> `10.0.0.1`, `[::1]:80` -> `[::1]`).
 pub fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redirect_lab::{eventually, wire::ClientResult, Lab};
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{captured, lab, pods_yaml};
 
 const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 
@@ -24,14 +24,6 @@ fn connect(lab: &Lab, port: u16) -> ClientResult {
     lab.client(Some("client"), None, &["--target", &target])
         .unwrap()
         .remove(0)
-}
-
-/// Did the sidecar take this connection (its log has the app's address as a peer)?
-fn captured(lab: &Lab, sidecar: usize, r: &ClientResult) -> bool {
-    assert!(r.error.is_none(), "{r:?}");
-    lab.sidecar_log(sidecar)
-        .iter()
-        .any(|rec| Some(&rec.peer) == r.local.as_ref())
 }
 
 fn entry(lab: &Lab, value: &str) -> String {

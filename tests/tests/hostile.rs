@@ -6,7 +6,7 @@
 use std::{io::Write, os::unix::process::CommandExt, time::Duration};
 
 use redirect_lab::{wire::ClientResult, Lab};
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::{captured, lab, pods_yaml};
 
 const EXCLUDE_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
 
@@ -24,14 +24,6 @@ fn connect(lab: &Lab, pod: &str) -> ClientResult {
     lab.client(Some(pod), None, &["--target", &target])
         .unwrap()
         .remove(0)
-}
-
-/// Did the sidecar take this connection (its log has the app's address as a peer)?
-fn captured(lab: &Lab, sidecar: usize, r: &ClientResult) -> bool {
-    assert!(r.error.is_none(), "{r:?}");
-    lab.sidecar_log(sidecar)
-        .iter()
-        .any(|rec| Some(&rec.peer) == r.local.as_ref())
 }
 
 fn refused(r: &ClientResult) -> bool {
