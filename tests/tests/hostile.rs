@@ -220,9 +220,11 @@ fn pods_file_mistakes_never_turn_capture_off() {
     let st = lab
         .daemon()
         .wait_status("the node's namespace refused", |s| {
-            s.rejected
-                .iter()
-                .any(|r| r.contains("pod lab/node") && r.contains("own network namespace: refused"))
+            s.rejected.iter().any(|r| {
+                r.contains("pod lab/node")
+                    && r.contains("own network namespace")
+                    && r.contains(": refused")
+            })
         })
         .unwrap();
     assert!(st.pod("node").is_none(), "{st:#?}");
