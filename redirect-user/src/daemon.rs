@@ -194,25 +194,19 @@ impl Engine {
             netns,
         } = self.resolve(desired);
         // Pods whose entry is unusable keep what is applied for them, as unresolved ones do.
-        let held: Vec<PodKey> = desired
-            .held
-            .iter()
-            .filter(|k| !unresolved.contains(k))
-            .cloned()
-            .collect();
-        unresolved.extend(held.iter().cloned());
+        for (key, _) in &desired.held {
+            if !unresolved.contains(key) {
+                unresolved.push(key.clone());
+            }
+        }
         let mut report = self
             .reconciler
             .reconcile(&resolved, &unresolved, &mut self.datapath);
-        for key in held {
-            if self.reconciler.applied().contains_key(&key) {
-                let pod = key.to_string();
-                let why = desired.rejected.iter().find(|e| e.pod == pod);
-                let why = why.map_or_else(
-                    || "its entry is unusable".into(),
-                    |e| format!("{}: {}", e.field, e.reason),
-                );
-                report.kept.push((key, why));
+        for (key, e) in &desired.held {
+            if self.reconciler.applied().contains_key(key) {
+                report
+                    .kept
+                    .push((key.clone(), format!("{}: {}", e.field, e.reason)));
             }
         }
         // What a previous run left is swept once every desired pod was found (a pod whose

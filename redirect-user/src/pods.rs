@@ -90,11 +90,11 @@ pub struct Desired {
     pub pods: Vec<PodSpec>,
     /// Mesh pods with an invalid configuration (also listed in `rejected`).
     pub invalid: Vec<InvalidPod>,
-    /// Pods named by an entry that cannot be used (a structural error: a misspelt or
+    /// Pods named by an entry that cannot be used, each with its first error (a structural error: a misspelt or
     /// mistyped field, a bad address, a relative netns; or a name listed twice): whatever is
     /// applied for them stays in force, by name, until the entry is fixed or removed (also
     /// listed in `rejected`).
-    pub held: Vec<PodKey>,
+    pub held: Vec<(PodKey, PodError)>,
     /// Every entry rejected, with the reason.
     pub rejected: Vec<PodError>,
     pub warnings: Vec<String>,
@@ -187,12 +187,13 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
         .collect();
     let mut desired = Desired::default();
     for key in &duplicates {
-        desired.held.push(key.clone());
-        desired.rejected.push(PodError {
+        let e = PodError {
             pod: key.to_string(),
             field: "name".into(),
             reason: "duplicate pod (same namespace and name): no entry of it is applied; what is applied for it stays".into(),
-        });
+        };
+        desired.rejected.push(e.clone());
+        desired.held.push((key.clone(), e));
     }
     let mut seen_keys = duplicates;
     let mut seen_netns = BTreeMap::new();
@@ -238,9 +239,9 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
             }
             Err(EntryError::Unusable(e)) => desired.rejected.push(e),
             Err(EntryError::Held(key, e)) => {
-                desired.rejected.push(e);
+                desired.rejected.push(e.clone());
                 if seen_keys.insert(key.clone()) {
-                    desired.held.push(key);
+                    desired.held.push((key, e));
                 }
             }
             Err(EntryError::Invalid(pod)) => {
@@ -524,7 +525,7 @@ pods:
 "#,
         )
         .unwrap();
-        let held: Vec<String> = d.held.iter().map(ToString::to_string).collect();
+        let held: Vec<String> = d.held.iter().map(|(k, _)| k.to_string()).collect();
         assert_eq!(
             held,
             [

@@ -15,6 +15,15 @@ fn get(url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// A loopback port no one listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -36,11 +45,7 @@ fn a_flood_of_connections_cannot_take_the_daemons_descriptors() {
         l.rlim_cur = l.rlim_max.min(1 << 16);
         libc::setrlimit(libc::RLIMIT_NOFILE, &l);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut lab = lab();
     lab.add_pod("client").unwrap();
@@ -87,11 +92,7 @@ fn a_flood_of_connections_cannot_take_the_daemons_descriptors() {
 
 #[test]
 fn metrics_healthz_readyz() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut lab = lab();
     lab.add_pod("client").unwrap();

@@ -89,23 +89,13 @@ impl Published {
                 },
             );
         }
-        for key in &desired.held {
-            let pod = key.to_string();
-            if let Some(e) = desired.rejected.iter().find(|e| e.pod == pod) {
-                let m = Membership::Invalid(e.clone());
-                members.insert(
-                    key.clone(),
-                    Member {
-                        uid: None,
-                        membership: m,
-                    },
-                );
-            }
-        }
-        for p in &desired.invalid {
-            let m = Membership::Invalid(p.error.clone());
+        // Held pods (a broken entry) and pods with an invalid configuration alike.
+        let held = desired.held.iter().map(|(k, e)| (k, e));
+        let invalid = held.chain(desired.invalid.iter().map(|p| (&p.key, &p.error)));
+        for (key, error) in invalid {
+            let m = Membership::Invalid(error.clone());
             members.insert(
-                p.key.clone(),
+                key.clone(),
                 Member {
                     uid: None,
                     membership: m,
