@@ -30,7 +30,8 @@ struct Row {
     uid: Option<u32>,
     /// `pod:port`, a pod's address in the family being tested; `lo:port` for 127.0.0.1 (`::1`);
     /// `lo2:port` for 127.1.2.3 (IPv6: `::1`, the only loopback address there); `any:port`
-    /// for 0.0.0.0 (`::`). A `@lo6` suffix binds the socket to 127.0.0.6 (IPv6: `::1`) first.
+    /// for 0.0.0.0 (`::`). A `@lo6` suffix binds the socket to 127.0.0.6 (IPv6: `::1`) first;
+    /// `@mptcp` makes it an MPTCP socket.
     to: &'static str,
 }
 
@@ -121,6 +122,13 @@ fn cases() -> Vec<Case> {
                     "client",
                     false,
                     "ext:8080@lo6",
+                ),
+                row(
+                    "out-mp",
+                    "app calls another pod over MPTCP",
+                    "client",
+                    false,
+                    "ext:8080@mptcp",
                 ),
                 row(
                     "out-9",
@@ -576,6 +584,9 @@ impl Mesh {
         let mut args = vec!["--target", target.as_str(), "--timeout-ms", "3000"];
         if row.to.ends_with("@lo6") {
             args.extend(["--bind", if v6 { "::1" } else { "127.0.0.6" }]);
+        }
+        if row.to.ends_with("@mptcp") {
+            args.push("--mptcp");
         }
         let r = self.lab.client(Some(row.from), uid, &args).unwrap();
         let envoys: Vec<(&str, Vec<EnvoyRecord>)> = self

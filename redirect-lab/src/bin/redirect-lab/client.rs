@@ -12,25 +12,62 @@ use tokio::{
 
 use crate::sockets::{canonical, original_dst};
 
-/// Connects to `target`, from `bind` (port 0) when given.
-async fn connect(target: SocketAddr, bind: Option<std::net::IpAddr>) -> Result<TcpStream> {
-    let Some(ip) = bind else {
-        return TcpStream::connect(target).await.context("connect");
+/// How the client's sockets are made.
+#[derive(Clone, Copy, Debug)]
+pub struct Opts {
+    /// Bind each socket to this address (port 0) first.
+    pub bind: Option<std::net::IpAddr>,
+    /// Open MPTCP sockets (`IPPROTO_MPTCP`) instead of TCP ones.
+    pub mptcp: bool,
+}
+
+const IPPROTO_MPTCP: libc::c_int = 262;
+
+/// An MPTCP stream socket of `target`'s family, for tokio.
+fn mptcp_socket(target: SocketAddr) -> Result<TcpSocket> {
+    let family = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
-    let s = if ip.is_ipv4() {
+    // SAFETY: plain socket(2); the descriptor is owned by the TcpSocket at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            IPPROTO_MPTCP,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket(IPPROTO_MPTCP)");
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { <TcpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Connects to `target` as `opts` say.
+async fn connect(target: SocketAddr, opts: Opts) -> Result<TcpStream> {
+    if opts.bind.is_none() && !opts.mptcp {
+        return TcpStream::connect(target).await.context("connect");
+    }
+    let s = if opts.mptcp {
+        mptcp_socket(target)?
+    } else if target.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    s.bind(SocketAddr::new(ip, 0))
-        .with_context(|| format!("bind {ip}"))?;
+    if let Some(ip) = opts.bind {
+        s.bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("bind {ip}"))?;
+    }
     s.connect(target).await.context("connect")
 }
 
 async fn one_connection(
     i: usize,
     target: SocketAddr,
-    bind: Option<std::net::IpAddr>,
+    opts: Opts,
     hold: Option<(Arc<Barrier>, Duration)>,
     timeout: Duration,
 ) -> ClientResult {
@@ -44,7 +81,7 @@ async fn one_connection(
         peername_held: None,
     };
     let attempt = async {
-        let mut s = connect(target, bind).await?;
+        let mut s = connect(target, opts).await?;
         res.local = s.local_addr().ok().map(|a| canonical(a).to_string());
         res.peername = s.peer_addr().ok().map(|a| canonical(a).to_string());
         res.own_orig_dst = Some(match original_dst(&s) {
@@ -91,7 +128,7 @@ async fn one_connection(
 
 pub async fn run(
     targets: Vec<SocketAddr>,
-    bind: Option<std::net::IpAddr>,
+    opts: Opts,
     count: usize,
     concurrency: usize,
     hold: bool,
@@ -109,7 +146,7 @@ pub async fn run(
         let permit = sem.clone().acquire_owned().await?;
         let b = barrier.clone().map(|b| (b, Duration::from_millis(hold_ms)));
         tasks.push(tokio::spawn(async move {
-            let r = one_connection(i, target, bind, b, Duration::from_millis(timeout_ms)).await;
+            let r = one_connection(i, target, opts, b, Duration::from_millis(timeout_ms)).await;
             drop(permit);
             r
         }));

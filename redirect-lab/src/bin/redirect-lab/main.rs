@@ -161,6 +161,9 @@ enum Cmd {
         /// Bind each connection's socket to this address first.
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
+        /// Open MPTCP sockets (IPPROTO_MPTCP) instead of TCP ones.
+        #[arg(long)]
+        mptcp: bool,
         #[arg(long, default_value_t = 1)]
         count: usize,
         #[arg(long, default_value_t = 1)]
@@ -224,6 +227,7 @@ fn main() -> Result<()> {
         Cmd::Client {
             targets,
             bind,
+            mptcp,
             count,
             concurrency,
             hold,
@@ -231,7 +235,7 @@ fn main() -> Result<()> {
             timeout_ms,
         } => rt()?.block_on(client::run(
             targets,
-            bind,
+            client::Opts { bind, mptcp },
             count,
             concurrency,
             hold,
