@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{bin, eventually, run, spawn, Placement, PodReport, Proc, Report};
+use crate::{bin, eventually, process::spawn_bounded, run, Placement, PodReport, Proc, Report};
 
 /// A running `redirectd`; on drop it is stopped and `redirectd uninstall` removes its pins.
 pub struct Daemon {
@@ -24,6 +24,9 @@ pub struct Daemon {
     /// [`Daemon::upgrade_to`] changed it) and its `--log-level`.
     binary: PathBuf,
     log_level: String,
+    /// The capability bounding set [`Daemon::restart`] starts it with (a mask; `None`: the
+    /// lab's own), as a container given exactly those capabilities would.
+    pub bounding: Option<u64>,
 }
 
 impl Daemon {
@@ -47,6 +50,7 @@ impl Daemon {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             binary: bin("redirectd"),
             log_level: "info".into(),
+            bounding: None,
         };
         d.write_pods(pods_yaml)?;
         d.restart()?;
@@ -74,7 +78,13 @@ impl Daemon {
         ]);
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let p = spawn(Placement::default(), &self.log, &self.binary, &args)?;
+        let p = spawn_bounded(
+            Placement::default(),
+            self.bounding,
+            &self.log,
+            &self.binary,
+            &args,
+        )?;
         self.proc = Some(p);
         let proc = &mut self.proc;
         let started = eventually(Duration::from_secs(20), "redirectd's first pass", || {

@@ -28,7 +28,7 @@ pub use cgroup::{cgroup2_root, Cgroup};
 pub use cmd::{bin, run, which};
 pub use daemon::Daemon;
 pub use netns::Netns;
-pub use process::{spawn, Placement, Proc};
+pub use process::{spawn, spawn_bounded, Placement, Proc};
 pub use redirect_common::status::{PodReport, Report};
 pub use topology::{Lab, Pod};
 pub use wait::{eventually, scaled, time_scale};

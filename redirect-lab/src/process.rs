@@ -68,6 +68,19 @@ pub struct Placement<'a> {
 /// cgroup first, then the network namespace (in that order: entering a netns must not
 /// depend on /sys), then drops to `uid`.
 pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]) -> Result<Proc> {
+    spawn_bounded(placement, None, log, program, args)
+}
+
+/// As [`spawn`], with the capability bounding set cut to `bounding` (a mask) before exec, as
+/// a container runtime does for a container given those capabilities (drop ALL, add them): a
+/// root process then starts with no other capability, and without `CAP_SETPCAP`.
+pub fn spawn_bounded(
+    placement: Placement<'_>,
+    bounding: Option<u64>,
+    log: &Path,
+    program: &Path,
+    args: &[&str],
+) -> Result<Proc> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
@@ -91,10 +104,21 @@ pub fn spawn(placement: Placement<'_>, log: &Path, program: &Path, args: &[&str]
         None => None,
     };
     let uid = placement.uid;
-    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid) between
-    // fork and exec.
+    // SAFETY: only async-signal-safe calls (write, setns, setgroups, setgid, setuid, prctl)
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(keep) = bounding {
+                // CAP_SETPCAP (8) last: it is what lets us drop the others.
+                for cap in (0..64).filter(|c| *c != 8).chain([8]) {
+                    if keep & (1u64 << cap) == 0
+                        && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                        && *libc::__errno_location() != libc::EINVAL
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
             if let Some(f) = &procs_file {
                 if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());

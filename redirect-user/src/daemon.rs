@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub proc_sys_net: PathBuf,
     /// Serve the chained CNI plugin (pods registered at sandbox creation).
     pub cni: Option<CniOptions>,
+    /// The system-call filter, installed once the programs are loaded and pinned.
+    pub seccomp: crate::seccomp::Mode,
 }
 
 fn kernel_log_level() -> u8 {
@@ -777,6 +779,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     check_cgroup(&cgroup)?;
     check_kernel()?;
     let (mut engine, programs) = start(&opts, &cgroup)?;
+    // Before any input is read: the pods file, the API server, the CNI and metrics sockets.
+    crate::seccomp::install(opts.seccomp)?;
     let stats = Arc::new(SourceStats::default());
     let mut publisher = Publisher::new(&opts, &cgroup, programs, stats.clone());
     log::info!(

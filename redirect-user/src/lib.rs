@@ -25,6 +25,7 @@ pub mod procfs;
 pub mod reconcile;
 pub mod room;
 pub mod rules;
+pub mod seccomp;
 pub mod sources;
 pub mod status;
 pub mod tproxy;

@@ -127,6 +127,11 @@ struct RunArgs {
     /// How often to check the pods file, in milliseconds.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
+    /// The daemon's system-call filter, installed once its programs are loaded: `enforce`
+    /// refuses (EPERM) and logs any call off its allow-list, `log` only logs it (to find a
+    /// call the list misses, in the kernel log as audit type 1326), `off` installs none.
+    #[arg(long, env = "REDIRECTD_SECCOMP", value_enum, default_value = "enforce")]
+    seccomp: redirect_user::seccomp::Mode,
 }
 
 /// Refuses a flag whose directory `dir` is not there.
@@ -195,6 +200,7 @@ impl RunArgs {
                 socket,
                 state_file: self.cni_state,
             }),
+            seccomp: self.seccomp,
         })
     }
 }

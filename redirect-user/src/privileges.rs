@@ -4,7 +4,10 @@
 use anyhow::{Context as _, Result};
 use rustix::{
     io::Errno,
-    thread::{capabilities, remove_capability_from_bounding_set, set_capabilities, CapabilitySet},
+    thread::{
+        capabilities, capability_is_in_bounding_set, remove_capability_from_bounding_set,
+        set_capabilities, CapabilitySet,
+    },
 };
 
 /// The capabilities `redirectd run` needs, and why.
@@ -24,10 +27,6 @@ pub const KEPT: &[(u32, &str)] = &[
     (
         21,
         "CAP_SYS_ADMIN: setns into pod network namespaces, mount bpffs, pin objects",
-    ),
-    (
-        24,
-        "CAP_SYS_RESOURCE: locked-memory limit for maps on kernels that charge it",
     ),
     (
         38,
@@ -63,22 +62,43 @@ pub fn kept_mask() -> u64 {
 
 /// Drops every capability but [`KEPT`] (bounding set first, then the process's sets), and
 /// sets `no_new_privs`.
+///
+/// Dropping from the bounding set needs `CAP_SETPCAP`, which a container started with the
+/// DaemonSet's capabilities (drop ALL, add those it uses) does not have: there the bounding
+/// set already holds no more than the container was given, and what is left in it cannot be
+/// gained back (the permitted set is cleared below, `no_new_privs` is set and the daemon
+/// execs nothing), so a capability that cannot be dropped from it is logged, not fatal.
 pub fn drop_all_but_kept() -> Result<()> {
     let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40);
     let keep = kept_mask();
+    let mut left = Vec::new();
     for cap in (0..=last.min(63)).filter(|c| keep & (1u64 << c) == 0) {
         let set = CapabilitySet::from_bits_retain(1u64 << cap);
+        match capability_is_in_bounding_set(set) {
+            Ok(true) => {}
+            // Not in the set, or unknown to this kernel: nothing to drop.
+            Ok(false) | Err(Errno::INVAL) => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading capability {cap} in the bounding set"))
+            }
+        }
         match remove_capability_from_bounding_set(set) {
-            // A capability this kernel does not know is not in any set.
             Ok(()) | Err(Errno::INVAL) => {}
+            Err(Errno::PERM) => left.push(cap),
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("dropping capability {cap} from the bounding set"))
             }
         }
+    }
+    if !left.is_empty() {
+        log::info!(
+            "capabilities {left:?} stay in the bounding set (no CAP_SETPCAP to drop them, as in a container): they are cleared from the permitted set and no_new_privs is set, so they cannot be regained"
+        );
     }
     let kept = CapabilitySet::from_bits_retain(keep);
     let mut sets = capabilities(None).context("capget")?;

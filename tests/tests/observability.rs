@@ -132,10 +132,10 @@ fn metrics_healthz_readyz() {
     assert_eq!(get(&format!("{base}/nope")).0, 404);
 
     // Least privilege: every thread of the running daemon holds only the capabilities it
-    // needs (DAC_READ_SEARCH, NET_ADMIN, SYS_PTRACE, SYS_ADMIN, SYS_RESOURCE, PERFMON, BPF;
-    // a sandbox may have withheld some of them), and the essential ones.
+    // needs (DAC_READ_SEARCH, NET_ADMIN, SYS_PTRACE, SYS_ADMIN, PERFMON, BPF; a sandbox may
+    // have withheld some of them), and the essential ones, and runs under its seccomp filter.
     let pid = lab.daemon().proc.as_ref().unwrap().pid();
-    let kept = [2u32, 12, 19, 21, 24, 38, 39]
+    let kept = [2u32, 12, 19, 21, 38, 39]
         .iter()
         .fold(0u64, |m, c| m | 1 << c);
     let essential = [12u32, 21, 39].iter().fold(0u64, |m, c| m | 1 << c);
@@ -160,6 +160,12 @@ fn metrics_healthz_readyz() {
                 .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"])),
             "no_new_privs is not set: {status}"
         );
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "no seccomp filter: {status}"
+        );
         for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
             let c = caps(field);
             assert_eq!(
@@ -174,6 +180,84 @@ fn metrics_healthz_readyz() {
             );
         }
     }
+}
+
+/// The capabilities the DaemonSet gives the redirectd container (`deploy/base`), as numbers.
+fn manifest_capabilities() -> u64 {
+    use serde::Deserialize as _;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/redirectd.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let ds = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_yaml_ng::from_value(ds).unwrap();
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let c = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "redirectd")
+        .unwrap();
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    caps.add.iter().flatten().fold(0, |m, name| {
+        let n = match name.as_str() {
+            "DAC_READ_SEARCH" => 2,
+            "NET_ADMIN" => 12,
+            "SYS_PTRACE" => 19,
+            "SYS_ADMIN" => 21,
+            "SYS_RESOURCE" => 24,
+            "PERFMON" => 38,
+            "BPF" => 39,
+            other => panic!("the manifest adds {other}, unknown to this test"),
+        };
+        m | 1 << n
+    })
+}
+
+/// Started as its container starts it (a bounding set of exactly the capabilities the
+/// manifest adds, so no CAP_SETPCAP to drop the others with), the daemon starts, drops what
+/// it does not use, and captures. Before, it exited at once: "dropping capability 0 from the
+/// bounding set: Operation not permitted".
+#[test]
+fn starts_and_captures_with_only_the_manifests_capabilities() {
+    let caps = manifest_capabilities();
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    let pods = pods_yaml(&[lab.pod("client").yaml_entry(&[])]);
+    // Started once as the lab starts it, so the pin dir exists; then as in its container.
+    lab.start_daemon(&pods, &[]).unwrap();
+    let d = lab.daemon();
+    d.stop();
+    d.bounding = Some(caps);
+    d.restart().unwrap();
+    d.wait_pods(&["client"]).unwrap();
+    let pid = d.pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        let hex = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+        u64::from_str_radix(hex.trim(), 16).unwrap()
+    };
+    assert_eq!(field("CapBnd:") & !caps, 0, "{status}");
+    assert_eq!(field("CapPrm:") & !caps, 0, "{status}");
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    let r = lab
+        .client(Some("client"), None, &["--target", &target])
+        .unwrap();
+    assert!(
+        redirect_tests::captured(&lab, sidecar, &r[0]),
+        "{r:?}\n{}",
+        lab.daemon().log_text()
+    );
 }
 
 /// The start-up probe finds every feature the data path needs on this kernel (and would name
