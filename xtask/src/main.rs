@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod kernels;
 mod setup;
 
@@ -52,6 +53,10 @@ enum Task {
         #[arg(long, default_value = "envoy", value_parser = ["envoy", "lab"])]
         sidecar: String,
     },
+    /// Build the redirectd image with buildah, from the release binaries and a Debian base
+    /// made with debootstrap (no registry needed): `target/image/redirectd.tar`, a
+    /// docker-archive tagged as the manifests name it.
+    Image,
     /// Fuzz the pods-file and annotation parsers (cargo-fuzz, libFuzzer), each for a while.
     Fuzz {
         /// Seconds per target.
@@ -115,6 +120,28 @@ fn build(release: bool) -> Result<PathBuf> {
         std::env::set_var("ENVOY_BIN", setup::envoy_bin(&root()));
     }
     Ok(dir)
+}
+
+/// Builds the release binaries the image carries, then the image; points the tests at it.
+fn build_image() -> Result<image::Built> {
+    setup::setup(&root())?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "redirect-user",
+        "--bin",
+        "redirectd",
+        "--package",
+        "redirect-cni",
+        "--bin",
+        "redirect-cni",
+    ])?;
+    let built = image::build(&root(), &root().join("target/release"))?;
+    // SAFETY: set_var is sound while no other thread reads the environment; xtask runs no
+    // other thread here.
+    unsafe { std::env::set_var("REDIRECTD_IMAGE", &built.archive) };
+    Ok(built)
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -226,6 +253,17 @@ fn main() -> Result<()> {
             bench::bench(quick, cross_node, sidecar == "envoy", &root())
         }
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Image => {
+            require_root("building the image")?;
+            let built = build_image()?;
+            eprintln!(
+                "image {} in {} ({:.1} MiB)",
+                built.tag,
+                built.archive.display(),
+                built.bytes as f64 / (1024.0 * 1024.0)
+            );
+            Ok(())
+        }
         Task::Test {
             kernel: Some(kernel),
             only,
@@ -242,6 +280,7 @@ fn main() -> Result<()> {
                 // runs no other thread here.
                 unsafe { std::env::set_var("REDIRECT_LOAD_SECS", "300") };
             }
+            build_image()?;
             build(false)?;
             sweep_leftovers()?;
             let mut all = vec!["test", "--no-fail-fast"];
