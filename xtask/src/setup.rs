@@ -98,6 +98,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("musl-tools", "musl-gcc"),
     // Ping's raw ICMP socket must keep working in a mesh pod whose raw TCP sockets are refused.
     ("iputils-ping", "ping"),
+    // The real node (redirect-node): containerd and runc driven through the CRI, whose client
+    // is generated at build time (protoc), and a pause image made from a static busybox.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("protobuf-compiler", "protoc"),
+    ("busybox-static", "/var/lib/dpkg/info/busybox-static.list"),
+    // The image (`cargo xtask image`).
+    ("buildah", "buildah"),
+    ("debootstrap", "debootstrap"),
 ];
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
