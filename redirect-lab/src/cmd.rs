@@ -9,14 +9,22 @@ use anyhow::{bail, Context as _, Result};
 
 /// Runs a command to completion; an error carries its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
+    output(Command::new(program).args(args))
+}
+
+/// Runs a prepared command to completion; returns its stdout; an error names the command and
+/// carries its stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
         .output()
         .with_context(|| format!("running {program} (is it installed? `cargo xtask setup`)"))?;
     if !out.status.success() {
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
         bail!(
-            "{program} {} failed: {}",
+            "{program} {} failed ({}): {}",
             args.join(" "),
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -25,7 +25,7 @@ pub mod wire;
 use std::sync::atomic::AtomicU32;
 
 pub use cgroup::{cgroup2_root, Cgroup};
-pub use cmd::{bin, run, which};
+pub use cmd::{bin, output, run, which};
 pub use daemon::Daemon;
 pub use netns::Netns;
 pub use process::{spawn, spawn_bounded, Placement, Proc};

@@ -24,7 +24,7 @@ use k8s_cri::v1::{
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, Mount, PodSandboxConfig,
     PodSandboxMetadata,
 };
-use redirect_lab::{eventually, spawn, which, Lab, Placement, Proc};
+use redirect_lab::{eventually, output as run, spawn, which, Lab, Placement, Proc};
 use serde_json::{json, Value};
 
 pub use cri::Cri;
@@ -65,23 +65,6 @@ pub struct PodSpec<'a> {
 pub struct Pod {
     pub id: String,
     pub config: PodSandboxConfig,
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} {:?} failed ({}): {}{}",
-            cmd.get_program(),
-            cmd.get_args().collect::<Vec<_>>(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The redirectd image archive `cargo xtask image` built, or a clear failure.

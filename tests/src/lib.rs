@@ -16,6 +16,53 @@ pub fn lab() -> Lab {
     })
 }
 
+/// A lab set up as a node serving the CNI plugin: its daemon takes pods from a fake API
+/// server (node `node`) and serves `redirect-cni` on `socket`; `dst` (`dst:8080`) is a
+/// destination outside the mesh.
+pub struct CniLab {
+    pub lab: Lab,
+    pub api: fake_apiserver::FakeApiServer,
+    pub net: redirect_lab::cni::CniNetwork,
+    pub dst: String,
+    pub state: std::path::PathBuf,
+}
+
+pub fn cni_lab(node: &str) -> CniLab {
+    let mut lab = lab();
+    lab.add_pod("dst").unwrap();
+    lab.start_server("dst", &[8080]).unwrap();
+    let dst = format!("{}:8080", lab.pod("dst").v4);
+    let api = fake_apiserver::FakeApiServer::start();
+    let socket = lab.dir.join("cni.sock");
+    let state = lab.dir.join("cni-state.json");
+    let (socket_s, state_s) = (socket.display().to_string(), state.display().to_string());
+    lab.start_daemon(
+        "pods: []\n",
+        &[
+            "--kubernetes",
+            "--node-name",
+            node,
+            "--kube-api-url",
+            &api.url,
+            "--cni-socket",
+            &socket_s,
+            "--cni-state",
+            &state_s,
+        ],
+    )
+    .unwrap();
+    let net = lab
+        .cni_network(serde_json::json!({"socket": socket, "timeoutSeconds": 10}))
+        .unwrap();
+    CniLab {
+        lab,
+        api,
+        net,
+        dst,
+        state,
+    }
+}
+
 /// The one result of a client run of one connection, which succeeded.
 pub fn ok(r: &[ClientResult]) -> &ClientResult {
     assert_eq!(r.len(), 1);

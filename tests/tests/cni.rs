@@ -16,10 +16,9 @@ use redirect_lab::{
     Lab, PROXY_UID,
 };
 use redirect_tests::{
+    cni_lab,
     fake_apiserver::{pending_pod, with_ips, FakeApiServer},
-    lab,
 };
-use serde_json::json;
 
 const NODE: &str = "node-a";
 /// CNI code for "try again later": the daemon is not reachable.
@@ -38,38 +37,13 @@ struct Node {
 }
 
 fn node() -> Node {
-    let mut lab = lab();
-    lab.add_pod("dst").unwrap();
-    lab.start_server("dst", &[8080]).unwrap();
-    let dst = format!("{}:8080", lab.pod("dst").v4);
-    let api = FakeApiServer::start();
-    let socket = lab.dir.join("cni.sock");
-    let state = lab.dir.join("cni-state.json");
-    let (socket_s, state_s) = (socket.display().to_string(), state.display().to_string());
-    lab.start_daemon(
-        "pods: []\n",
-        &[
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api-url",
-            &api.url,
-            "--cni-socket",
-            &socket_s,
-            "--cni-state",
-            &state_s,
-        ],
-    )
-    .unwrap();
-    let net = lab
-        .cni_network(json!({"socket": socket, "timeoutSeconds": 10}))
-        .unwrap();
+    let c = cni_lab(NODE);
     Node {
-        lab,
-        api,
-        net,
-        dst,
-        state,
+        lab: c.lab,
+        api: c.api,
+        net: c.net,
+        dst: c.dst,
+        state: c.state,
     }
 }
 

@@ -11,10 +11,9 @@ use std::time::Duration;
 use redirect_lab::{eventually, wire::ClientResult, wire::ProxyRecord, Lab, PROXY_UID};
 use redirect_node::{cri::stdout_lines, Node, Pod, PodSpec, LAB_MOUNT};
 use redirect_tests::{
+    cni_lab,
     fake_apiserver::{pending_pod, FakeApiServer},
-    lab,
 };
-use serde_json::json;
 
 const NODE: &str = "node-a";
 
@@ -29,38 +28,13 @@ struct RealNode {
 }
 
 fn real_node() -> RealNode {
-    let mut lab = lab();
-    lab.add_pod("dst").unwrap();
-    lab.start_server("dst", &[8080]).unwrap();
-    let dst = format!("{}:8080", lab.pod("dst").v4);
-    let api = FakeApiServer::start();
-    let socket = lab.dir.join("cni.sock");
-    let state = lab.dir.join("cni-state.json");
-    let (socket_s, state_s) = (socket.display().to_string(), state.display().to_string());
-    lab.start_daemon(
-        "pods: []\n",
-        &[
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--kube-api-url",
-            &api.url,
-            "--cni-socket",
-            &socket_s,
-            "--cni-state",
-            &state_s,
-        ],
-    )
-    .unwrap();
-    let net = lab
-        .cni_network(json!({"socket": socket, "timeoutSeconds": 10}))
-        .unwrap();
-    let node = Node::start(&lab, &net.conflist).unwrap();
+    let c = cni_lab(NODE);
+    let node = Node::start(&c.lab, &c.net.conflist).unwrap();
     RealNode {
         node,
-        api,
-        dst,
-        lab,
+        api: c.api,
+        dst: c.dst,
+        lab: c.lab,
     }
 }
 

@@ -18,7 +18,8 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
+use redirect_lab::output as run;
 
 /// The Debian release of the runtime base (the Dockerfile's `FROM debian:bookworm-slim`).
 pub const SUITE: &str = "bookworm";
@@ -44,22 +45,6 @@ pub fn manifest_image(root: &Path) -> Result<String> {
         .find(|i| i.contains("redirectd"))
         .map(|i| i.trim().to_string())
         .context("no redirectd image in deploy/base/redirectd.yaml")
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} {:?} failed ({}): {}",
-            cmd.get_program(),
-            cmd.get_args().collect::<Vec<_>>(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The Debian mirror this machine's apt uses (no other is reachable offline).
@@ -143,7 +128,7 @@ pub fn build(root: &Path, bins: &Path) -> Result<Built> {
         run(&mut c)
     };
     let result = (|| -> Result<PathBuf> {
-        let c = buildah(&["from", "scratch"])?;
+        let c = buildah(&["from", "scratch"])?.trim().to_string();
         buildah(&["copy", &c, base.to_str().context("non-UTF-8 path")?, "/"])?;
         for b in BINARIES {
             let src = bins.join(b);
