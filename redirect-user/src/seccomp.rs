@@ -24,7 +24,9 @@ pub enum Mode {
     Off,
 }
 
-/// The system calls allowed, by what needs them. Numbers are this architecture's (`libc`).
+/// The system calls allowed, by what needs them: x86_64's (`libc::SYS_*`; some of these
+/// legacy calls do not exist elsewhere).
+#[cfg(target_arch = "x86_64")]
 pub const ALLOWED: &[(&str, &[libc::c_long])] = &[
     (
         "memory and threads (the Rust runtime, tokio)",
@@ -157,8 +159,6 @@ pub const ALLOWED: &[(&str, &[libc::c_long])] = &[
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xc000_003e;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xc000_00b7;
 
 /// x32 system calls on x86_64 carry this bit; none is allowed.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
@@ -172,6 +172,7 @@ const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 
+#[cfg(target_arch = "x86_64")]
 fn stmt(code: u32, k: u32) -> libc::sock_filter {
     libc::sock_filter {
         code: code as u16,
@@ -181,6 +182,7 @@ fn stmt(code: u32, k: u32) -> libc::sock_filter {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter {
         code: code as u16,
@@ -193,6 +195,7 @@ fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 /// The filter program for `mode` (not `Off`): a call of another architecture kills the
 /// process (its numbers mean other calls), one on [`ALLOWED`] passes, any other gets
 /// `refused`.
+#[cfg(target_arch = "x86_64")]
 pub fn program(mode: Mode) -> Vec<libc::sock_filter> {
     use libc::{BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
     let refused = match mode {
@@ -220,6 +223,7 @@ pub fn program(mode: Mode) -> Vec<libc::sock_filter> {
 
 /// Installs `program` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`), asking
 /// the kernel to log refused calls. Needs `no_new_privs` (set with the capabilities).
+#[cfg(target_arch = "x86_64")]
 pub fn install_program(program: &[libc::sock_filter]) -> Result<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).context("seccomp filter too long")?,
@@ -242,6 +246,7 @@ pub fn install_program(program: &[libc::sock_filter]) -> Result<()> {
 }
 
 /// Installs the daemon's filter as `mode` says.
+#[cfg(target_arch = "x86_64")]
 pub fn install(mode: Mode) -> Result<()> {
     if mode == Mode::Off {
         log::warn!("--seccomp off: the daemon runs without a system-call filter");
@@ -253,7 +258,18 @@ pub fn install(mode: Mode) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
+/// On other architectures there is no allow-list yet: the daemon refuses to start unless told
+/// to run without a filter.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn install(mode: Mode) -> Result<()> {
+    if mode == Mode::Off {
+        log::warn!("--seccomp off: the daemon runs without a system-call filter");
+        return Ok(());
+    }
+    bail!("--seccomp {mode:?}: the system-call allow-list is built for x86_64 only; run with --seccomp off on this architecture")
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
