@@ -107,6 +107,29 @@ async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
+/// On a node with hybrid cgroups (the v1 controllers on a tmpfs at /sys/fs/cgroup, cgroup v2
+/// at /sys/fs/cgroup/unified, as on many older distributions), `--cgroup` names the tmpfs
+/// (the manifest mounts the host's /sys/fs/cgroup): the cgroup v2 mount below it, said in the
+/// log. `None` when `path` is not such a tmpfs.
+fn hybrid_unified(path: &Path) -> Option<PathBuf> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    let magic = |p: &Path| rustix::fs::statfs(p).ok().map(|fs| fs.f_type as i64);
+    if magic(path)? != TMPFS_MAGIC {
+        return None;
+    }
+    let unified = path.join("unified");
+    (magic(&unified)? == CGROUP2_SUPER_MAGIC).then(|| {
+        log::info!(
+            "--cgroup {}: a hybrid cgroup layout (cgroup v1 controllers on a tmpfs); attaching to its cgroup v2 mount {}",
+            path.display(),
+            unified.display()
+        );
+        unified
+    })
+}
+
 fn check_cgroup(path: &Path) -> Result<()> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let fs = rustix::fs::statfs(path)
@@ -773,7 +796,7 @@ fn check_kernel() -> Result<()> {
 /// flowing; the next `run` takes over, `uninstall` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let cgroup = match &opts.cgroup {
-        Some(c) => c.clone(),
+        Some(c) => hybrid_unified(c).unwrap_or_else(|| c.clone()),
         None => mounts::cgroup2_root()?,
     };
     check_cgroup(&cgroup)?;

@@ -260,6 +260,70 @@ fn starts_and_captures_with_only_the_manifests_capabilities() {
     );
 }
 
+/// Unmounts what it holds (lazily) when dropped, even after a failed assertion.
+struct Mounts(Vec<std::path::PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+/// A node with hybrid cgroups, as the DaemonSet sees it: its `--cgroup` (the host's
+/// /sys/fs/cgroup) is a tmpfs holding the v1 controllers, with cgroup v2 at `unified`. Built
+/// here from the lab's own cgroup (bind-mounted as `unified` on a tmpfs of the test's), so the
+/// programs attach to the lab's cgroup only. The daemon finds the v2 mount, says so, and
+/// captures; before, it refused to start ("not a cgroup v2 directory").
+#[test]
+fn finds_cgroup_v2_below_a_hybrid_cgroup_mount() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    let hybrid = lab.dir.join("sys-fs-cgroup");
+    let unified = hybrid.join("unified");
+    let mut mounts = Mounts(Vec::new());
+    std::fs::create_dir_all(&hybrid).unwrap();
+    redirect_lab::run("mount", &["-t", "tmpfs", "tmpfs", hybrid.to_str().unwrap()]).unwrap();
+    mounts.0.push(hybrid.clone());
+    std::fs::create_dir_all(&unified).unwrap();
+    let lab_cgroup = lab.cgroup.path.clone();
+    redirect_lab::run(
+        "mount",
+        &["--bind", lab_cgroup.to_str().unwrap(), unified.to_str().unwrap()],
+    )
+    .unwrap();
+    mounts.0.push(unified.clone());
+
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+        .unwrap();
+    let d = lab.daemon();
+    d.stop();
+    d.cgroup = hybrid.clone();
+    d.restart().unwrap();
+    d.wait_pods(&["client"]).unwrap();
+    let log = d.log_text();
+    assert!(
+        log.contains("hybrid cgroup layout") && log.contains(&unified.display().to_string()),
+        "{log}"
+    );
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    let r = lab
+        .client(Some("client"), None, &["--target", &target])
+        .unwrap();
+    assert!(
+        redirect_tests::captured(&lab, sidecar, &r[0]),
+        "{r:?}\n{}",
+        lab.daemon().log_text()
+    );
+    // The daemon goes before the mounts its links were made through.
+    lab.daemon().stop();
+    drop(mounts);
+}
+
 /// The start-up probe finds every feature the data path needs on this kernel (and would name
 /// what is missing, with the kernel version that brings it).
 #[test]
