@@ -81,8 +81,9 @@ impl Cri {
         Ok(r.into_inner().pod_sandbox_id)
     }
 
-    /// The pod's IPv4 address, as the runtime reports it from the CNI result.
-    pub fn pod_ip(&mut self, pod: &str) -> Result<String> {
+    /// The pod's addresses (the first, then the others), as the runtime reports them from
+    /// the CNI result.
+    pub fn pod_ips(&mut self, pod: &str) -> Result<Vec<String>> {
         let c = &mut self.client;
         let r = self
             .rt
@@ -92,11 +93,14 @@ impl Cri {
             }))
             .context("CRI PodSandboxStatus")?
             .into_inner();
-        r.status
+        let network = r
+            .status
             .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .filter(|ip| !ip.is_empty())
-            .context("the sandbox has no address")
+            .filter(|n| !n.ip.is_empty())
+            .context("the sandbox has no address")?;
+        Ok(std::iter::once(network.ip)
+            .chain(network.additional_ips.into_iter().map(|a| a.ip))
+            .collect())
     }
 
     /// `CreateContainer` then `StartContainer`; returns the container's id.

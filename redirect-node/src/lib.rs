@@ -280,8 +280,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 
     /// A container of the redirectd image running `command` as `uid`, with the host's build
-    /// output (`target/`) and the Envoy install read-only at [`LAB_MOUNT`].
-    pub fn container(&self, name: &str, uid: i64, command: &[&str]) -> ContainerConfig {
+    /// output read-only at [`LAB_MOUNT`], and each `(host path, container path)` of `mounts`
+    /// read-only too.
+    pub fn container(
+        &self,
+        name: &str,
+        uid: i64,
+        command: &[&str],
+        mounts: &[(&Path, &str)],
+    ) -> ContainerConfig {
         let target = redirect_lab::bin("redirect-lab");
         let build_dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
         ContainerConfig {
@@ -299,12 +306,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 key: "RUST_BACKTRACE".into(),
                 value: "1".into(),
             }],
-            mounts: vec![Mount {
-                container_path: LAB_MOUNT.into(),
-                host_path: build_dir.display().to_string(),
-                readonly: true,
-                ..Default::default()
-            }],
+            mounts: std::iter::once((build_dir.as_path(), LAB_MOUNT))
+                .chain(mounts.iter().copied())
+                .map(|(host, container)| Mount {
+                    container_path: container.into(),
+                    host_path: host.display().to_string(),
+                    readonly: true,
+                    ..Default::default()
+                })
+                .collect(),
             log_path: format!("{name}.log"),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {

@@ -266,7 +266,10 @@ struct Mounts(Vec<std::path::PathBuf>);
 impl Drop for Mounts {
     fn drop(&mut self) {
         for m in self.0.iter().rev() {
-            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
         }
     }
 }
@@ -293,7 +296,11 @@ fn finds_cgroup_v2_below_a_hybrid_cgroup_mount() {
     let lab_cgroup = lab.cgroup.path.clone();
     redirect_lab::run(
         "mount",
-        &["--bind", lab_cgroup.to_str().unwrap(), unified.to_str().unwrap()],
+        &[
+            "--bind",
+            lab_cgroup.to_str().unwrap(),
+            unified.to_str().unwrap(),
+        ],
     )
     .unwrap();
     mounts.0.push(unified.clone());
