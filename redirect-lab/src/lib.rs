@@ -12,6 +12,7 @@ mod cgroup;
 mod cmd;
 pub mod cni;
 mod daemon;
+pub mod deploy;
 pub mod echo;
 pub mod envoy;
 pub mod istio_iptables;

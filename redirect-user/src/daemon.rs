@@ -107,40 +107,14 @@ async fn pump_logs(logger: EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-/// On a node with hybrid cgroups (the v1 controllers on a tmpfs at /sys/fs/cgroup, cgroup v2
-/// at /sys/fs/cgroup/unified, as on many older distributions), `--cgroup` names the tmpfs
-/// (the manifest mounts the host's /sys/fs/cgroup): the cgroup v2 mount below it, said in the
-/// log. `None` when `path` is not such a tmpfs.
-fn hybrid_unified(path: &Path) -> Option<PathBuf> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
-    let magic = |p: &Path| rustix::fs::statfs(p).ok().map(|fs| fs.f_type as i64);
-    if magic(path)? != TMPFS_MAGIC {
-        return None;
-    }
-    let unified = path.join("unified");
-    (magic(&unified)? == CGROUP2_SUPER_MAGIC).then(|| {
-        log::info!(
-            "--cgroup {}: a hybrid cgroup layout (cgroup v1 controllers on a tmpfs); attaching to its cgroup v2 mount {}",
-            path.display(),
-            unified.display()
-        );
-        unified
-    })
-}
-
 fn check_cgroup(path: &Path) -> Result<()> {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let fs = rustix::fs::statfs(path)
+    let magic = mounts::fs_type(path)
         .with_context(|| format!("--cgroup {}: cannot read it", path.display()))?;
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
-    let magic = fs.f_type as i64;
-    if magic != CGROUP2_SUPER_MAGIC {
+    if magic != mounts::CGROUP2_SUPER_MAGIC {
         anyhow::bail!(
             "--cgroup {}: not a cgroup v2 directory (its filesystem is {}); cgroup v1 cannot hold the socket programs: pass a directory of the cgroup v2 mount ({})",
             path.display(),
-            if magic == 0x0027_e0eb { "cgroup v1".to_string() } else { format!("type {magic:#x}") },
+            if magic == mounts::CGROUP_SUPER_MAGIC { "cgroup v1".to_string() } else { format!("type {magic:#x}") },
             crate::mounts::cgroup2_root().map_or_else(|e| format!("none found: {e:#}"), |p| p.display().to_string())
         );
     }
@@ -796,7 +770,7 @@ fn check_kernel() -> Result<()> {
 /// flowing; the next `run` takes over, `uninstall` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let cgroup = match &opts.cgroup {
-        Some(c) => hybrid_unified(c).unwrap_or_else(|| c.clone()),
+        Some(c) => mounts::hybrid_unified(c).unwrap_or_else(|| c.clone()),
         None => mounts::cgroup2_root()?,
     };
     check_cgroup(&cgroup)?;

@@ -7,8 +7,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 use rustix::mount::{mount, MountFlags};
 
-/// `BPF_FS_MAGIC` from linux/magic.h.
+/// Filesystem magic numbers from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// The magic number of the filesystem `path` is on.
+pub fn fs_type(path: &Path) -> rustix::io::Result<i64> {
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    rustix::fs::statfs(path).map(|st| st.f_type as i64)
+}
 
 /// Mount points of filesystem type `fstype`, from `/proc/self/mountinfo`.
 pub fn mount_points(fstype: &str) -> Result<Vec<PathBuf>> {
@@ -54,9 +63,26 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    let st = rustix::fs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(fs_type(path).with_context(|| format!("statfs {}", path.display()))? == BPF_FS_MAGIC)
+}
+
+/// On a node with hybrid cgroups (the v1 controllers on a tmpfs at /sys/fs/cgroup, cgroup v2
+/// at /sys/fs/cgroup/unified, as on many older distributions), `--cgroup` names the tmpfs
+/// (the manifest mounts the host's /sys/fs/cgroup): the cgroup v2 mount below it, said in the
+/// log. `None` when `path` is not such a tmpfs.
+pub fn hybrid_unified(path: &Path) -> Option<PathBuf> {
+    if fs_type(path).ok()? != TMPFS_MAGIC {
+        return None;
+    }
+    let unified = path.join("unified");
+    (fs_type(&unified).ok()? == CGROUP2_SUPER_MAGIC).then(|| {
+        log::info!(
+            "--cgroup {}: a hybrid cgroup layout (cgroup v1 controllers on a tmpfs); attaching to its cgroup v2 mount {}",
+            path.display(),
+            unified.display()
+        );
+        unified
+    })
 }
 
 /// Makes sure `pin_dir` exists on a bpffs. If its parent is `/sys/fs/bpf` and nothing is

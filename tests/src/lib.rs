@@ -74,9 +74,12 @@ pub fn ok(r: &[ClientResult]) -> &ClientResult {
 /// application's address as a peer?
 pub fn captured(lab: &Lab, sidecar: usize, r: &ClientResult) -> bool {
     assert!(r.error.is_none(), "{r:?}");
-    lab.sidecar_log(sidecar)
-        .iter()
-        .any(|rec| Some(&rec.peer) == r.local.as_ref())
+    taken_by(&lab.sidecar_log(sidecar), r)
+}
+
+/// Is the connection `r` in a sidecar's log `log` (the application's address as a peer)?
+pub fn taken_by(log: &[redirect_lab::wire::ProxyRecord], r: &ClientResult) -> bool {
+    log.iter().any(|rec| Some(&rec.peer) == r.local.as_ref())
 }
 
 /// The host part of an address (`10.0.0.1:80` -> `10.0.0.1`, `[::1]:80` -> `[::1]`).

@@ -38,10 +38,20 @@ fn tar_member(tar: &std::path::Path, member: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Every entry of the image's layers: path (no leading `./` or `/`) -> `tar -tv` mode column.
-fn layer_entries(tar: &std::path::Path, layers: &[String]) -> BTreeMap<String, String> {
+/// What the image's layers hold: every entry, path (no leading `./` or `/`) -> `tar -tv` mode
+/// column, and the content of each of the `wanted` files found (read from the same extracted
+/// layer, each layer taken out of the archive once).
+struct Layers {
+    entries: BTreeMap<String, String>,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+fn read_layers(tar: &std::path::Path, layers: &[String], wanted: &[&str]) -> Layers {
     let dir = tempdir();
-    let mut entries = BTreeMap::new();
+    let mut found = Layers {
+        entries: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
     for layer in layers {
         let path = dir.join("layer.tar");
         std::fs::write(&path, tar_member(tar, layer)).unwrap();
@@ -59,11 +69,17 @@ fn layer_entries(tar: &std::path::Path, layers: &[String]) -> BTreeMap<String, S
             } else {
                 cols[0].to_string()
             };
-            entries.insert(name.to_string(), mode);
+            if wanted.contains(&name) {
+                // The member as the archiver named it.
+                found
+                    .files
+                    .insert(name.to_string(), tar_member(&path, cols[5]));
+            }
+            found.entries.insert(name.to_string(), mode);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    entries
+    found
 }
 
 fn tempdir() -> PathBuf {
@@ -171,18 +187,12 @@ fn the_built_image_and_the_dockerfile_agree() {
         .iter()
         .map(|l| l.as_str().unwrap().to_string())
         .collect();
-    let entries = layer_entries(&tar, &layers);
+    const OS_RELEASE: &str = "usr/lib/os-release";
+    let Layers { entries, files } = read_layers(&tar, &layers, &[OS_RELEASE]);
     let stage = dockerfile_runtime_stage();
 
     // Tagged as the manifests run it.
-    let wanted = std::fs::read_to_string(repo().join("deploy/base/redirectd.yaml"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("image: "))
-        .map(str::trim)
-        .find(|i| i.contains("redirectd"))
-        .unwrap()
-        .to_string();
+    let wanted = redirect_lab::deploy::manifest_image(&repo()).unwrap();
     let tags: Vec<&str> = m["RepoTags"]
         .as_array()
         .unwrap()
@@ -207,28 +217,10 @@ fn the_built_image_and_the_dockerfile_agree() {
 
     // The same base release: debian:<suite>-slim in the Dockerfile, that suite in the image.
     let os_release = String::from_utf8(
-        layers
-            .iter()
-            .find_map(|l| {
-                let dir = tempdir();
-                let path = dir.join("layer.tar");
-                std::fs::write(&path, tar_member(&tar, l)).unwrap();
-                // Member names with or without a leading "./", as the archiver wrote them.
-                let out = ["usr/lib/os-release", "./usr/lib/os-release"]
-                    .iter()
-                    .map(|name| {
-                        Command::new("tar")
-                            .arg("-xOf")
-                            .arg(&path)
-                            .arg(name)
-                            .output()
-                            .unwrap()
-                    })
-                    .find(|o| o.status.success());
-                let _ = std::fs::remove_dir_all(&dir);
-                out.map(|o| o.stdout)
-            })
-            .expect("usr/lib/os-release in the image"),
+        files
+            .get(OS_RELEASE)
+            .expect("usr/lib/os-release in the image")
+            .clone(),
     )
     .unwrap();
     let suite = os_release

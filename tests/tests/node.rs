@@ -20,6 +20,7 @@ use redirect_node::{cri::stdout_lines, Node, Pod, PodSpec, LAB_MOUNT};
 use redirect_tests::{
     cni_lab,
     fake_apiserver::{pending_pod, FakeApiServer},
+    taken_by,
 };
 
 const NODE: &str = "node-a";
@@ -133,9 +134,7 @@ impl RealNode {
     }
 
     fn captured(&self, pod: &Pod, r: &ClientResult) -> bool {
-        self.sidecar_log(pod)
-            .iter()
-            .any(|rec| Some(&rec.peer) == r.local.as_ref())
+        taken_by(&self.sidecar_log(pod), r)
     }
 }
 

@@ -24,6 +24,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A hexadecimal field of a `/proc/<pid>/status` text (`CapEff:`, ...).
+fn status_hex(status: &str, field: &str) -> u64 {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -146,14 +156,7 @@ fn metrics_healthz_readyz() {
     assert!(tasks.len() > 1, "expected the runtime's threads");
     for task in tasks {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-        let caps = |field: &str| {
-            let hex = status
-                .lines()
-                .find_map(|l| l.strip_prefix(field))
-                .unwrap()
-                .trim();
-            u64::from_str_radix(hex, 16).unwrap()
-        };
+        let caps = |field: &str| status_hex(&status, field);
         assert!(
             status
                 .lines()
@@ -221,6 +224,45 @@ fn manifest_capabilities() -> u64 {
     })
 }
 
+/// A lab with a mesh pod `client` (its sidecar up) and a server `ext:8080`, and the daemon
+/// serving `client` as the lab starts it; returns the lab and the sidecar's index.
+fn client_and_ext() -> (redirect_lab::Lab, usize) {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab.start_sidecar("client").unwrap();
+    lab.start_server("ext", &[8080]).unwrap();
+    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
+        .unwrap();
+    (lab, sidecar)
+}
+
+/// Stops the lab's daemon, changes how it is started (`change`), starts it again on the same
+/// pins and waits until it serves `client`.
+fn restart_daemon_as(lab: &mut redirect_lab::Lab, change: impl FnOnce(&mut redirect_lab::Daemon)) {
+    let d = lab.daemon();
+    d.stop();
+    change(d);
+    d.restart().unwrap();
+    d.wait_pods(&["client"]).unwrap();
+}
+
+/// `client` calls `ext:8080`, and its sidecar takes the connection.
+fn assert_client_captured(lab: &redirect_lab::Lab, sidecar: usize) {
+    let target = format!("{}:8080", lab.pod("ext").v4);
+    let r = lab
+        .client(Some("client"), None, &["--target", &target])
+        .unwrap();
+    assert!(
+        redirect_tests::captured(lab, sidecar, &r[0]),
+        "{r:?}\n{}",
+        lab.daemon
+            .as_ref()
+            .map(|d| d.log_text())
+            .unwrap_or_default()
+    );
+}
+
 /// Started as its container starts it (a bounding set of exactly the capabilities the
 /// manifest adds, so no CAP_SETPCAP to drop the others with), the daemon starts, drops what
 /// it does not use, and captures. Before, it exited at once: "dropping capability 0 from the
@@ -228,36 +270,13 @@ fn manifest_capabilities() -> u64 {
 #[test]
 fn starts_and_captures_with_only_the_manifests_capabilities() {
     let caps = manifest_capabilities();
-    let mut lab = lab();
-    lab.add_pod("client").unwrap();
-    lab.add_pod("ext").unwrap();
-    let sidecar = lab.start_sidecar("client").unwrap();
-    lab.start_server("ext", &[8080]).unwrap();
-    let pods = pods_yaml(&[lab.pod("client").yaml_entry(&[])]);
-    // Started once as the lab starts it, so the pin dir exists; then as in its container.
-    lab.start_daemon(&pods, &[]).unwrap();
-    let d = lab.daemon();
-    d.stop();
-    d.bounding = Some(caps);
-    d.restart().unwrap();
-    d.wait_pods(&["client"]).unwrap();
-    let pid = d.pid().unwrap();
+    let (mut lab, sidecar) = client_and_ext();
+    restart_daemon_as(&mut lab, |d| d.bounding = Some(caps));
+    let pid = lab.daemon().pid().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        let hex = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
-        u64::from_str_radix(hex.trim(), 16).unwrap()
-    };
-    assert_eq!(field("CapBnd:") & !caps, 0, "{status}");
-    assert_eq!(field("CapPrm:") & !caps, 0, "{status}");
-    let target = format!("{}:8080", lab.pod("ext").v4);
-    let r = lab
-        .client(Some("client"), None, &["--target", &target])
-        .unwrap();
-    assert!(
-        redirect_tests::captured(&lab, sidecar, &r[0]),
-        "{r:?}\n{}",
-        lab.daemon().log_text()
-    );
+    assert_eq!(status_hex(&status, "CapBnd:") & !caps, 0, "{status}");
+    assert_eq!(status_hex(&status, "CapPrm:") & !caps, 0, "{status}");
+    assert_client_captured(&lab, sidecar);
 }
 
 /// Unmounts what it holds (lazily) when dropped, even after a failed assertion.
@@ -281,11 +300,7 @@ impl Drop for Mounts {
 /// captures; before, it refused to start ("not a cgroup v2 directory").
 #[test]
 fn finds_cgroup_v2_below_a_hybrid_cgroup_mount() {
-    let mut lab = lab();
-    lab.add_pod("client").unwrap();
-    lab.add_pod("ext").unwrap();
-    let sidecar = lab.start_sidecar("client").unwrap();
-    lab.start_server("ext", &[8080]).unwrap();
+    let (mut lab, sidecar) = client_and_ext();
     let hybrid = lab.dir.join("sys-fs-cgroup");
     let unified = hybrid.join("unified");
     let mut mounts = Mounts(Vec::new());
@@ -305,27 +320,13 @@ fn finds_cgroup_v2_below_a_hybrid_cgroup_mount() {
     .unwrap();
     mounts.0.push(unified.clone());
 
-    lab.start_daemon(&pods_yaml(&[lab.pod("client").yaml_entry(&[])]), &[])
-        .unwrap();
-    let d = lab.daemon();
-    d.stop();
-    d.cgroup = hybrid.clone();
-    d.restart().unwrap();
-    d.wait_pods(&["client"]).unwrap();
-    let log = d.log_text();
+    restart_daemon_as(&mut lab, |d| d.cgroup = hybrid.clone());
+    let log = lab.daemon().log_text();
     assert!(
         log.contains("hybrid cgroup layout") && log.contains(&unified.display().to_string()),
         "{log}"
     );
-    let target = format!("{}:8080", lab.pod("ext").v4);
-    let r = lab
-        .client(Some("client"), None, &["--target", &target])
-        .unwrap();
-    assert!(
-        redirect_tests::captured(&lab, sidecar, &r[0]),
-        "{r:?}\n{}",
-        lab.daemon().log_text()
-    );
+    assert_client_captured(&lab, sidecar);
     // The daemon goes before the mounts its links were made through.
     lab.daemon().stop();
     drop(mounts);

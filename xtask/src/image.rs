@@ -36,17 +36,6 @@ pub struct Built {
     pub bytes: u64,
 }
 
-/// The image name the manifests run (`deploy/base`), so the manifests need no change.
-pub fn manifest_image(root: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(root.join("deploy/base/redirectd.yaml"))
-        .context("reading deploy/base/redirectd.yaml")?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("image: "))
-        .find(|i| i.contains("redirectd"))
-        .map(|i| i.trim().to_string())
-        .context("no redirectd image in deploy/base/redirectd.yaml")
-}
-
 /// The Debian mirror this machine's apt uses (no other is reachable offline).
 fn mirror() -> String {
     let sources = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
@@ -104,7 +93,7 @@ pub fn build(root: &Path, bins: &Path) -> Result<Built> {
     let dir = root.join("target/image");
     std::fs::create_dir_all(&dir)?;
     let base = base(&dir)?;
-    let tag = manifest_image(root)?;
+    let tag = redirect_lab::deploy::manifest_image(root)?;
     let storage = dir.join("storage");
     let _ = std::fs::remove_dir_all(&storage);
     let conf = dir.join("containers.conf");
