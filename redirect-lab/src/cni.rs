@@ -111,15 +111,29 @@ impl Lab {
             std::os::unix::fs::symlink(bin("redirect-cni"), &link)
                 .with_context(|| format!("linking {}", link.display()))?;
         }
-        if !Path::new(DEBIAN_CNI_DIR).join("bridge").exists() {
-            bail!("the CNI plugins are not installed in {DEBIAN_CNI_DIR}: run `cargo xtask setup` (Debian's containernetworking-plugins)");
-        }
         let mut redirect = json!({"type": "redirect-cni"});
         if let (Some(r), Some(p)) = (redirect.as_object_mut(), plugin.as_object()) {
             r.extend(p.clone());
         }
+        let mut conflist = self.primary_cni()?;
+        if let Some(plugins) = conflist["plugins"].as_array_mut() {
+            plugins.push(redirect);
+        }
+        Ok(CniNetwork {
+            conflist,
+            cni_path: format!("{}:{DEBIAN_CNI_DIR}", bin_dir.display()),
+            node_netns: self.node.path(),
+        })
+    }
+
+    /// The node's primary CNI network, as a conflist: `bridge` with `host-local` addresses
+    /// (both families), Debian's plugins.
+    pub fn primary_cni(&self) -> Result<Value> {
+        if !Path::new(DEBIAN_CNI_DIR).join("bridge").exists() {
+            bail!("the CNI plugins are not installed in {DEBIAN_CNI_DIR}: run `cargo xtask setup` (Debian's containernetworking-plugins)");
+        }
         let data_dir = self.dir.join("cni-ipam");
-        let conflist = json!({
+        Ok(json!({
             "cniVersion": "1.0.0",
             "name": format!("{}-net", self.id),
             "plugins": [
@@ -128,14 +142,8 @@ impl Lab {
                  "ipam": {"type": "host-local", "dataDir": data_dir,
                           "ranges": [[{"subnet": CNI_V4_SUBNET}], [{"subnet": CNI_V6_SUBNET}]],
                           "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
-                redirect,
             ],
-        });
-        Ok(CniNetwork {
-            conflist,
-            cni_path: format!("{}:{DEBIAN_CNI_DIR}", bin_dir.display()),
-            node_netns: self.node.path(),
-        })
+        }))
     }
 
     /// A new sandbox for pod `namespace/name`: an empty network namespace (lo down, as a

@@ -150,6 +150,26 @@ impl Cri {
         Ok((s.state(), s.exit_code, s.log_path))
     }
 
+    /// The container's main process, as the runtime's verbose status gives it (containerd:
+    /// `info.pid`), in the node's pid namespace.
+    pub fn container_pid(&mut self, id: &str) -> Result<u32> {
+        let c = &mut self.client;
+        let r = self
+            .rt
+            .block_on(c.container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            }))
+            .context("CRI ContainerStatus")?
+            .into_inner();
+        let info: serde_json::Value =
+            serde_json::from_str(r.info.get("info").context("no verbose info")?)?;
+        info["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("no pid in the container's verbose status")
+    }
+
     /// Waits until the container has exited; returns its exit code.
     pub fn wait_exited(&mut self, id: &str, within: Duration) -> Result<i32> {
         let until = std::time::Instant::now() + within;

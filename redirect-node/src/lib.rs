@@ -11,6 +11,7 @@
 //! pods' cgroups in every hierarchy.
 
 pub mod cri;
+pub mod kubelet;
 
 use std::{
     path::{Path, PathBuf},
@@ -42,15 +43,20 @@ pub struct Node {
     pub dir: PathBuf,
     pub cri: Cri,
     socket: PathBuf,
-    /// The pods' cgroup parent, relative to each hierarchy's root (under the lab's cgroup, so
-    /// the lab's daemon sees them).
+    /// The pods' cgroup parent, relative to each hierarchy's root (cgroup v2's is the lab's
+    /// cgroup: the daemon attached there sees them).
     pub cgroup_parent: String,
+    /// The DaemonSets' pods' cgroup parent.
+    pub system_cgroup_parent: String,
     /// The lab's cgroup: runc makes it in every v1 hierarchy too (as the pods' parent).
     lab_cgroup: PathBuf,
     /// The redirectd image's name, as the manifests run it.
     pub image: String,
-    /// The CNI network's name (libcni caches results under it).
-    net_name: String,
+    /// The node's pid 1, as this machine sees it.
+    init_pid: u32,
+    /// The node's network namespace (hostNetwork pods', and where probes are made).
+    pub node_netns: PathBuf,
+    /// `unshare`, the node's pid 1's parent: killing it kills the node.
     containerd: Option<Proc>,
 }
 
@@ -132,39 +138,56 @@ fn pause_archive(dir: &Path) -> Result<PathBuf> {
 }
 
 impl Node {
-    /// Starts containerd in `lab`'s node namespace with the CNI network `conflist` (from
-    /// [`Lab::cni_network`]) as its only network, and imports the pause and redirectd images.
-    pub fn start(lab: &Lab, conflist: &Value) -> Result<Self> {
+    /// Starts a node in `lab`'s node network namespace: a mount and a pid namespace of its
+    /// own (so the manifests' host paths are the node's, not this machine's), the CNI network
+    /// `primary` (the node's primary CNI, e.g. [`Lab::primary_cni`]) as its only
+    /// configuration in /etc/cni/net.d, and containerd; imports the pause and redirectd
+    /// images.
+    ///
+    /// The node's namespaces: pid 1 is a shell that sets up the mounts and waits for
+    /// containerd (`nsenter -t 1 -m` from a hostPID container lands in the node's mount
+    /// namespace, as on a real node); /run is a tmpfs of its own (/run/netns a shared mount,
+    /// as `ip netns` makes it, where containerd puts pods' namespaces); /etc, /opt and
+    /// /var/lib are overlays whose changes stay in the node's directory (/etc/cni/net.d,
+    /// /opt/cni/bin, libcni's cache); /sys/fs/bpf a bpffs of its own, private as on a host
+    /// without systemd; cgroup v2 (/sys/fs/cgroup/unified, this machine's hybrid layout) the
+    /// lab's cgroup. The machine's own mounts there are taken off in the node first (not
+    /// stacked: containerd and runc look a path's mount up by the first match). When pid 1 dies, the kernel kills every process of the node and its
+    /// mounts go: nothing of it outlives the [`Node`].
+    pub fn start(lab: &Lab, primary: &Value) -> Result<Self> {
         let archive = image_archive()?;
         let dir = lab.dir.join("node");
-        let bin_dir = dir.join("cni-bin");
-        let conf_dir = dir.join("cni-conf");
+        for d in ["/etc", "/opt", "/var/lib"] {
+            if dir.starts_with(d) {
+                bail!("the lab's directory {} is under {d}, which the node overlays: set TMPDIR elsewhere", dir.display());
+            }
+        }
+        for d in ["etc", "opt", "var-lib"] {
+            std::fs::create_dir_all(dir.join("host").join(d).join("upper"))?;
+            std::fs::create_dir_all(dir.join("host").join(d).join("work"))?;
+        }
+        // What the node's /opt/cni/bin and /etc/cni/net.d start with: Debian's plugins (the
+        // DaemonSet's install-cni adds redirect-cni) and the primary CNI's configuration.
+        let bin_dir = dir.join("host/opt/upper/cni/bin");
+        let conf_dir = dir.join("host/etc/upper/cni/net.d");
         std::fs::create_dir_all(&bin_dir)?;
         std::fs::create_dir_all(&conf_dir)?;
-        // One bin dir, as containerd takes: Debian's plugins and redirect-cni.
         for e in std::fs::read_dir(redirect_lab::cni::DEBIAN_CNI_DIR)? {
             let e = e?;
             std::os::unix::fs::symlink(e.path(), bin_dir.join(e.file_name()))?;
         }
-        std::os::unix::fs::symlink(
-            redirect_lab::bin("redirect-cni"),
-            bin_dir.join("redirect-cni"),
-        )?;
-        let net_name = conflist["name"]
-            .as_str()
-            .context("conflist name")?
-            .to_string();
         std::fs::write(
             conf_dir.join("10-rlab.conflist"),
-            serde_json::to_vec_pretty(conflist)?,
+            serde_json::to_vec_pretty(primary)?,
         )?;
         let socket = dir.join("containerd.sock");
-        let lab_cgroup = lab
+        let lab_name = lab
             .cgroup
             .path
-            .strip_prefix(redirect_lab::cgroup2_root()?)
-            .context("the lab's cgroup is not under the cgroup2 root")?;
-        let cgroup_parent = format!("/{}/pods", lab_cgroup.display());
+            .file_name()
+            .context("the lab's cgroup has no name")?
+            .to_string_lossy()
+            .into_owned();
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -184,7 +207,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   sandbox_image = "{PAUSE_IMAGE}"
   disable_apparmor = true
   restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -194,21 +216,52 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{bin}"
-    conf_dir = "{conf}"
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
     max_conf_num = 1
 "#,
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             socket = socket.display(),
             opt = dir.join("opt").display(),
-            bin = bin_dir.display(),
-            conf = conf_dir.display(),
         );
         let config_path = dir.join("containerd.toml");
         std::fs::write(&config_path, config)?;
         let containerd = which("containerd")
             .context("containerd is missing: `cargo xtask setup` installs it")?;
+        let host = dir.join("host");
+        let init = format!(
+            r#"set -e
+mount -t tmpfs -o mode=0755 rlab-node-run /run
+mkdir -p /run/netns
+mount --bind /run/netns /run/netns
+mount --make-shared /run/netns
+mount -t overlay -o lowerdir=/etc,upperdir={host}/etc/upper,workdir={host}/etc/work rlab-node-etc /etc
+mount -t overlay -o lowerdir=/opt,upperdir={host}/opt/upper,workdir={host}/opt/work rlab-node-opt /opt
+mount -t overlay -o lowerdir=/var/lib,upperdir={host}/var-lib/upper,workdir={host}/var-lib/work rlab-node-var-lib /var/lib
+while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf; done
+mount -t bpf rlab-node-bpffs /sys/fs/bpf
+mount --make-private /sys/fs/bpf
+mkdir /run/rlab-cgroup
+mount --bind {cgroup} /run/rlab-cgroup
+while mountpoint -q /sys/fs/cgroup/unified; do umount -l /sys/fs/cgroup/unified; done
+mount --move /run/rlab-cgroup /sys/fs/cgroup/unified
+rmdir /run/rlab-cgroup
+{containerd} --config {config} &
+wait $!
+"#,
+            host = host.display(),
+            cgroup = lab.cgroup.path.display(),
+            containerd = containerd.display(),
+            config = config_path.display(),
+        );
+        let unified = Path::new("/sys/fs/cgroup/unified");
+        if !unified.is_dir() {
+            bail!(
+                "the node expects this machine's hybrid cgroup layout (cgroup v2 at {}): not found",
+                unified.display()
+            );
+        }
         let proc = spawn(
             Placement {
                 netns: Some(&lab.node),
@@ -216,29 +269,118 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 uid: None,
             },
             &dir.join("containerd.log"),
-            &containerd,
-            &["--config", config_path.to_str().context("non-UTF-8 path")?],
+            Path::new("/usr/bin/unshare"),
+            &[
+                "--mount",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "slave",
+                "--kill-child=SIGKILL",
+                "--",
+                "/bin/sh",
+                "-c",
+                &init,
+            ],
         )?;
+        let log = || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+        let init_pid = eventually(Duration::from_secs(10), "the node's pid 1", || {
+            let children =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", proc.pid())).ok()?;
+            children.split_whitespace().next()?.parse::<u32>().ok()
+        })
+        .with_context(log)?;
         let cri = eventually(Duration::from_secs(10), "containerd's CRI socket", || {
             socket
                 .exists()
                 .then(|| Cri::connect(&socket).ok())
                 .flatten()
         })
-        .with_context(|| std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default())?;
+        .with_context(log)?;
         let mut node = Self {
             dir: dir.clone(),
             cri,
             socket,
-            cgroup_parent,
+            cgroup_parent: format!("/{lab_name}/pods"),
+            system_cgroup_parent: format!("/{lab_name}/system"),
             lab_cgroup: lab.cgroup.path.clone(),
             image: archive_tag(&archive)?,
-            net_name,
+            init_pid,
+            node_netns: lab.node.path(),
             containerd: Some(proc),
         };
         node.import(&pause_archive(&dir)?)?;
         node.import(&archive)?;
         Ok(node)
+    }
+
+    /// Runs a command in the node's mount namespace (the node's files, through its own
+    /// symlinks), with this machine's binaries.
+    pub fn in_node(&self, cmd: &[&str]) -> Result<String> {
+        run(Command::new("nsenter")
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.init_pid))
+            .arg("--")
+            .args(cmd))
+    }
+
+    /// A path of the node's filesystem (its mount namespace), as this process reaches it.
+    /// Only for paths with no absolute symlink on the way (one would resolve in this
+    /// machine's root): /var/run is not one of them, see [`Node::in_node`].
+    pub fn path(&self, node_path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.init_pid))
+            .join(node_path.trim_start_matches('/'))
+    }
+
+    /// Sends `signal` to the node's process `pid` (a pid of the node's pid namespace, as the
+    /// runtime reports it).
+    pub fn kill(&self, pid: u32, signal: i32) -> Result<()> {
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        let node_ns = ns(&self.init_pid.to_string()).context("the node is not running")?;
+        for e in std::fs::read_dir("/proc")?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(host_pid) = name.parse::<i32>() else {
+                continue;
+            };
+            if ns(&name).as_ref() != Some(&node_ns) {
+                continue;
+            }
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(String::from));
+            if inner.as_deref() == Some(&pid.to_string()) {
+                // SAFETY: kill(2) of a process of the node this harness started.
+                if unsafe { libc::kill(host_pid, signal) } != 0 {
+                    bail!("kill {host_pid}: {}", std::io::Error::last_os_error());
+                }
+                return Ok(());
+            }
+        }
+        bail!("no process {pid} in the node")
+    }
+
+    /// The node's mount table (its pid 1's `mountinfo`).
+    pub fn mountinfo(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(format!(
+            "/proc/{}/mountinfo",
+            self.init_pid
+        ))?)
+    }
+
+    /// The node's CNI configuration files (its /etc/cni/net.d), by name.
+    pub fn cni_conf(&self) -> Result<Vec<(String, Value)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.path("/etc/cni/net.d"))? {
+            let e = e?;
+            let text = std::fs::read_to_string(e.path())?;
+            if let Ok(v) = serde_json::from_str(&text) {
+                out.push((e.file_name().to_string_lossy().into_owned(), v));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// Imports a docker-archive into the namespace the CRI uses.
@@ -255,12 +397,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// Runs a sandbox for `pod` as kubelet does (metadata, log directory, cgroup parent);
     /// the runtime runs the CNI chain.
     pub fn run_pod(&mut self, pod: &PodSpec<'_>) -> Result<Pod> {
+        let config = self.pod_config(pod)?;
+        let id = self.cri.run_pod_sandbox(config.clone())?;
+        Ok(Pod { id, config })
+    }
+
+    /// The sandbox config kubelet gives `pod` (its log directory made).
+    pub fn pod_config(&self, pod: &PodSpec<'_>) -> Result<PodSandboxConfig> {
         let logs = self
             .dir
             .join("logs")
             .join(format!("{}_{}_{}", pod.namespace, pod.name, pod.uid));
         std::fs::create_dir_all(&logs)?;
-        let config = PodSandboxConfig {
+        Ok(PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: pod.name.into(),
                 uid: pod.uid.into(),
@@ -274,9 +423,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        let id = self.cri.run_pod_sandbox(config.clone())?;
-        Ok(Pod { id, config })
+        })
+    }
+
+    /// Another CRI connection (one per thread, for kubelet's concurrent calls).
+    pub fn connect(&self) -> Result<Cri> {
+        Cri::connect(&self.socket)
     }
 
     /// A container of the redirectd image running `command` as `uid`, with the host's build
@@ -342,71 +494,38 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 }
             }
         }
-        // The shims' sockets, named in their bundles' `address` files.
-        let mut shim_sockets = Vec::new();
-        let tasks = self.dir.join("state/io.containerd.runtime.v2.task/k8s.io");
-        for e in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-            if let Ok(a) = std::fs::read_to_string(e.path().join("address")) {
-                shim_sockets.push(a.trim().trim_start_matches("unix://").to_string());
-            }
-        }
+        // Then the node: its pid 1 dies with `unshare` (--kill-child), and with it every
+        // process of its pid namespace (containerd, shims, containers) and, once they are
+        // gone, its mount namespace (container root filesystems, pods' namespaces, the
+        // node's bpffs and every pin in it, shim sockets under its /run).
         if let Some(mut p) = self.containerd.take() {
             p.kill();
         }
-        // Shims outlive containerd: each names our socket on its command line.
-        let ours = self.socket.display().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("containerd-shim") && cmdline.contains(&ours) {
-                // SAFETY: kill(2) of a shim this node started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        for s in shim_sockets {
-            let _ = std::fs::remove_file(s);
-        }
-        // Whatever is still mounted under the node's directory, deepest first.
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.display().to_string();
-        let mut mounts: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            if let Ok(c) = std::ffi::CString::new(m) {
-                // SAFETY: umount2(2) of a path under our own directory.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-        // libcni's cache of our network's results.
-        for d in ["/var/lib/cni/results", "/var/lib/cni/cache/results"] {
-            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-                if e.file_name().to_string_lossy().starts_with(&self.net_name) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
+        let init = PathBuf::from(format!("/proc/{}", self.init_pid));
+        if eventually(Duration::from_secs(10), "the node's pid 1 exits", || {
+            (!init.exists()).then_some(())
+        })
+        .is_err()
+        {
+            eprintln!(
+                "node: pid {} (the node's pid 1) did not exit",
+                self.init_pid
+            );
         }
         // The pods' cgroups in every hierarchy (runc with the cgroupfs driver makes them, and
-        // their parents, in the v1 controllers too; kubelet would remove them). In the lab's
-        // own cgroup2 hierarchy only the pods' (the lab removes its own cgroup).
-        remove_cgroup_tree(&self.lab_cgroup.join("pods"));
+        // their parents, in the v1 controllers too; kubelet would remove them).
         let rel = self.cgroup_parent.trim_start_matches('/');
-        let lab_top = rel.split('/').next().unwrap_or_default();
-        if !lab_top.is_empty() {
+        let top = rel.split('/').next().unwrap_or_default();
+        if !top.is_empty() {
+            remove_cgroup_tree(&self.lab_cgroup.join(top));
             for e in std::fs::read_dir("/sys/fs/cgroup")
                 .into_iter()
                 .flatten()
                 .flatten()
             {
-                let top = e.path().join(lab_top);
-                if top != self.lab_cgroup && !self.lab_cgroup.starts_with(&top) {
-                    remove_cgroup_tree(&top);
+                let t = e.path().join(top);
+                if t != self.lab_cgroup && !self.lab_cgroup.starts_with(&t) {
+                    remove_cgroup_tree(&t);
                 }
             }
         }

@@ -24,7 +24,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use redirect_common::map_names;
 
@@ -168,12 +168,29 @@ pub struct Loaded {
     pub generation: PathBuf,
 }
 
+/// The kernel's BTF (for CO-RE relocations), parsed once for the daemon's life. A loader
+/// parses `/sys/kernel/btf/vmlinux` itself unless given it: tens of MiB each time, and a burst
+/// of pods (one inbound load per CNI ADD, several at once) took the daemon past its
+/// container's 256 MiB memory limit on a real node (killed by the kernel's OOM killer).
+fn kernel_btf() -> Option<&'static Btf> {
+    static BTF: std::sync::OnceLock<Option<Btf>> = std::sync::OnceLock::new();
+    BTF.get_or_init(|| match Btf::from_sys_fs() {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            log::warn!("the kernel's BTF is not readable ({e}); loading without it");
+            None
+        }
+    })
+    .as_ref()
+}
+
 /// Loads and attaches everything, pins it, and retires older link generations.
 pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
     mounts::ensure_pin_dir(opts.pin_dir)?;
     let cgroup = File::open(opts.cgroup)
         .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
     let mut ebpf = EbpfLoader::new()
+        .btf(kernel_btf())
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
@@ -422,6 +439,7 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
         2
     };
     let mut ebpf = EbpfLoader::new()
+        .btf(kernel_btf())
         .default_map_pin_directory(pin_dir.join("maps"))
         .override_global("POD_NETNS_COOKIE", &netns_cookie, true)
         .override_global("SEES_INGRESS_IFINDEX", &sees_ingress, true)

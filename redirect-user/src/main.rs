@@ -221,6 +221,21 @@ enum Command {
     },
     /// Check this kernel for every program type, map type and helper the data path needs.
     Probe,
+    /// Prepare the host for the DaemonSet (its first init container; needs hostPID and
+    /// privilege): bpffs mounted on the host's /sys/fs/bpf, the pods' network namespaces'
+    /// directory a mount of its own, both shared, so the daemon's container sees the host's
+    /// pins and pods' namespaces as they come (mount propagation).
+    PrepareHost {
+        /// Where the host's bpffs is (or is to be mounted).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Where the container runtime mounts pods' network namespaces.
+        #[arg(long, default_value = "/run/netns")]
+        netns_dir: PathBuf,
+        /// The host's mount namespace (pid 1's, seen through hostPID).
+        #[arg(long, default_value = "/proc/1/ns/mnt")]
+        host_mnt_ns: PathBuf,
+    },
     /// Put the chained CNI plugin on this node, or take it off (the DaemonSet's installer).
     Cni {
         #[command(subcommand)]
@@ -345,6 +360,19 @@ enum LogFormat {
     Json,
 }
 
+/// At most two glibc malloc arenas. By default each thread that allocates gets an arena of
+/// its own (up to 8 a core) and keeps what it freed: CNI ADDs served at once (each loads a
+/// program on a blocking thread) took the daemon from 36 to over 256 MiB with 25 pods, and
+/// the kernel's OOM killer stopped it in its DaemonSet container; with two arenas it stays
+/// near 50 MiB (`tests/tests/node.rs`, 50 pods at once under the manifest's limit).
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt(3) before any thread exists; it only sets an allocator parameter.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) } != 1 {
+        log::warn!("could not limit malloc arenas (mallopt M_ARENA_MAX)");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
@@ -386,6 +414,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let opts = args.into_options()?;
             // Before any thread exists: capabilities are per thread, and inherited.
             redirect_user::privileges::raise_fd_limit();
+            limit_malloc_arenas();
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -432,6 +461,16 @@ fn real_main(cli: Cli) -> Result<()> {
                 Some(msg) => bail!(msg),
                 None => Ok(()),
             }
+        }
+        Command::PrepareHost {
+            bpffs,
+            netns_dir,
+            host_mnt_ns,
+        } => {
+            for line in redirect_user::mounts::prepare_host(&host_mnt_ns, &bpffs, &netns_dir)? {
+                println!("{line}");
+            }
+            Ok(())
         }
         Command::Cni { action } => cni_command(action),
         Command::Uninstall { pin_dir, drain_ms } => {

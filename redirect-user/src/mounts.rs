@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use rustix::mount::{mount, MountFlags};
+use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
 
 /// Filesystem magic numbers from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -114,6 +114,89 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     Ok(())
+}
+
+/// What [`prepare_host`] found and did, one line a path, for the init container's log.
+pub type Prepared = Vec<String>;
+
+/// The DaemonSet's first init container (`redirectd prepare-host`): in the host's mount
+/// namespace (`host_mnt_ns`, pid 1's: the pod has hostPID), mounts bpffs on `bpffs` unless
+/// one is there, makes `netns_dir` (where the runtime mounts pods' network namespaces) a
+/// mount of its own as `ip netns` does, and makes both mounts shared. A container may mount
+/// a host path with propagation (the daemon's HostToContainer) only from a shared or slave
+/// mount, and containerd looks the mount up by the path's text (`/var/run/netns` is found
+/// on `/`, not through the /var/run symlink): hosts without systemd leave their mounts
+/// private, and the daemon's container would not be created ("not a shared or slave
+/// mount"). Done with this executable's own system calls, so the host needs no shell or
+/// mount tools (Cilium's init containers run the host's). Call it before any thread exists:
+/// a process enters another mount namespace only while it has one thread.
+pub fn prepare_host(host_mnt_ns: &Path, bpffs: &Path, netns_dir: &Path) -> Result<Prepared> {
+    let what_to_do = format!(
+        "otherwise prepare the host yourself: `mount -t bpf bpf {0}` if it is not mounted, \
+         `mount --make-shared {0}`, and `mount --bind {1} {1}; mount --make-shared {1}`",
+        bpffs.display(),
+        netns_dir.display()
+    );
+    let ns = std::fs::File::open(host_mnt_ns).with_context(|| {
+        format!(
+            "opening the host's mount namespace {} (the pod needs hostPID and a privileged container; {what_to_do})",
+            host_mnt_ns.display(),
+        )
+    })?;
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&ns),
+        Some(rustix::thread::LinkNameSpaceType::Mount),
+    )
+    .with_context(|| {
+        format!(
+            "entering the host's mount namespace {} (needs CAP_SYS_ADMIN; {what_to_do})",
+            host_mnt_ns.display(),
+        )
+    })?;
+    let mut done = Vec::new();
+    for (path, bpf) in [(bpffs, true), (netns_dir, false)] {
+        std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut line = format!("{}: ", path.display());
+        if bpf && !is_bpffs(path)? {
+            mount("bpf", path, "bpf", MountFlags::empty(), None).with_context(|| {
+                format!(
+                    "mounting bpffs on {} in the host's mount namespace",
+                    path.display()
+                )
+            })?;
+            line += "bpffs mounted now; ";
+        } else if !bpf && propagation_of(path).is_err() {
+            mount(path, path, "", MountFlags::BIND, None)
+                .with_context(|| format!("bind-mounting {0} on itself", path.display()))?;
+            line += "made a mount of its own; ";
+        }
+        if propagation_of(path)?.contains("shared:") {
+            line += "already a shared mount";
+        } else {
+            mount_change(path, MountPropagationFlags::SHARED)
+                .with_context(|| format!("making {} a shared mount", path.display()))?;
+            line += "made a shared mount (it was not)";
+        }
+        done.push(line);
+    }
+    Ok(done)
+}
+
+/// The optional fields of the mount at `path` in `/proc/self/mountinfo` (`shared:N`,
+/// `master:N`, ...; empty for a private mount).
+fn propagation_of(path: &Path) -> Result<String> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let want = path.to_string_lossy();
+    info.lines()
+        .rev() // the last mount on a path is the one seen there
+        .filter_map(|line| {
+            let (left, _) = line.split_once(" - ")?;
+            let fields: Vec<&str> = left.split_whitespace().collect();
+            (unescape(fields.get(4)?) == want).then(|| fields[6..].join(" "))
+        })
+        .next()
+        .with_context(|| format!("{} is not a mount point", path.display()))
 }
 
 #[cfg(test)]

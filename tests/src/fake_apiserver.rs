@@ -150,7 +150,27 @@ fn handle(s: TcpStream, state: Arc<Mutex<State>>) {
 
 impl FakeApiServer {
     pub fn start() -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// A server on the loopback of network namespace `netns` (a node's, whose host-network
+    /// pods reach it at its `url`).
+    pub fn start_in(netns: &std::path::Path) -> Self {
+        let netns = netns.to_path_buf();
+        let l = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            let ns = std::fs::File::open(&netns).unwrap();
+            // SAFETY: setns(2) of this short-lived thread only; the socket keeps its namespace.
+            let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
+            TcpListener::bind("127.0.0.1:0").unwrap()
+        })
+        .join()
+        .unwrap();
+        Self::serve(l)
+    }
+
+    fn serve(l: TcpListener) -> Self {
         let url = format!("http://{}", l.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State {
             rv: 1,

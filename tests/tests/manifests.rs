@@ -134,14 +134,15 @@ fn check_node_agent<'a>(ds: &'a DaemonSet, name: &str) -> &'a Container {
         .iter()
         .find(|m| m.mount_path == "/sys/fs/bpf")
         .expect("/sys/fs/bpf mounted");
-    // The daemon's pins are on the host's bpffs: it sees the host's mounts. Only a privileged
-    // container may propagate its own mounts back (mount-bpffs, uninstall).
+    // The daemon's pins are on the host's bpffs: it sees the host's mounts (HostToContainer,
+    // which needs the host's mount shared: mount-bpffs makes it so). No container propagates
+    // mounts back to the host (uninstall only removes pins: a plain bind of the host's bpffs).
     let privileged = c.security_context.as_ref().and_then(|s| s.privileged) == Some(true);
     let propagation = bpffs.mount_propagation.as_deref();
     assert!(
         matches!(
             (privileged, propagation),
-            (true, Some("Bidirectional")) | (false, Some("HostToContainer"))
+            (true, None) | (false, Some("HostToContainer"))
         ),
         "{name}: privileged {privileged}, /sys/fs/bpf propagation {propagation:?}"
     );
@@ -195,6 +196,16 @@ fn daemonset_and_rbac() {
         init.security_context.as_ref().unwrap().privileged,
         Some(true)
     );
+    // It prepares the host in the host's mount namespace (pid 1's), with redirectd's own
+    // system calls: it mounts nothing of the pod's.
+    assert_eq!(
+        init.args
+            .as_deref()
+            .and_then(|a| a.first())
+            .map(String::as_str),
+        Some("prepare-host")
+    );
+    assert!(init.volume_mounts.as_deref().unwrap_or_default().is_empty());
     assert_eq!(
         sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
         Some("Unconfined")

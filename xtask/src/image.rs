@@ -3,8 +3,8 @@
 //! The runtime base is Debian bookworm made by `debootstrap --variant=minbase` and slimmed as
 //! Debian's own `bookworm-slim` image is (no documentation, manual pages, locales or apt
 //! lists): the same distribution and release `deploy/Dockerfile`'s runtime stage starts
-//! `FROM`, with the tools the manifests call in it (`sh`, `mountpoint` and `mount` for the
-//! bpffs init container) and `ca-certificates`, as the Dockerfile installs. The release
+//! `FROM`, with the tools the manifests call in it (`sh` and `sleep` for the
+//! uninstall container) and `ca-certificates`, as the Dockerfile installs. The release
 //! binaries go where the Dockerfile copies them, with its entrypoint and user (root), so both
 //! paths give the same runtime layout (`tests/tests/image.rs` checks that they agree).
 //!
