@@ -10,7 +10,9 @@
 //! `/run/containerd/s` whatever its configuration says, libcni's cached results, and the
 //! pods' cgroups in every hierarchy.
 
+pub mod cluster;
 pub mod cri;
+pub mod fake_apiserver;
 pub mod kubelet;
 
 use std::{

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests in `tests/`.
 
-pub mod fake_apiserver;
+pub use redirect_node::fake_apiserver;
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},

@@ -14,226 +14,28 @@ use std::{
 };
 
 use redirect_lab::{
-    envoy, eventually,
-    wire::{ClientResult, EnvoyRecord, ProxyRecord},
-    Lab, Report, PROXY_UID,
+    eventually,
+    wire::{ClientResult, ProxyRecord},
+    PROXY_UID,
 };
 use redirect_node::{
-    cri::{stdout_lines, Cri},
-    kubelet::{kustomize, yaml_documents, ManifestPod, StandIns},
-    Node, Pod, PodSpec, LAB_MOUNT,
+    cluster::{client, lab_tool, rendering, repo, stand_ins, MeshNode, NODE},
+    cri::stdout_lines,
+    fake_apiserver::pending_pod,
+    kubelet::yaml_documents,
+    Pod, PodSpec,
 };
-use redirect_tests::{
-    fake_apiserver::{pending_pod, FakeApiServer},
-    lab, taken_by,
-};
+use redirect_tests::taken_by;
 use serde_json::Value;
 
-const NODE: &str = "node-a";
+type RealNode = MeshNode;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+fn real_node(docs: &[Value]) -> MeshNode {
+    MeshNode::start(docs).unwrap_or_else(|e| panic!("starting the node: {e:#}"))
 }
 
-fn lab_tool(name: &str) -> String {
-    format!("{LAB_MOUNT}/{name}")
-}
-
-/// The lab's node with containerd and the DaemonSet's pod running and ready, a destination
-/// outside the mesh (`dst:8080`).
-struct RealNode {
-    // Drop order: the DaemonSet's supervisor, the node (pods, containerd), then the lab.
-    ds: Option<ManifestPod>,
-    node: Node,
-    api: FakeApiServer,
-    dst: String,
-    lab: Lab,
-}
-
-/// The DaemonSet's rendering: `kubectl kustomize deploy/base`, then `patch` (a test's own
-/// change, said where it is made).
-fn rendering(patch: impl FnOnce(&mut [Value])) -> Vec<Value> {
-    let mut docs = kustomize(&repo().join("deploy/base")).unwrap();
-    patch(&mut docs);
-    docs
-}
-
-fn stand_ins(api: &FakeApiServer) -> StandIns {
-    StandIns {
-        node_name: NODE.into(),
-        extra_args: vec![("redirectd".into(), format!("--kube-api-url={}", api.url))],
-    }
-}
-
-fn real_node(docs: &[Value]) -> RealNode {
-    let mut lab = lab();
-    lab.add_pod("dst").unwrap();
-    lab.start_server("dst", &[8080]).unwrap();
-    let dst = format!("{}:8080", lab.pod("dst").v4);
-    let api = FakeApiServer::start_in(&lab.node.path());
-    let mut node = Node::start(&lab, &lab.primary_cni().unwrap()).unwrap();
-    let ds = node
-        .run_daemonset(docs, "redirectd", &stand_ins(&api))
-        .unwrap();
-    ds.wait_ready(Duration::from_secs(60)).unwrap();
-    // install-cni put redirect-cni at the end of the primary CNI's conflist.
-    let chained = eventually(
-        Duration::from_secs(10),
-        "redirect-cni in the conflist",
-        || {
-            let conf = node.cni_conf().ok()?;
-            let plugins = conf.first()?.1["plugins"].as_array()?.clone();
-            (plugins.last()?["type"] == "redirect-cni").then_some(plugins)
-        },
-    );
-    assert!(chained.is_ok(), "{:?}", node.cni_conf());
-    RealNode {
-        ds: Some(ds),
-        node,
-        api,
-        dst,
-        lab,
-    }
-}
-
-impl RealNode {
-    fn ds(&self) -> &ManifestPod {
-        self.ds.as_ref().unwrap()
-    }
-
-    /// A command in the redirectd container.
-    fn in_daemon(&mut self, cmd: &[&str]) -> redirect_node::cri::Exec {
-        let id = self.ds().container_id("redirectd").unwrap();
-        self.node
-            .cri
-            .exec(&id, cmd, Duration::from_secs(20))
-            .unwrap()
-    }
-
-    /// `redirectd status --json`, in its container.
-    fn status(&mut self) -> Option<Report> {
-        let out = self.in_daemon(&["redirectd", "status", "--json"]);
-        serde_json::from_str(&out.stdout).ok()
-    }
-
-    /// A mesh pod `shop/name`: announced to the API server as Pending, then its sandbox run
-    /// by containerd (the CNI chain registers it), Istio's validation init container (uid
-    /// 1337, both families), then its sidecar container: Envoy with Istio's listener shapes
-    /// for the pod's addresses, uid 1337.
-    fn mesh_pod(&mut self, name: &str) -> Pod {
-        let uid = format!("uid-{name}");
-        self.api
-            .apply(&pending_pod("shop", name, &uid, NODE, &[]), true);
-        let pod = self
-            .node
-            .run_pod(&PodSpec {
-                namespace: "shop",
-                name,
-                uid: &uid,
-            })
-            .unwrap();
-        let validate = lab_tool("redirect-lab");
-        let script = format!("{validate} validate && {validate} validate --ipv6");
-        let init = self.node.container(
-            "istio-validation",
-            PROXY_UID as i64,
-            &["sh", "-c", &script],
-            &[],
-        );
-        let id = self
-            .node
-            .cri
-            .start_container(&pod.id, init, &pod.config)
-            .unwrap();
-        let code = self
-            .node
-            .cri
-            .wait_exited(&id, Duration::from_secs(30))
-            .unwrap();
-        let log = stdout_lines(&self.node.log_path(&pod, "istio-validation"));
-        assert_eq!(code, 0, "istio-validation failed: {log:?}");
-        assert!(
-            log.iter().filter(|l| l.contains("\"passed\":true")).count() == 2,
-            "{log:?}"
-        );
-
-        let ips = self.node.cri.pod_ips(&pod.id).unwrap();
-        let v4 = ips.iter().find(|ip| ip.contains('.')).unwrap();
-        let v6 = ips.iter().find(|ip| ip.contains(':')).unwrap();
-        let config_dir = self.lab.dir.join(format!("{name}-envoy"));
-        std::fs::create_dir_all(&config_dir).unwrap();
-        let bootstrap = envoy::bootstrap(v4, v6, envoy::Mode::Redirect);
-        std::fs::write(
-            config_dir.join("envoy.json"),
-            serde_json::to_vec(&bootstrap).unwrap(),
-        )
-        .unwrap();
-        let binary = envoy::binary();
-        let envoy_dir = binary.parent().unwrap();
-        let mut command = vec!["/rlab-envoy/envoy".to_string()];
-        command.extend(envoy::args(Path::new("/etc/rlab-envoy/envoy.json")));
-        let command: Vec<&str> = command.iter().map(String::as_str).collect();
-        let sidecar = self.node.container(
-            "istio-proxy",
-            PROXY_UID as i64,
-            &command,
-            &[(envoy_dir, "/rlab-envoy"), (&config_dir, "/etc/rlab-envoy")],
-        );
-        self.node
-            .cri
-            .start_container(&pod.id, sidecar, &pod.config)
-            .unwrap();
-        pod
-    }
-
-    /// A long-lived application container of `pod` (connections are made in it with
-    /// ExecSync).
-    fn shell(&mut self, pod: &Pod) -> String {
-        let shell = self.node.container("shell", 1000, &["sleep", "3600"], &[]);
-        self.node
-            .cri
-            .start_container(&pod.id, shell, &pod.config)
-            .unwrap()
-    }
-
-    /// What the pod's Envoy logged (its access log, on the container's stdout).
-    fn sidecar_log(&self, pod: &Pod) -> Vec<ProxyRecord> {
-        stdout_lines(&self.node.log_path(pod, "istio-proxy"))
-            .iter()
-            .filter_map(|l| serde_json::from_str::<EnvoyRecord>(l).ok())
-            .filter_map(|r| r.as_proxy_record())
-            .collect()
-    }
-
-    /// Connections made from an application container until all `count` of one run
-    /// succeed (Envoy may still be starting), at most 20 s.
-    fn connections(&mut self, shell: &str, target: &str, count: usize) -> Vec<ClientResult> {
-        let mut results = Vec::new();
-        let ok = eventually(Duration::from_secs(20), "connections from the pod", || {
-            results = client(&mut self.node.cri, shell, target, count);
-            (results.len() == count && results.iter().all(|r| r.error.is_none())).then_some(())
-        });
-        assert!(ok.is_ok(), "{results:?}");
-        results
-    }
-}
-
-/// `count` connections to `target` made with ExecSync in container `id`.
-fn client(cri: &mut Cri, id: &str, target: &str, count: usize) -> Vec<ClientResult> {
-    let tool = lab_tool("redirect-lab");
-    let n = count.to_string();
-    cri.exec(
-        id,
-        &[&tool, "client", "--target", target, "--count", &n],
-        Duration::from_secs(20),
-    )
-    .map(|out| {
-        out.stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<ClientResult>(l).ok())
-            .collect()
-    })
-    .unwrap_or_default()
+fn base() -> Vec<Value> {
+    rendering(|_| {}).unwrap()
 }
 
 /// Envoy logs a connection when it closes, and flushes its log every few milliseconds.
@@ -259,7 +61,7 @@ fn eventually_captured(n: &RealNode, pod: &Pod, results: &[ClientResult]) {
 /// (DEL at stop, again at remove with no netns) gone from the daemon.
 #[test]
 fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
-    let mut n = real_node(&rendering(|_| {}));
+    let mut n = real_node(&base());
     let ds = n.ds();
     assert_eq!(ds.init_exits, [("mount-bpffs".to_string(), 0)]);
     let prepared = ds.log_text("mount-bpffs");
@@ -274,7 +76,7 @@ fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
             .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains("shared:")),
         "the node's /sys/fs/bpf is not shared:\n{info}"
     );
-    let probe = n.in_daemon(&["redirectd", "probe"]);
+    let probe = n.in_daemon(&["redirectd", "probe"]).unwrap();
     assert_eq!(probe.exit_code, 0, "{}{}", probe.stdout, probe.stderr);
     assert!(!probe.stdout.contains("MISSING"), "{}", probe.stdout);
     let daemon_log = n.ds().log_text("redirectd");
@@ -283,7 +85,17 @@ fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
         "the daemon found cgroup v2 below the host's /sys/fs/cgroup: {daemon_log}"
     );
 
-    let pod = n.mesh_pod("web");
+    let (pod, validation) = n.mesh_pod("web").unwrap();
+    // Istio's validation init container passed in both families, its probe redirected to the
+    // inbound port on loopback, as Istio's rules do.
+    let passed: Vec<Value> = validation
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(passed.len(), 2, "{validation:?}");
+    assert!(passed.iter().all(|v| v["passed"] == true), "{validation:?}");
+    assert_eq!(passed[0]["accepted_on"], "127.0.0.1:15006");
+    assert_eq!(passed[1]["accepted_on"], "[::1]:15006");
     // The application: its first instruction is the connection.
     let app = n.node.container(
         "app",
@@ -315,13 +127,13 @@ fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
         eventually_captured(&n, &pod, std::slice::from_ref(&first));
     }
 
-    let shell_id = n.shell(&pod);
+    let shell_id = n.shell(&pod).unwrap();
     let dst = n.dst.clone();
-    let results = n.connections(&shell_id, &dst, 5);
+    let results = n.connections(&shell_id, &dst, 5).unwrap();
     eventually_captured(&n, &pod, &results);
 
     // Mesh to mesh: web's connections go out through web's Envoy and in through api's.
-    let api = n.mesh_pod("api");
+    let (api, _) = n.mesh_pod("api").unwrap();
     let server = n.node.container(
         "server",
         1000,
@@ -333,7 +145,9 @@ fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
         .start_container(&api.id, server, &api.config)
         .unwrap();
     let api_ip = n.node.cri.pod_ips(&api.id).unwrap()[0].clone();
-    let results = n.connections(&shell_id, &format!("{api_ip}:8080"), 5);
+    let results = n
+        .connections(&shell_id, &format!("{api_ip}:8080"), 5)
+        .unwrap();
     eventually_captured(&n, &pod, &results);
     let inbound = eventually(
         Duration::from_secs(5),
@@ -348,14 +162,19 @@ fn the_daemonset_as_written_captures_mesh_pods_from_their_first_connection() {
     let status = n.status().unwrap();
     assert!(status.pod("web").is_some(), "{status:?}");
 
-    // Deleted as kubelet deletes a pod: DEL at stop, DEL again at remove (no netns).
+    // Deleted as kubelet deletes a pod: DEL at stop, DEL again at remove (no netns); its
+    // inbound link's pin goes with it.
+    let pod_pins = n.node.path("/sys/fs/bpf/redirect/pods");
+    let pins = || std::fs::read_dir(&pod_pins).map_or(0, |d| d.count());
+    assert_eq!(pins(), 2, "web's and api's inbound links");
     n.node.cri.remove_pod(&pod.id).unwrap();
     n.api
         .delete(&pending_pod("shop", "web", "uid-web", NODE, &[]));
     let gone = eventually(Duration::from_secs(10), "the pod leaves the daemon", || {
-        n.status().filter(|s| s.pod("web").is_none())
+        n.status().ok().filter(|s| s.pod("web").is_none())
     });
     assert!(gone.is_ok(), "{}", n.ds().log_text("redirectd"));
+    assert_eq!(pins(), 1, "web's inbound link is still pinned");
 }
 
 /// kubelet's restarts: the daemon's container killed under traffic is started again (its
@@ -378,12 +197,13 @@ fn the_daemon_container_killed_or_hung_is_restarted_with_nothing_failed() {
                 }
             }
         }
-    });
+    })
+    .unwrap();
     let mut n = real_node(&docs);
-    let pod = n.mesh_pod("web");
-    let shell_id = n.shell(&pod);
+    let (pod, _) = n.mesh_pod("web").unwrap();
+    let shell_id = n.shell(&pod).unwrap();
     let dst = n.dst.clone();
-    n.connections(&shell_id, &dst, 3);
+    n.connections(&shell_id, &dst, 3).unwrap();
 
     // Traffic from the pod the whole time, on a CRI connection of its own.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -444,7 +264,7 @@ fn the_daemon_container_killed_or_hung_is_restarted_with_nothing_failed() {
     );
     eprintln!("hung daemon restarted after {:?}", hung.elapsed());
     n.ds().wait_ready(Duration::from_secs(30)).unwrap();
-    let results = n.connections(&shell_id, &dst, 5);
+    let results = n.connections(&shell_id, &dst, 5).unwrap();
     eventually_captured(&n, &pod, &results);
 }
 
@@ -456,7 +276,7 @@ fn the_daemon_container_killed_or_hung_is_restarted_with_nothing_failed() {
 #[test]
 fn fifty_pods_at_once_none_escapes() {
     const PODS: usize = 50;
-    let mut n = real_node(&rendering(|_| {}));
+    let mut n = real_node(&base());
     for i in 0..PODS {
         let name = format!("burst-{i}");
         n.api.apply(
@@ -584,7 +404,7 @@ fn fifty_pods_at_once_none_escapes() {
 /// program left attached.
 #[test]
 fn uninstall_yaml_leaves_no_pin_program_or_plugin() {
-    let mut n = real_node(&rendering(|_| {}));
+    let mut n = real_node(&base());
     let pin_dir = n.node.path("/sys/fs/bpf/redirect");
     assert!(pin_dir.join("links").is_dir());
     let ds = n.ds.take().unwrap();

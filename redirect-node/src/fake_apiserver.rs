@@ -1,4 +1,5 @@
-//! A fake Kubernetes API server for the pod source's tests: it speaks the real list/watch wire
+//! A fake Kubernetes API server (none exists on these machines) for the tests, the demo and
+//! the benchmark: it speaks the real list/watch wire
 //! format for `/api/v1/pods` (a `PodList` with a resourceVersion; a chunked stream of
 //! `WatchEvent`s), and can send `410 Gone`, drop its watch streams, or change pods without
 //! telling (so only a re-list sees it).
