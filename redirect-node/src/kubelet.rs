@@ -672,9 +672,10 @@ fn supervise(
     probe_host: &str,
 ) -> Result<()> {
     let now = Instant::now();
-    let (state, code, _) =
-        cri.container_state(&m.id)
-            .unwrap_or((ContainerState::ContainerUnknown, -1, String::new()));
+    // A status the runtime cannot give now is asked again next round, not taken for an exit.
+    let Ok((state, code, _)) = cri.container_state(&m.id) else {
+        return Ok(());
+    };
     let mut restart = None;
     if state == ContainerState::ContainerExited || state == ContainerState::ContainerUnknown {
         restart = Some(format!("exited with {code}"));

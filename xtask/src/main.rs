@@ -39,7 +39,12 @@ enum Task {
     },
     /// The main job on a dev box: a small lab, the redirector, real traffic, what the sidecar
     /// saw and the capture counters; then everything is torn down.
-    Demo,
+    Demo {
+        /// On a real node instead: containerd and runc run the image (built first), the
+        /// DaemonSet's pod from deploy/base, and mesh pods with Envoy sidecar containers.
+        #[arg(long)]
+        node: bool,
+    },
     /// Benchmark direct / iptables (Istio's rules) / ebpf / ebpf+sockmap, side by side.
     Bench {
         /// A short run (under 2 minutes); does not update docs/benchmarks.md.
@@ -52,6 +57,11 @@ enum Task {
         /// proxy).
         #[arg(long, default_value = "envoy", value_parser = ["envoy", "lab"])]
         sidecar: String,
+        /// On a real node instead: RunPodSandbox with and without redirect-cni in the chain
+        /// (one at a time and 50 at once) and the time to a pod's first captured connection;
+        /// figures in target/bench/node.json.
+        #[arg(long, conflicts_with = "cross_node")]
+        node: bool,
     },
     /// Build the redirectd image with buildah, from the release binaries and a Debian base
     /// made with debootstrap (no registry needed): `target/image/redirectd.tar`, a
@@ -142,6 +152,19 @@ fn build_image() -> Result<image::Built> {
     // other thread here.
     unsafe { std::env::set_var("REDIRECTD_IMAGE", &built.archive) };
     Ok(built)
+}
+
+/// Runs `redirect-node` (the real node's demo and benchmark; built with the workspace's
+/// binaries, not linked into xtask: its CRI client needs protoc to build).
+fn node_tool(dir: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(dir.join("redirect-node"))
+        .args(args)
+        .status()
+        .context("running redirect-node")?;
+    if !status.success() {
+        bail!("redirect-node {} failed ({status})", args.join(" "));
+    }
+    Ok(())
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -236,16 +259,40 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Demo => {
+        Task::Demo { node: false } => {
             require_root("the demo")?;
             build(false)?;
             sweep_leftovers()?;
             demo::demo()
         }
+        Task::Demo { node: true } => {
+            require_root("the demo")?;
+            build_image()?;
+            let dir = build(false)?;
+            sweep_leftovers()?;
+            node_tool(&dir, &["demo"])
+        }
+        Task::Bench {
+            quick, node: true, ..
+        } => {
+            require_root("the benchmark")?;
+            build_image()?;
+            let dir = build(true)?;
+            sweep_leftovers()?;
+            let out = root().join("target/bench/node.json");
+            std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+            let out_s = out.to_str().context("non-UTF-8 path")?;
+            let mut args = vec!["bench", "--out", out_s];
+            if quick {
+                args.push("--quick");
+            }
+            node_tool(&dir, &args)
+        }
         Task::Bench {
             quick,
             cross_node,
             sidecar,
+            node: false,
         } => {
             require_root("the benchmark")?;
             build(true)?;
