@@ -319,16 +319,18 @@ fn namespaces(spec: &Value) -> NamespaceOption {
     }
 }
 
+/// The strings of a JSON list (none when it is not one).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(String::from))
+        .collect()
+}
+
 fn security_context(c: &Value, spec: &Value) -> Result<LinuxContainerSecurityContext> {
     let sc = &c["securityContext"];
     let privileged = sc["privileged"] == true;
-    let names = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(String::from))
-            .collect()
-    };
     let seccomp = match sc["seccompProfile"]["type"]
         .as_str()
         .or(spec["securityContext"]["seccompProfile"]["type"].as_str())
@@ -346,8 +348,8 @@ fn security_context(c: &Value, spec: &Value) -> Result<LinuxContainerSecurityCon
     };
     Ok(LinuxContainerSecurityContext {
         capabilities: Some(Capability {
-            add_capabilities: names(&sc["capabilities"]["add"]),
-            drop_capabilities: names(&sc["capabilities"]["drop"]),
+            add_capabilities: strings(&sc["capabilities"]["add"]),
+            drop_capabilities: strings(&sc["capabilities"]["drop"]),
             ..Default::default()
         }),
         privileged,
@@ -409,13 +411,6 @@ impl Node {
         if image != self.image {
             bail!("container {name}: image {image} is not on the node (imported: {}; imagePullPolicy IfNotPresent and no registry)", self.image);
         }
-        let strings = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        };
         let mut args = strings(&c["args"]);
         args.extend(
             stand_ins
@@ -506,18 +501,13 @@ impl Node {
             .join("logs")
             .join(format!("{namespace}_{pod_name}_{uid}"));
         std::fs::create_dir_all(&logs)?;
-        let labels = template["metadata"]["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-            .collect();
-        let annotations = template["metadata"]["annotations"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-            .collect();
+        let string_map = |v: &Value| {
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        };
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: pod_name.clone(),
@@ -531,8 +521,8 @@ impl Node {
                 pod_name.clone()
             },
             log_directory: logs.display().to_string(),
-            labels,
-            annotations,
+            labels: string_map(&template["metadata"]["labels"]),
+            annotations: string_map(&template["metadata"]["annotations"]),
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: self.system_cgroup_parent.clone(),
                 security_context: Some(LinuxSandboxSecurityContext {

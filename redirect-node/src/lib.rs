@@ -1,14 +1,16 @@
-//! A real node for the tests: Debian's containerd 1.6 and runc, started with a configuration
-//! of their own (root, state, CNI directories private to the run; never the host's
-//! `/etc/cni/net.d` or `/opt/cni/bin`) inside the lab's node network namespace, and driven
-//! through the CRI as kubelet drives them ([`cri`]). Images come from docker-archives
-//! (`cargo xtask image`, and a pause image made here from busybox-static): no registry.
+//! A real node for the tests, the demo and the benchmark: Debian's containerd 1.6 and runc in
+//! the lab's node network namespace, with a mount and a pid namespace of their own (the
+//! node's /run, /etc/cni/net.d, /opt/cni/bin, bpffs and cgroup v2; never this machine's),
+//! driven through the CRI as kubelet drives them ([`cri`]; a manifest's pod through
+//! [`kubelet`]). Images come from docker-archives (`cargo xtask image`, and a pause image made
+//! here from busybox-static): no registry.
 //!
 //! Everything is removed when the [`Node`] is dropped, even after a failed test: the pods
-//! (stopped and removed through the CRI, so the CNI chain's DEL runs), containerd and its
-//! shims (killed by pid), what they mounted, the shims' sockets containerd 1.6 keeps under
-//! `/run/containerd/s` whatever its configuration says, libcni's cached results, and the
-//! pods' cgroups in every hierarchy.
+//! (stopped and removed through the CRI, so the CNI chain's DEL runs), then the node's pid 1,
+//! whose death takes every process of its pid namespace (containerd, shims, containers) and
+//! then its mount namespace (root filesystems, pods' namespaces, its bpffs and pins, the shim
+//! sockets containerd 1.6 keeps under `/run/containerd/s`, libcni's cache in the overlays),
+//! and the pods' cgroups in every hierarchy.
 
 pub mod cluster;
 pub mod cri;
@@ -154,14 +156,18 @@ impl Node {
     /// /opt/cni/bin, libcni's cache); /sys/fs/bpf a bpffs of its own, private as on a host
     /// without systemd; cgroup v2 (/sys/fs/cgroup/unified, this machine's hybrid layout) the
     /// lab's cgroup. The machine's own mounts there are taken off in the node first (not
-    /// stacked: containerd and runc look a path's mount up by the first match). When pid 1 dies, the kernel kills every process of the node and its
-    /// mounts go: nothing of it outlives the [`Node`].
+    /// stacked: containerd and runc look a path's mount up by the first match). When pid 1
+    /// dies, the kernel kills every process of the node and its mounts go: nothing of it
+    /// outlives the [`Node`].
     pub fn start(lab: &Lab, primary: &Value) -> Result<Self> {
         let archive = image_archive()?;
         let dir = lab.dir.join("node");
         for d in ["/etc", "/opt", "/var/lib"] {
             if dir.starts_with(d) {
-                bail!("the lab's directory {} is under {d}, which the node overlays: set TMPDIR elsewhere", dir.display());
+                bail!(
+                    "the lab's directory {} is under {d}, which the node overlays: set TMPDIR elsewhere",
+                    dir.display()
+                );
             }
         }
         for d in ["etc", "opt", "var-lib"] {

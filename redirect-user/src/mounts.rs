@@ -202,6 +202,20 @@ fn propagation_of(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn prepare_host_says_what_to_do_when_it_cannot_enter_the_host() {
+        let e = super::prepare_host(
+            std::path::Path::new("/nonexistent/ns/mnt"),
+            std::path::Path::new("/sys/fs/bpf"),
+            std::path::Path::new("/run/netns"),
+        )
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("hostPID"), "{msg}");
+        assert!(msg.contains("mount --make-shared /sys/fs/bpf"), "{msg}");
+        assert!(msg.contains("mount --bind /run/netns /run/netns"), "{msg}");
+    }
+
+    #[test]
     fn unescapes_mountinfo() {
         assert_eq!(super::unescape(r"/a\040b"), "/a b");
         assert_eq!(super::unescape("/plain"), "/plain");

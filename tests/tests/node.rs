@@ -407,6 +407,19 @@ fn uninstall_yaml_leaves_no_pin_program_or_plugin() {
     let mut n = real_node(&base());
     let pin_dir = n.node.path("/sys/fs/bpf/redirect");
     assert!(pin_dir.join("links").is_dir());
+    let attached = || {
+        redirect_lab::output(
+            std::process::Command::new("bpftool")
+                .args(["cgroup", "show"])
+                .arg(&n.lab.cgroup.path),
+        )
+        .unwrap()
+    };
+    let before = attached();
+    assert!(
+        before.contains("connect4") && before.contains("sock_ops"),
+        "the daemon's programs on the node's cgroup:\n{before}"
+    );
     let ds = n.ds.take().unwrap();
     ds.delete(&mut n.node.cri).unwrap();
     assert!(
@@ -436,15 +449,10 @@ fn uninstall_yaml_leaves_no_pin_program_or_plugin() {
             .contains("redirect-cni"),
         "{conf:?}"
     );
-    let attached = redirect_lab::output(
-        std::process::Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(&n.lab.cgroup.path),
-    )
-    .unwrap();
+    let after = attached();
     assert!(
-        attached.lines().skip(1).all(|l| l.trim().is_empty()),
-        "programs still attached to the node's cgroup:\n{attached}"
+        after.lines().skip(1).all(|l| l.trim().is_empty()),
+        "programs still attached to the node's cgroup:\n{after}"
     );
     un.delete(&mut n.node.cri).unwrap();
 }
