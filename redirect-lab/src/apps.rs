@@ -90,6 +90,43 @@ impl Lab {
         Ok(i)
     }
 
+    /// Starts HAProxy (Debian's) as the pod's sidecar, as uid 1337: TCP listeners on 15001
+    /// (outbound) and 15006 (inbound) that forward to the connection's original destination
+    /// (`server 0.0.0.0:0`, which HAProxy finds with `SO_ORIGINAL_DST`), inbound from
+    /// 127.0.0.6 as Istio's sidecar does. With `splice`, HAProxy forwards with `splice(2)`
+    /// both ways (`option splice-request` and `splice-response`), as proxies tuned for
+    /// throughput do.
+    pub fn start_haproxy(&mut self, pod: &str, splice: bool) -> Result<usize> {
+        let haproxy = which("haproxy").context(
+            "HAProxy is missing: `cargo xtask setup` installs Debian's haproxy (its service is not started)",
+        )?;
+        let options = if splice {
+            "    option splice-request\n    option splice-response\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            "global\n    maxconn 4000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n{options}\
+             frontend outbound\n    bind 0.0.0.0:15001\n    default_backend original\n\
+             frontend inbound\n    bind 0.0.0.0:15006\n    default_backend inbound_original\n\
+             backend original\n    server original 0.0.0.0:0\n\
+             backend inbound_original\n    source 127.0.0.6\n    server original 0.0.0.0:0\n"
+        );
+        let path = self.dir.join(format!("{pod}-haproxy.cfg"));
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+        let path = path.to_str().context("non-UTF-8 path")?.to_string();
+        let i = self.spawn_path(
+            pod,
+            Some(PROXY_UID),
+            "haproxy",
+            &haproxy,
+            &["-db", "-f", &path],
+        )?;
+        self.wait_listening(pod, 15001)?;
+        self.wait_listening(pod, 15006)?;
+        Ok(i)
+    }
+
     /// Starts Envoy as the pod's sidecar (Istio's listener shapes, see [`crate::envoy`]), as
     /// uid 1337, and waits until its outbound, inbound and health listeners listen.
     pub fn start_envoy(&mut self, pod: &str) -> Result<usize> {

@@ -233,13 +233,16 @@ fn is_reset(e: &std::io::Error) -> bool {
     )
 }
 
-/// One stream: send `size` bytes (then half-close), read the echo, compare.
+/// One stream: send `size` bytes (then half-close), read the echo, compare. With `idle`, a
+/// read or write that waits longer ends the stream ("read: ... timed out"), so a stalled
+/// path shows as a failure instead of a hang.
 pub fn stream(
     i: usize,
     target: SocketAddr,
     size: u64,
     mode: SendMode,
     slow_read: Option<Duration>,
+    idle: Option<Duration>,
 ) -> EchoResult {
     let start = Instant::now();
     let mut res = EchoResult {
@@ -258,6 +261,8 @@ pub fn stream(
         }
     };
     let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(idle);
+    let _ = s.set_write_timeout(idle);
     let writer = {
         let s = match s.try_clone() {
             Ok(s) => s,
@@ -327,9 +332,10 @@ pub fn client(
     streams: usize,
     mode: SendMode,
     slow_read: Option<Duration>,
+    idle: Option<Duration>,
 ) -> Result<()> {
     let handles: Vec<_> = (0..streams)
-        .map(|i| std::thread::spawn(move || stream(i, target, size, mode, slow_read)))
+        .map(|i| std::thread::spawn(move || stream(i, target, size, mode, slow_read, idle)))
         .collect();
     for h in handles {
         let r = h

@@ -107,6 +107,9 @@ const PACKAGES: &[(&str, &str)] = &[
     // The image (`cargo xtask image`).
     ("buildah", "buildah"),
     ("debootstrap", "debootstrap"),
+    // A real proxy that forwards with splice(2), as a sidecar (`tests/tests/haproxy.rs`); its
+    // service is not started (see `packages`).
+    ("haproxy", "haproxy"),
 ];
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -189,9 +192,12 @@ pub fn packages(list: &[(&str, &str)]) -> Result<()> {
         run("apt-get", &["update", "-q"])?;
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
+        // RUNLEVEL=1: invoke-rc.d starts no service a package brings (haproxy's), which
+        // would listen on the host.
         let status = Command::new("apt-get")
             .args(&args)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("RUNLEVEL", "1")
             .status()
             .context("running apt-get")?;
         if !status.success() {

@@ -71,6 +71,10 @@ enum Cmd {
         /// Sleep this long after every 16 KiB read (a slow reader).
         #[arg(long)]
         slow_read_us: Option<u64>,
+        /// End a stream whose read or write waits longer than this (a stalled path fails
+        /// instead of hanging).
+        #[arg(long)]
+        idle_timeout_ms: Option<u64>,
     },
     /// Benchmark server: 1 KiB request/response on one port, a sink on another.
     PerfServer {
@@ -287,9 +291,11 @@ fn main() -> Result<()> {
             streams,
             mode,
             slow_read_us,
+            idle_timeout_ms,
         } => {
             let slow = slow_read_us.map(Duration::from_micros);
-            redirect_lab::echo::client(target, size, streams, mode, slow)
+            let idle = idle_timeout_ms.map(Duration::from_millis);
+            redirect_lab::echo::client(target, size, streams, mode, slow, idle)
         }
     }
 }
