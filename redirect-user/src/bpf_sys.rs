@@ -10,6 +10,8 @@
 //!   unpinned link would detach when the daemon exits.
 //! - `BPF_PROG_LOAD` of a three-instruction probe: whether `sk_lookup` may read a context field
 //!   (aya's probes cover program types, map types and helpers, not fields).
+//! - A throw-away splice for [`crate::splice_check`]: a sockhash, a ten-instruction `sk_msg`
+//!   program attached to it, and its entries (never pinned: it goes with its fds).
 
 use std::{
     ffi::CString,
@@ -109,6 +111,89 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const MAP_TYPE_SOCKHASH: u32 = 18;
+const PROG_TYPE_SK_MSG: u32 = 16;
+const ATTACH_SK_MSG_VERDICT: u32 = 7;
+const FUNC_MSG_REDIRECT_HASH: i32 = 71;
+/// `offsetof(struct sk_msg_md, local_port)`.
+const SK_MSG_LOCAL_PORT: i16 = 64;
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | (u64::from((src << 4) | dst) << 8)
+        | (u64::from(off as u16) << 16)
+        | (u64::from(imm as u32) << 32)
+}
+
+fn new_fd(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: on success these commands return a new fd, which nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// A sockhash with an `sk_msg` program that sends every message a socket sends into the
+/// receive queue of the socket stored under the sender's local port
+/// (`bpf_msg_redirect_hash(.., BPF_F_INGRESS)`), as redirectd's `rd_sk_msg` sends a proxy's
+/// data to its peer's. Nothing is pinned: it goes when dropped.
+pub struct SpliceMap {
+    map: OwnedFd,
+    _prog: OwnedFd,
+}
+
+impl SpliceMap {
+    pub fn new() -> std::io::Result<Self> {
+        let mut attr = Attr([0; 32]);
+        attr.0[..4].copy_from_slice(&[MAP_TYPE_SOCKHASH, 4, 4, 16]);
+        let map = new_fd(bpf(BPF_MAP_CREATE, &mut attr)?);
+        let fd = map.as_raw_fd();
+        let insns = [
+            insn(0xbf, 6, 1, 0, 0),                      // r6 = ctx
+            insn(0x61, 2, 1, SK_MSG_LOCAL_PORT, 0),      // r2 = ctx->local_port
+            insn(0x63, 10, 2, -4, 0),                    // *(u32 *)(r10 - 4) = r2
+            insn(0xbf, 1, 6, 0, 0),                      // r1 = ctx
+            insn(0x18, 2, 1, 0, fd),                     // r2 = the map (pseudo map fd)
+            0,                                           //   (ld_imm64's second half)
+            insn(0xbf, 3, 10, 0, 0),                     // r3 = r10
+            insn(0x07, 3, 0, 0, -4),                     // r3 += -4 (&key)
+            insn(0xb7, 4, 0, 0, 1),                      // r4 = BPF_F_INGRESS
+            insn(0x85, 0, 0, 0, FUNC_MSG_REDIRECT_HASH), // call
+            insn(0x95, 0, 0, 0, 0),                      // exit
+        ];
+        let license = c"GPL";
+        let mut attr = Attr([0; 32]);
+        attr.0[0] = PROG_TYPE_SK_MSG;
+        attr.0[1] = insns.len() as u32;
+        let (i, l) = (insns.as_ptr() as u64, license.as_ptr() as u64);
+        attr.0[2] = i as u32;
+        attr.0[3] = (i >> 32) as u32;
+        attr.0[4] = l as u32;
+        attr.0[5] = (l >> 32) as u32;
+        let prog = new_fd(bpf(BPF_PROG_LOAD, &mut attr)?);
+        let mut attr = Attr([0; 32]);
+        attr.0[..3].copy_from_slice(&[fd as u32, prog.as_raw_fd() as u32, ATTACH_SK_MSG_VERDICT]);
+        bpf(BPF_PROG_ATTACH, &mut attr)?;
+        Ok(Self { map, _prog: prog })
+    }
+
+    /// Stores socket `sock` under `key`.
+    pub fn put(&self, key: u32, sock: BorrowedFd<'_>) -> std::io::Result<()> {
+        let value = sock.as_raw_fd() as u32;
+        let (k, v) = (&key as *const u32 as u64, &value as *const u32 as u64);
+        let mut attr = Attr([0; 32]);
+        attr.0[..6].copy_from_slice(&[
+            self.map.as_raw_fd() as u32,
+            0,
+            k as u32,
+            (k >> 32) as u32,
+            v as u32,
+            (v >> 32) as u32,
+        ]);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+}
+
 /// `BPF_PROG_TYPE_SK_LOOKUP` and its attach type `BPF_SK_LOOKUP`.
 const PROG_TYPE_SK_LOOKUP: u32 = 30;
 const ATTACH_SK_LOOKUP: u32 = 36;
@@ -118,17 +203,11 @@ const SK_LOOKUP_INGRESS_IFINDEX: i16 = 64;
 /// Does the verifier let an `sk_lookup` program read `ingress_ifindex` (Linux 5.17)? Loads
 /// (and closes) a three-instruction program: `r2 = ctx->ingress_ifindex; r0 = 1; exit`.
 pub fn sk_lookup_reads_ingress_ifindex() -> std::io::Result<bool> {
-    let insn = |code: u8, regs: u8, off: i16, imm: i32| -> u64 {
-        u64::from(code)
-            | (u64::from(regs) << 8)
-            | (u64::from(off as u16) << 16)
-            | (u64::from(imm as u32) << 32)
-    };
     // BPF_LDX | BPF_MEM | BPF_W (dst r2, src r1); BPF_ALU64 | BPF_MOV | BPF_K (r0); BPF_EXIT.
     let insns = [
-        insn(0x61, 0x12, SK_LOOKUP_INGRESS_IFINDEX, 0),
-        insn(0xb7, 0, 0, 1),
-        insn(0x95, 0, 0, 0),
+        insn(0x61, 2, 1, SK_LOOKUP_INGRESS_IFINDEX, 0),
+        insn(0xb7, 0, 0, 0, 1),
+        insn(0x95, 0, 0, 0, 0),
     ];
     let license = c"GPL";
     let mut attr = Attr([0; 32]);
@@ -142,8 +221,7 @@ pub fn sk_lookup_reads_ingress_ifindex() -> std::io::Result<bool> {
     attr.0[17] = ATTACH_SK_LOOKUP;
     match bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => {
-            // SAFETY: on success the kernel returned a new fd, which nothing else owns.
-            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            drop(new_fd(fd));
             Ok(true)
         }
         // The verifier's refusal of the field (EACCES, or EINVAL for an unknown offset).

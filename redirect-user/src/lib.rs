@@ -27,6 +27,7 @@ pub mod room;
 pub mod rules;
 pub mod seccomp;
 pub mod sources;
+pub mod splice_check;
 pub mod status;
 pub mod tproxy;
 pub mod userns;

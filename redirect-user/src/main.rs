@@ -373,6 +373,38 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// `redirectd probe`'s last part: what a proxy would see differently on a spliced socket on
+/// this kernel, tried now (a loopback pair spliced as redirectd splices proxies, next to the
+/// same pair unspliced). Informational: acceleration is optional, so nothing here fails the
+/// probe.
+fn print_acceleration_check() {
+    use redirect_user::splice_check::{differences, QUICK};
+    println!("\nsame-node acceleration: a spliced proxy socket next to plain TCP, tried now");
+    match differences(QUICK) {
+        Err(e) => println!("UNKNOWN  could not build a splice to try ({e})"),
+        Ok(diffs) => {
+            for (behaviour, _) in QUICK {
+                match diffs.iter().find(|d| d.behaviour == *behaviour) {
+                    None => println!("same     {behaviour}"),
+                    Some(d) => println!(
+                        "DIFFERS  {behaviour}: TCP gives {:?}, spliced {:?}",
+                        d.plain, d.spliced
+                    ),
+                }
+            }
+            if diffs.is_empty() {
+                println!("         nothing a proxy can see differs here");
+            } else {
+                println!(
+                    "         {} of {} differ: a proxy that uses one of them sees the difference when its pod is accelerated (Envoy: the TCP_INFO counters and a close with unread data; a proxy that forwards with splice() loses data). Turn acceleration off for such pods (redirectd.dev/accel: \"false\") or the node (--no-accel); see docs/acceleration.md",
+                    diffs.len(),
+                    QUICK.len()
+                );
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
@@ -457,6 +489,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     c.since
                 );
             }
+            print_acceleration_check();
             match redirect_user::probe::missing(&checks) {
                 Some(msg) => bail!(msg),
                 None => Ok(()),

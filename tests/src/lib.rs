@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests in `tests/`.
 
 pub use redirect_node::fake_apiserver;
-pub mod splice;
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},

@@ -333,7 +333,8 @@ fn finds_cgroup_v2_below_a_hybrid_cgroup_mount() {
 }
 
 /// The start-up probe finds every feature the data path needs on this kernel (and would name
-/// what is missing, with the kernel version that brings it).
+/// what is missing, with the kernel version that brings it), then tries what a spliced proxy
+/// socket does differently from TCP here.
 #[test]
 fn kernel_probe_finds_every_feature() {
     let out = std::process::Command::new(redirect_lab::bin("redirectd"))
@@ -346,8 +347,21 @@ fn kernel_probe_finds_every_feature() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.lines().count() >= 20, "{text}");
-    assert!(text.lines().all(|l| l.starts_with("ok ")), "{text}");
+    let (features, accel) = text
+        .split_once("\nsame-node acceleration")
+        .unwrap_or_else(|| panic!("no acceleration section:\n{text}"));
+    assert!(features.lines().count() >= 20, "{text}");
+    assert!(features.lines().all(|l| l.starts_with("ok ")), "{text}");
+    // The acceleration section: each behaviour tried, same as TCP or not, and a verdict.
+    let tried: Vec<&str> = accel
+        .lines()
+        .filter(|l| l.starts_with("same ") || l.starts_with("DIFFERS "))
+        .collect();
+    assert_eq!(
+        tried.len(),
+        redirect_user::splice_check::QUICK.len(),
+        "{accel}"
+    );
 }
 
 /// `--log-format json`: every line the daemon logs is one JSON object with a timestamp, a

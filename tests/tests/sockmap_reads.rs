@@ -7,7 +7,7 @@
 //! takes the proxies' sockets only, and this test records where that reason still holds.
 //!
 //! The test splices a loopback TCP pair with the smallest splice there is
-//! (`redirect_tests::splice`: each end's sends go to the other's ingress queue, as redirectd
+//! (`redirect_user::splice_check`: each end's sends go to the other's ingress queue, as redirectd
 //! splices proxies); the same pair without it is the control.
 
 use std::io::{Read, Write};
@@ -16,18 +16,18 @@ use std::os::unix::thread::JoinHandleExt;
 use std::time::Duration;
 
 use redirect_lab::scaled;
-use redirect_tests::splice::Splice;
+use redirect_user::splice_check::{splice_pair, SpliceMap};
 
 extern "C" fn ignore(_: libc::c_int) {}
 
 /// A blocking read on the accepted side of a loopback pair; a SIGUSR1 (handler installed with
 /// `SA_RESTART`) while it waits; then the peer sends "late". What did the read return?
-fn read_through_a_signal(splice: Option<&Splice>) -> std::io::Result<Vec<u8>> {
+fn read_through_a_signal(splice: Option<&SpliceMap>) -> std::io::Result<Vec<u8>> {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut writer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (mut reader, _) = l.accept().unwrap();
     if let Some(s) = splice {
-        s.pair(&reader, &writer);
+        splice_pair(s, &reader, &writer).expect("splicing the pair");
     }
     let t = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
@@ -60,7 +60,7 @@ fn a_signal_during_a_blocking_read_gives_eagain_only_on_a_spliced_socket() {
         Some(&b"late"[..]),
         "plain TCP: {plain:?}"
     );
-    let splice = Splice::new();
+    let splice = SpliceMap::new().expect("a sockhash and an sk_msg program");
     let spliced = read_through_a_signal(Some(&splice));
     println!(
         "kernel {}: through a signal, a plain blocking read got {:?}, a spliced one {:?}",

@@ -1,6 +1,7 @@
 //! What a proxy sees on a spliced socket, behaviour by behaviour, next to plain TCP: a
 //! loopback pair spliced as redirectd splices two local proxies' sockets (each end's sends go
-//! straight to the other's receive queue, `redirect_tests::splice`), and the same pair
+//! straight to the other's receive queue, `redirect_user::splice_check`, the same cases
+//! `redirectd probe` tries), and the same pair
 //! without the splice. Each case does the same system calls on both and describes what they
 //! returned; the table of both columns is printed, and the behaviours that differ must be
 //! exactly the ones written down for this kernel ([`known_different`]): a kernel that breaks
@@ -9,112 +10,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    time::Duration,
 };
 
-use redirect_tests::splice::Splice;
-
-/// A loopback connection: `a` connected, `b` accepted; spliced when `splice` is given.
-struct Pair {
-    a: TcpStream,
-    b: TcpStream,
-}
-
-fn pair(splice: Option<&Splice>) -> Pair {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    for s in [&a, &b] {
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.set_nodelay(true).unwrap();
-    }
-    if let Some(sp) = splice {
-        sp.pair(&a, &b);
-    }
-    Pair { a, b }
-}
-
-fn settle() {
-    std::thread::sleep(Duration::from_millis(50));
-}
-
-fn errno_text(r: isize) -> String {
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        format!("error {}", e.raw_os_error().map_or("?".into(), errno_name))
-    } else {
-        format!("{r}")
-    }
-}
-
-fn errno_name(e: i32) -> String {
-    match e {
-        libc::EAGAIN => "EAGAIN".into(),
-        libc::ECONNRESET => "ECONNRESET".into(),
-        libc::EPIPE => "EPIPE".into(),
-        libc::EINVAL => "EINVAL".into(),
-        libc::EFAULT => "EFAULT".into(),
-        libc::ENOTCONN => "ENOTCONN".into(),
-        libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
-        other => format!("errno {other}"),
-    }
-}
-
-fn io_text<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
-    match r {
-        Ok(v) => format!("{v:?}"),
-        Err(e) => format!(
-            "error {}",
-            e.raw_os_error().map_or(e.kind().to_string(), errno_name)
-        ),
-    }
-}
-
-fn recv(fd: RawFd, len: usize, flags: i32) -> (isize, Vec<u8>) {
-    let mut buf = vec![0u8; len];
-    // SAFETY: recv(2) into a buffer of `len` bytes we own.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), len, flags) };
-    buf.truncate(n.max(0) as usize);
-    (n, buf)
-}
-
-fn recv_text(fd: RawFd, len: usize, flags: i32) -> String {
-    let (n, buf) = recv(fd, len, flags);
-    if n < 0 {
-        errno_text(n)
-    } else {
-        format!("{n} {:?}", String::from_utf8_lossy(&buf))
-    }
-}
-
-/// Is `fd` ready for `events` within `ms`? The revents, as text.
-fn poll(fd: RawFd, events: i16, ms: i32) -> String {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd we own.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
-    if n <= 0 {
-        return "not ready".into();
-    }
-    let mut out = Vec::new();
-    for (bit, name) in [
-        (libc::POLLIN, "IN"),
-        (libc::POLLOUT, "OUT"),
-        (libc::POLLRDHUP, "RDHUP"),
-        (libc::POLLHUP, "HUP"),
-        (libc::POLLERR, "ERR"),
-    ] {
-        if p.revents & bit != 0 {
-            out.push(name);
-        }
-    }
-    out.join("+")
-}
+use redirect_user::splice_check::{
+    case_close_unread, case_rcvlowat, case_splice_read, case_tcp_info, case_waitall, errno_text,
+    io_text, pair, pattern, poll, recv, recv_text, settle, Pair, SpliceMap,
+};
 
 fn fionread(fd: RawFd) -> String {
     let mut n: libc::c_int = -1;
@@ -125,23 +28,6 @@ fn fionread(fd: RawFd) -> String {
     } else {
         n.to_string()
     }
-}
-
-fn nonblocking(fd: RawFd) {
-    // SAFETY: fcntl(2) on a descriptor we own.
-    unsafe {
-        let f = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, f | libc::O_NONBLOCK);
-    }
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2(2) writes two descriptors that we then own.
-    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
-    assert_eq!(made, 0);
-    // SAFETY: both were just created for us.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 fn epoll(fd: RawFd, edge: bool) -> OwnedFd {
@@ -225,18 +111,6 @@ fn case_peek(p: &mut Pair) -> String {
     format!("peek {peek}, then read {read}")
 }
 
-fn case_waitall(p: &mut Pair) -> String {
-    p.a.write_all(b"hel").unwrap();
-    let mut a = p.a.try_clone().unwrap();
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(100));
-        a.write_all(b"lo world").unwrap();
-    });
-    let r = recv_text(p.b.as_raw_fd(), 8, libc::MSG_WAITALL);
-    t.join().unwrap();
-    r
-}
-
 fn case_trunc(p: &mut Pair) -> String {
     p.a.write_all(b"hello world").unwrap();
     settle();
@@ -245,56 +119,10 @@ fn case_trunc(p: &mut Pair) -> String {
     format!("MSG_TRUNC {}, then read {rest}", errno_text(n))
 }
 
-fn case_splice_read(p: &mut Pair) -> String {
-    p.a.write_all(b"hello").unwrap();
-    settle();
-    nonblocking(p.b.as_raw_fd());
-    let (r, w) = pipe();
-    // SAFETY: splice(2) between a socket and a pipe we own.
-    let n = unsafe {
-        libc::splice(
-            p.b.as_raw_fd(),
-            std::ptr::null_mut(),
-            w.as_raw_fd(),
-            std::ptr::null_mut(),
-            64,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    let mut out = [0u8; 64];
-    // SAFETY: read(2) from the pipe's read end.
-    let m = unsafe { libc::read(r.as_raw_fd(), out.as_mut_ptr().cast(), 64) };
-    let after = recv_text(p.b.as_raw_fd(), 64, libc::MSG_DONTWAIT);
-    format!(
-        "splice {}, pipe holds {:?}, then recv {after}",
-        errno_text(n),
-        String::from_utf8_lossy(&out[..m.max(0) as usize])
-    )
-}
-
 fn case_fionread(p: &mut Pair) -> String {
     p.a.write_all(b"hello").unwrap();
     settle();
     fionread(p.b.as_raw_fd())
-}
-
-fn case_rcvlowat(p: &mut Pair) -> String {
-    let lowat: libc::c_int = 10;
-    // SAFETY: setsockopt(2) with an int we own.
-    unsafe {
-        libc::setsockopt(
-            p.b.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&lowat as *const libc::c_int).cast(),
-            4,
-        )
-    };
-    p.a.write_all(b"hello").unwrap();
-    let five = poll(p.b.as_raw_fd(), libc::POLLIN, 200);
-    p.a.write_all(b"world").unwrap();
-    let ten = poll(p.b.as_raw_fd(), libc::POLLIN, 200);
-    format!("5 of 10 bytes: {five}; 10: {ten}")
 }
 
 fn case_epoll_level(p: &mut Pair) -> String {
@@ -406,11 +234,6 @@ fn case_zero_send(p: &mut Pair) -> String {
     format!("send {}; b's poll {ready}; then read {r}", errno_text(n))
 }
 
-/// `len` bytes the reader must get byte-exact.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 % 251) as u8).collect()
-}
-
 fn read_all(b: &mut TcpStream, len: usize) -> String {
     let mut got = vec![0u8; len];
     match b.read_exact(&mut got) {
@@ -499,51 +322,6 @@ fn case_large_write(p: &mut Pair) -> String {
     format!("write_all {}; {got}", t.join().unwrap())
 }
 
-fn case_close_unread(p: &mut Pair) -> String {
-    p.a.write_all(b"unread").unwrap();
-    settle();
-    let b = std::mem::replace(&mut p.b, p.a.try_clone().unwrap());
-    drop(b);
-    settle();
-    let ready = poll(p.a.as_raw_fd(), libc::POLLIN, 200);
-    let mut buf = [0u8; 8];
-    let r = p.a.read(&mut buf);
-    format!("a's poll {ready}; a's read {}", io_text(r))
-}
-
-/// `tcpi_bytes_received` and `tcpi_bytes_acked` of `TCP_INFO` (Envoy reads it for its
-/// connection statistics) after 100 bytes each way.
-fn case_tcp_info(p: &mut Pair) -> String {
-    p.a.write_all(&[7u8; 100]).unwrap();
-    let mut buf = [0u8; 100];
-    p.b.read_exact(&mut buf).unwrap();
-    p.b.write_all(&[7u8; 100]).unwrap();
-    p.a.read_exact(&mut buf).unwrap();
-    settle();
-    let mut info = [0u8; 232];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt(2) into a buffer of `len` bytes we own.
-    let r = unsafe {
-        libc::getsockopt(
-            p.b.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return errno_text(-1);
-    }
-    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().unwrap());
-    // struct tcp_info: tcpi_bytes_acked at 120, tcpi_bytes_received at 128 (Linux 4.1).
-    format!(
-        "bytes_received {}, bytes_acked {}",
-        u64_at(128),
-        u64_at(120)
-    )
-}
-
 const CASES: &[(&str, Case)] = &[
     ("read", case_read),
     ("readv", case_readv),
@@ -592,12 +370,12 @@ fn known_different(major_minor: &str) -> Option<&'static [&'static str]> {
 fn a_spliced_socket_behaves_as_tcp_except_where_written_down() {
     let release = redirect_lab::run("uname", &["-r"]).unwrap();
     let release = release.trim();
-    let splice = Splice::new();
+    let splice = SpliceMap::new().expect("a sockhash and an sk_msg program");
     let mut rows = Vec::new();
     let mut different = Vec::new();
     for (name, case) in CASES {
-        let plain = case(&mut pair(None));
-        let spliced = case(&mut pair(Some(&splice)));
+        let plain = case(&mut pair(None).unwrap());
+        let spliced = case(&mut pair(Some(&splice)).unwrap());
         let same = plain == spliced;
         if !same {
             different.push(*name);
