@@ -77,6 +77,9 @@ pub struct Report {
     /// The node's shared rule maps: entries the applied pods' rules take, and capacity.
     #[serde(default)]
     pub rule_maps: Vec<MapFill>,
+    /// Same-node acceleration, and why ("on: ..." or "off: ...": decided at start).
+    #[serde(default)]
+    pub acceleration: String,
 }
 
 /// How full one map is.

@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub poll: Duration,
     /// Same-node acceleration (sockmap).
     pub accel: bool,
+    /// How `accel` was decided ("on: ..." or "off: ..."), for the log and the status.
+    pub accel_reason: String,
     /// Where to serve /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
@@ -353,6 +355,7 @@ impl Engine {
 
 /// Loads and attaches the programs, and takes over the maps and pods a previous run left.
 fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>)> {
+    log::info!("same-node acceleration {}", opts.accel_reason);
     let mut loaded = loader::load_and_attach(&LoadOptions {
         pin_dir: &opts.pin_dir,
         cgroup,
@@ -434,6 +437,7 @@ impl Publisher {
                 cgroup: cgroup.display().to_string(),
                 pin_dir: opts.pin_dir.display().to_string(),
                 programs,
+                acceleration: opts.accel_reason.clone(),
                 ..Default::default()
             },
             status_file: opts.status_file.clone(),

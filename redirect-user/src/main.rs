@@ -95,7 +95,12 @@ struct RunArgs {
     /// (e.g. 127.0.0.1:15080).
     #[arg(long, env = "REDIRECTD_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Turn same-node acceleration (sockmap) off for every pod.
+    /// Same-node acceleration (sockmap): `auto` turns it on only if, tried at start, a
+    /// spliced socket behaves as TCP in everything a proxy can see (docs/acceleration.md);
+    /// `on` accelerates anyway (proxies known not to meet the differences); `off` never.
+    #[arg(long, env = "REDIRECTD_ACCEL", value_enum, default_value = "auto")]
+    accel: AccelMode,
+    /// The same as `--accel off` (kept for older configurations).
     #[arg(long, env = "REDIRECTD_NO_ACCEL")]
     no_accel: bool,
     /// Capacity of each original-destination map: how many captured connections can be
@@ -147,7 +152,12 @@ fn check_dir_flag(flag: &str, dir: &std::path::Path) -> Result<()> {
 
 impl RunArgs {
     /// Checks the flags together and turns them into the daemon's options.
-    fn into_options(self) -> Result<RunOptions> {
+    fn into_options(self) -> Result<(RunOptions, AccelMode)> {
+        let accel = if self.no_accel {
+            AccelMode::Off
+        } else {
+            self.accel
+        };
         let mut proxy_ports = self.proxy_ports;
         // The proxy's listeners are never captured inbound, whatever --proxy-ports says.
         proxy_ports.extend([self.outbound_port, self.inbound_port]);
@@ -176,7 +186,7 @@ impl RunArgs {
             }),
             _ => bail!("give exactly one of --pods FILE and --kubernetes"),
         };
-        Ok(RunOptions {
+        let opts = RunOptions {
             source,
             cgroup: self.cgroup,
             pin_dir: self.pin_dir,
@@ -189,7 +199,9 @@ impl RunArgs {
                 proxy_ports,
                 rules_per_pod: self.max_rules_per_pod,
             },
-            accel: !self.no_accel,
+            // Decided in `run` (auto tries a splice, which needs the kernel).
+            accel: false,
+            accel_reason: String::new(),
             metrics_addr: self.metrics_addr,
             poll: Duration::from_millis(self.poll_ms),
             resync: Duration::from_secs(1),
@@ -201,8 +213,17 @@ impl RunArgs {
                 state_file: self.cni_state,
             }),
             seccomp: self.seccomp,
-        })
+        };
+        Ok((opts, accel))
     }
+}
+
+/// `--accel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -443,11 +464,25 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let opts = args.into_options()?;
+            let (mut opts, accel) = args.into_options()?;
             // Before any thread exists: capabilities are per thread, and inherited.
             redirect_user::privileges::raise_fd_limit();
             limit_malloc_arenas();
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
+            let decision = match accel {
+                AccelMode::Off => redirect_user::splice_check::Decision {
+                    on: false,
+                    reason: "off: --accel off".into(),
+                },
+                AccelMode::On => redirect_user::splice_check::Decision {
+                    on: true,
+                    reason: "on: --accel on (whatever a spliced socket does differently here)"
+                        .into(),
+                },
+                AccelMode::Auto => redirect_user::splice_check::decide_auto(),
+            };
+            opts.accel = decision.on;
+            opts.accel_reason = decision.reason;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -73,7 +73,7 @@ pub fn differences(cases: &[(&'static str, Case)]) -> std::io::Result<Vec<Differ
 }
 
 pub fn settle() {
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(20));
 }
 
 pub fn errno_text(r: isize) -> String {
@@ -232,9 +232,9 @@ pub fn case_rcvlowat(p: &mut Pair) -> String {
         )
     };
     let _ = p.a.write_all(b"hello");
-    let five = poll(p.b.as_raw_fd(), libc::POLLIN, 200);
+    let five = poll(p.b.as_raw_fd(), libc::POLLIN, 100);
     let _ = p.a.write_all(b"world");
-    let ten = poll(p.b.as_raw_fd(), libc::POLLIN, 200);
+    let ten = poll(p.b.as_raw_fd(), libc::POLLIN, 100);
     format!("5 of 10 bytes: {five}; 10: {ten}")
 }
 
@@ -298,3 +298,32 @@ pub const QUICK: &[(&str, Case)] = &[
     ("close with unread data", case_close_unread),
     ("TCP_INFO byte counters", case_tcp_info),
 ];
+
+/// How acceleration was decided at start, for the log and `redirectd status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub on: bool,
+    pub reason: String,
+}
+
+/// `--accel auto`: on only where nothing in [`QUICK`] differs from TCP on this kernel, tried
+/// now; otherwise off, naming what differs.
+pub fn decide_auto() -> Decision {
+    match differences(QUICK) {
+        Ok(d) if d.is_empty() => Decision {
+            on: true,
+            reason: "on: a spliced socket behaved as TCP in every behaviour tried at start".into(),
+        },
+        Ok(d) => Decision {
+            on: false,
+            reason: format!(
+                "off: on this kernel a spliced socket differs from TCP in {} (tried at start; docs/acceleration.md); --accel on accelerates anyway",
+                d.iter().map(|d| d.behaviour).collect::<Vec<_>>().join(", ")
+            ),
+        },
+        Err(e) => Decision {
+            on: false,
+            reason: format!("off: could not try a splice at start ({e})"),
+        },
+    }
+}

@@ -29,6 +29,9 @@ pub struct StatusFile {
     /// The shared rule maps' fill, as the reconciler accounts for it.
     #[serde(default)]
     pub rule_maps: Vec<MapFill>,
+    /// Same-node acceleration, and why ("on: ..." or "off: ...").
+    #[serde(default)]
+    pub acceleration: String,
 }
 
 impl StatusFile {
@@ -90,6 +93,7 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
         file_error: status.file_error,
         programs: status.programs,
         rule_maps: status.rule_maps,
+        acceleration: status.acceleration,
     })
 }
 
@@ -153,6 +157,9 @@ fn print_counters(r: &Report) {
                 format!("{}/{}", p.pod.namespace, p.pod.name),
             );
         }
+    }
+    if !r.acceleration.is_empty() {
+        println!("same-node acceleration {}", r.acceleration);
     }
     println!(
         "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",

@@ -186,3 +186,48 @@ fn no_leak_after_ten_thousand_connections() {
     // path for good, to keep its bytes in order (seen once in 10,000 on 6.1 under emulation).
     assert!(a.counter("accel_msgs") >= 9_900, "{a:#?}");
 }
+
+/// The default (`--accel auto`) is decided by evidence at start: acceleration is on only if a
+/// spliced socket behaved as TCP in every behaviour tried (the same cases `redirectd probe`
+/// prints), and the decision, with what differed, is in the log and `redirectd status`. On
+/// 6.18 five behaviours differ, so it is off, and nothing is spliced.
+#[test]
+fn by_default_acceleration_is_on_only_where_a_spliced_socket_behaves_as_tcp() {
+    use redirect_user::splice_check::{differences, QUICK};
+    let differ = differences(QUICK).unwrap();
+    let mut lab = redirect_tests::lab();
+    lab.add_pod("a").unwrap();
+    lab.add_pod("b").unwrap();
+    lab.start_lab_sidecar("a").unwrap();
+    lab.start_lab_sidecar("b").unwrap();
+    lab.start_echo_server("b", 7000, None).unwrap();
+    let yaml =
+        redirect_tests::pods_yaml(&[lab.pod("a").yaml_entry(&[]), lab.pod("b").yaml_entry(&[])]);
+    lab.start_daemon(&yaml, &[]).unwrap();
+    lab.daemon().wait_pods(&["a", "b"]).unwrap();
+    let status = lab.daemon().status().unwrap();
+    eprintln!("acceleration {}", status.acceleration);
+    let r = lab
+        .echo("a", &["--target", &target(&lab, 7000), "--size", "1048576"])
+        .unwrap();
+    assert_intact(&r, 1, 1 << 20);
+    if differ.is_empty() {
+        assert!(status.acceleration.starts_with("on:"), "{status:?}");
+        assert!(accel_bytes(&mut lab) > 0);
+    } else {
+        assert!(status.acceleration.starts_with("off:"), "{status:?}");
+        for d in &differ {
+            assert!(
+                status.acceleration.contains(d.behaviour),
+                "{} not named: {}",
+                d.behaviour,
+                status.acceleration
+            );
+        }
+        assert_eq!(accel_bytes(&mut lab), 0, "spliced although off");
+    }
+    assert!(
+        lab.daemon().log_text().contains(&status.acceleration),
+        "the decision is not in the log"
+    );
+}

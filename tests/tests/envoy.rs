@@ -327,7 +327,9 @@ fn accelerated_between_two_envoys() {
         .iter()
         .map(|p| lab.pod(p).yaml_entry(&[]))
         .collect();
-    lab.start_daemon(&pods_yaml(&entries), &[]).unwrap();
+    // Forced on: Envoy meets only differences that do not touch its data (docs/acceleration.md).
+    lab.start_daemon(&pods_yaml(&entries), &["--accel", "on"])
+        .unwrap();
     lab.daemon().wait_pods(&["a", "b"]).unwrap();
     let t = format!("{}:7000", lab.pod("b").v4);
     for (size, streams) in [("1048576", "1"), ("67108864", "1"), ("262144", "50")] {

@@ -21,7 +21,8 @@ fn haproxy_mesh(annotations: &[(&str, &str)]) -> Lab {
         lab.pod("a").yaml_entry(annotations),
         lab.pod("b").yaml_entry(annotations),
     ]);
-    lab.start_daemon(&yaml, &[]).unwrap();
+    // Forced on, so that only the pods' annotation keeps them on the plain path.
+    lab.start_daemon(&yaml, &["--accel", "on"]).unwrap();
     lab.daemon().wait_pods(&["a", "b"]).unwrap();
     lab
 }

@@ -175,7 +175,11 @@ pub fn bench(quick: bool, cross_node: bool, envoy: bool, root: &Path) -> Result<
         for i in 0..MODES.len() {
             let mode = MODES[(round + i) % MODES.len()];
             let mut daemons: Vec<Daemon> = Vec::new();
-            let extra: &[&str] = if mode == "ebpf" { &["--no-accel"] } else { &[] };
+            let extra: &[&str] = if mode == "ebpf" {
+                &["--accel", "off"]
+            } else {
+                &["--accel", "on"]
+            };
             match mode {
                 "iptables" => {
                     iptables(&lab, "client", true)?;
