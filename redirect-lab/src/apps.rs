@@ -105,8 +105,10 @@ impl Lab {
         } else {
             ""
         };
+        // maxconn 256: HAProxy, not root, must fit its connections in the descriptors it is
+        // given (1,024 on the kernel matrix's guests: a larger maxconn refuses to start).
         let config = format!(
-            "global\n    maxconn 4000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n{options}\
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n{options}\
              frontend outbound\n    bind 0.0.0.0:15001\n    default_backend original\n\
              frontend inbound\n    bind 0.0.0.0:15006\n    default_backend inbound_original\n\
              backend original\n    server original 0.0.0.0:0\n\

@@ -20,7 +20,7 @@ pub struct Pair {
     pub b: TcpStream,
 }
 
-/// A loopback pair (2 s read timeouts, no Nagle), spliced when `splice` is given: each end's
+/// A loopback pair (2 s read and write timeouts, so no case can hang; no Nagle), spliced when `splice` is given: each end's
 /// sends land in the other's receive queue without crossing TCP.
 pub fn pair(splice: Option<&SpliceMap>) -> std::io::Result<Pair> {
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -28,6 +28,7 @@ pub fn pair(splice: Option<&SpliceMap>) -> std::io::Result<Pair> {
     let (b, _) = l.accept()?;
     for s in [&a, &b] {
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
         s.set_nodelay(true)?;
     }
     if let Some(sp) = splice {
@@ -290,10 +291,29 @@ pub fn case_tcp_info(p: &mut Pair) -> String {
     )
 }
 
+/// `FIONREAD` (`SIOCINQ`): the bytes a read would return.
+pub fn fionread(fd: RawFd) -> String {
+    let mut n: libc::c_int = -1;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        errno_text(-1)
+    } else {
+        n.to_string()
+    }
+}
+
+pub fn case_fionread(p: &mut Pair) -> String {
+    let _ = p.a.write_all(b"hello");
+    settle();
+    fionread(p.b.as_raw_fd())
+}
+
 /// The behaviours a start-up check can try, each in milliseconds.
 pub const QUICK: &[(&str, Case)] = &[
     ("MSG_WAITALL", case_waitall),
     ("splice() into a pipe", case_splice_read),
+    ("FIONREAD", case_fionread),
     ("SO_RCVLOWAT", case_rcvlowat),
     ("close with unread data", case_close_unread),
     ("TCP_INFO byte counters", case_tcp_info),
