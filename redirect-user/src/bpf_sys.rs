@@ -128,6 +128,21 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
         | (u64::from(imm as u32) << 32)
 }
 
+/// `BPF_PROG_LOAD`'s attribute for `insns` of `prog_type` (GPL, no log).
+fn prog_load_attr(prog_type: u32, insns: &[u64], expected_attach: u32) -> Attr {
+    let license = c"GPL";
+    let mut attr = Attr([0; 32]);
+    attr.0[0] = prog_type;
+    attr.0[1] = insns.len() as u32;
+    let (i, l) = (insns.as_ptr() as u64, license.as_ptr() as u64);
+    attr.0[2] = i as u32;
+    attr.0[3] = (i >> 32) as u32;
+    attr.0[4] = l as u32;
+    attr.0[5] = (l >> 32) as u32;
+    attr.0[17] = expected_attach;
+    attr
+}
+
 fn new_fd(fd: libc::c_long) -> OwnedFd {
     // SAFETY: on success these commands return a new fd, which nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
@@ -161,15 +176,7 @@ impl SpliceMap {
             insn(0x85, 0, 0, 0, FUNC_MSG_REDIRECT_HASH), // call
             insn(0x95, 0, 0, 0, 0),                      // exit
         ];
-        let license = c"GPL";
-        let mut attr = Attr([0; 32]);
-        attr.0[0] = PROG_TYPE_SK_MSG;
-        attr.0[1] = insns.len() as u32;
-        let (i, l) = (insns.as_ptr() as u64, license.as_ptr() as u64);
-        attr.0[2] = i as u32;
-        attr.0[3] = (i >> 32) as u32;
-        attr.0[4] = l as u32;
-        attr.0[5] = (l >> 32) as u32;
+        let mut attr = prog_load_attr(PROG_TYPE_SK_MSG, &insns, 0);
         let prog = new_fd(bpf(BPF_PROG_LOAD, &mut attr)?);
         let mut attr = Attr([0; 32]);
         attr.0[..3].copy_from_slice(&[fd as u32, prog.as_raw_fd() as u32, ATTACH_SK_MSG_VERDICT]);
@@ -209,16 +216,7 @@ pub fn sk_lookup_reads_ingress_ifindex() -> std::io::Result<bool> {
         insn(0xb7, 0, 0, 0, 1),
         insn(0x95, 0, 0, 0, 0),
     ];
-    let license = c"GPL";
-    let mut attr = Attr([0; 32]);
-    attr.0[0] = PROG_TYPE_SK_LOOKUP;
-    attr.0[1] = insns.len() as u32;
-    let (i, l) = (insns.as_ptr() as u64, license.as_ptr() as u64);
-    attr.0[2] = i as u32;
-    attr.0[3] = (i >> 32) as u32;
-    attr.0[4] = l as u32;
-    attr.0[5] = (l >> 32) as u32;
-    attr.0[17] = ATTACH_SK_LOOKUP;
+    let mut attr = prog_load_attr(PROG_TYPE_SK_LOOKUP, &insns, ATTACH_SK_LOOKUP);
     match bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => {
             drop(new_fd(fd));

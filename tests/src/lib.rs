@@ -98,13 +98,20 @@ pub fn curl(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<String> {
 }
 
 /// A lab with mesh pods `a` (client app + sidecar) and `b` (echo server app on 7000 +
-/// sidecar), `annotations` on both, and the daemon serving them.
+/// sidecar), `annotations` on both, and the daemon serving them with acceleration on.
 pub fn mesh_with_echo(annotations: &[(&str, &str)]) -> Lab {
+    mesh_with_echo_and(annotations, |lab, pod| {
+        lab.start_sidecar(pod).unwrap();
+    })
+}
+
+/// [`mesh_with_echo`] with each pod's sidecar started by `sidecar`.
+pub fn mesh_with_echo_and(annotations: &[(&str, &str)], sidecar: impl Fn(&mut Lab, &str)) -> Lab {
     let mut lab = lab();
     lab.add_pod("a").unwrap();
     lab.add_pod("b").unwrap();
-    lab.start_sidecar("a").unwrap();
-    lab.start_sidecar("b").unwrap();
+    sidecar(&mut lab, "a");
+    sidecar(&mut lab, "b");
     lab.start_echo_server("b", 7000, None).unwrap();
     let yaml = pods_yaml(&[
         lab.pod("a").yaml_entry(annotations),

@@ -8,23 +8,13 @@
 //! sockmap sockets fails this test, and the acceleration default can follow).
 
 use redirect_lab::{echo::EchoResult, Lab};
-use redirect_tests::{lab, pods_yaml};
+use redirect_tests::mesh_with_echo_and;
 
 fn haproxy_mesh(annotations: &[(&str, &str)]) -> Lab {
-    let mut lab = lab();
-    lab.add_pod("a").unwrap();
-    lab.add_pod("b").unwrap();
-    lab.start_haproxy("a", true).unwrap();
-    lab.start_haproxy("b", true).unwrap();
-    lab.start_echo_server("b", 7000, None).unwrap();
-    let yaml = pods_yaml(&[
-        lab.pod("a").yaml_entry(annotations),
-        lab.pod("b").yaml_entry(annotations),
-    ]);
-    // Forced on, so that only the pods' annotation keeps them on the plain path.
-    lab.start_daemon(&yaml, &["--accel", "on"]).unwrap();
-    lab.daemon().wait_pods(&["a", "b"]).unwrap();
-    lab
+    // Acceleration forced on, so that only the pods' annotation keeps them on the plain path.
+    mesh_with_echo_and(annotations, |lab, pod| {
+        lab.start_haproxy(pod, true).unwrap();
+    })
 }
 
 fn echo(lab: &Lab, size: &str) -> Vec<EchoResult> {
