@@ -351,7 +351,8 @@ fn known_different(major_minor: &str) -> Option<&'static [&'static str]> {
         // nothing (tcp_bpf has no splice_read); SO_RCVLOWAT is not consulted; closing with
         // unread data sends a FIN, not an RST (the data sat in the psock's queue, not TCP's);
         // TCP_INFO's byte counters stay at 0 (the bytes never crossed TCP).
-        "6.18" => Some(&[
+        // 6.12 (Debian's 6.12.95 backport): as 6.18 (FIONREAD's fix reached it).
+        "6.12" | "6.18" => Some(&[
             "MSG_WAITALL",
             "splice() into a pipe",
             "SO_RCVLOWAT",
