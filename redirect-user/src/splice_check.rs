@@ -20,8 +20,9 @@ pub struct Pair {
     pub b: TcpStream,
 }
 
-/// A loopback pair (2 s read and write timeouts, so no case can hang; no Nagle), spliced when `splice` is given: each end's
-/// sends land in the other's receive queue without crossing TCP.
+/// A loopback pair (2 s read and write timeouts, so no case can hang; no Nagle), spliced
+/// when `splice` is given: each end's sends land in the other's receive queue without
+/// crossing TCP.
 pub fn pair(splice: Option<&SpliceMap>) -> std::io::Result<Pair> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let a = TcpStream::connect(l.local_addr()?)?;
@@ -73,10 +74,12 @@ pub fn differences(cases: &[(&'static str, Case)]) -> std::io::Result<Vec<Differ
     Ok(out)
 }
 
+/// Time for data just written on loopback to arrive.
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(20));
 }
 
+/// A system call's result as text: the value, or the errno's name when it is negative.
 pub fn errno_text(r: isize) -> String {
     if r < 0 {
         let e = std::io::Error::last_os_error();
@@ -86,6 +89,7 @@ pub fn errno_text(r: isize) -> String {
     }
 }
 
+/// The name of the errnos these cases meet.
 pub fn errno_name(e: i32) -> String {
     match e {
         libc::EAGAIN => "EAGAIN".into(),
@@ -99,6 +103,7 @@ pub fn errno_name(e: i32) -> String {
     }
 }
 
+/// An `io::Result` as text: the value, or the errno's name.
 pub fn io_text<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
     match r {
         Ok(v) => format!("{v:?}"),
@@ -109,6 +114,7 @@ pub fn io_text<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
     }
 }
 
+/// `recv(2)` of up to `len` bytes: the result and the bytes.
 pub fn recv(fd: RawFd, len: usize, flags: i32) -> (isize, Vec<u8>) {
     let mut buf = vec![0u8; len];
     // SAFETY: recv(2) into a buffer of `len` bytes we own.
@@ -117,6 +123,7 @@ pub fn recv(fd: RawFd, len: usize, flags: i32) -> (isize, Vec<u8>) {
     (n, buf)
 }
 
+/// [`recv`] as text: the count and the bytes, or the errno's name.
 pub fn recv_text(fd: RawFd, len: usize, flags: i32) -> String {
     let (n, buf) = recv(fd, len, flags);
     if n < 0 {
@@ -153,6 +160,7 @@ pub fn poll(fd: RawFd, events: i16, ms: i32) -> String {
     out.join("+")
 }
 
+/// Makes `fd` non-blocking.
 pub fn nonblocking(fd: RawFd) {
     // SAFETY: fcntl(2) on a descriptor we own.
     unsafe {
@@ -177,6 +185,7 @@ pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
+/// `splice()` from the socket into a pipe (what a proxy that forwards with splice does).
 pub fn case_splice_read(p: &mut Pair) -> String {
     let _ = p.a.write_all(b"hello");
     settle();
@@ -206,6 +215,7 @@ pub fn case_splice_read(p: &mut Pair) -> String {
     )
 }
 
+/// `recv(MSG_WAITALL)` of 8 bytes, 3 queued and 8 more sent 100 ms later.
 pub fn case_waitall(p: &mut Pair) -> String {
     let _ = p.a.write_all(b"hel");
     let Ok(mut a) = p.a.try_clone() else {
@@ -220,6 +230,7 @@ pub fn case_waitall(p: &mut Pair) -> String {
     r
 }
 
+/// `SO_RCVLOWAT` 10: readable with 5 bytes queued? With 10?
 pub fn case_rcvlowat(p: &mut Pair) -> String {
     let lowat: libc::c_int = 10;
     // SAFETY: setsockopt(2) with an int we own.
@@ -239,6 +250,7 @@ pub fn case_rcvlowat(p: &mut Pair) -> String {
     format!("5 of 10 bytes: {five}; 10: {ten}")
 }
 
+/// The reader closes with 6 bytes unread: what does the writer see (TCP: an RST)?
 pub fn case_close_unread(p: &mut Pair) -> String {
     let _ = p.a.write_all(b"unread");
     settle();
@@ -303,6 +315,7 @@ pub fn fionread(fd: RawFd) -> String {
     }
 }
 
+/// `FIONREAD` with 5 bytes queued.
 pub fn case_fionread(p: &mut Pair) -> String {
     let _ = p.a.write_all(b"hello");
     settle();
