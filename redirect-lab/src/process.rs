@@ -140,9 +140,20 @@ pub fn spawn_bounded(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
+    // ETXTBSY: an executable just written (a test's copy of redirectd) is still open for
+    // writing in a child another thread forked between the copy's open and close, until that
+    // child execs; it goes within milliseconds, so try again.
+    let mut tries = 0;
+    let child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    }
+    .with_context(|| format!("starting {}", program.display()))?;
     Ok(Proc {
         child,
         log: log.to_path_buf(),
