@@ -90,6 +90,11 @@ struct Probe {
 }
 
 impl Probe {
+    /// Is this probe due, for a container started at `started` and last probed at `last`?
+    fn due(&self, started: Instant, last: Option<Instant>, now: Instant) -> bool {
+        now >= started + self.initial_delay && last.is_none_or(|t| now >= t + self.period)
+    }
+
     fn parse(c: &Value, which: &str) -> Result<Option<Self>> {
         let p = &c[which];
         if p.is_null() {
@@ -670,9 +675,7 @@ fn supervise(
     if state == ContainerState::ContainerExited || state == ContainerState::ContainerUnknown {
         restart = Some(format!("exited with {code}"));
     } else if let Some(p) = &m.liveness {
-        let due = now >= m.started + p.initial_delay
-            && m.last_liveness.is_none_or(|t| now >= t + p.period);
-        if due {
+        if p.due(m.started, m.last_liveness, now) {
             m.last_liveness = Some(now);
             match http_get(
                 netns,
@@ -689,9 +692,7 @@ fn supervise(
         }
     }
     if let Some(p) = &m.readiness {
-        let due = now >= m.started + p.initial_delay
-            && m.last_readiness.is_none_or(|t| now >= t + p.period);
-        if due && restart.is_none() {
+        if restart.is_none() && p.due(m.started, m.last_readiness, now) {
             m.last_readiness = Some(now);
             m.ready = matches!(
                 http_get(netns, p.host.as_deref().unwrap_or(probe_host), p.port, &p.path),

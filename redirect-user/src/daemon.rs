@@ -50,10 +50,9 @@ pub struct RunOptions {
     pub node: NodeSettings,
     /// How often the pods file is checked for changes.
     pub poll: Duration,
-    /// Same-node acceleration (sockmap).
-    pub accel: bool,
-    /// How `accel` was decided ("on: ..." or "off: ..."), for the log and the status.
-    pub accel_reason: String,
+    /// Same-node acceleration (sockmap), and why ("on: ..." or "off: ..."), for the log and
+    /// the status.
+    pub accel: crate::splice_check::Decision,
     /// Where to serve /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
@@ -355,14 +354,14 @@ impl Engine {
 
 /// Loads and attaches the programs, and takes over the maps and pods a previous run left.
 fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>)> {
-    log::info!("same-node acceleration {}", opts.accel_reason);
+    log::info!("same-node acceleration {}", opts.accel.reason);
     let mut loaded = loader::load_and_attach(&LoadOptions {
         pin_dir: &opts.pin_dir,
         cgroup,
         kernel_log_level: kernel_log_level(),
         inbound_port: opts.node.inbound_port,
         outbound_port: opts.node.outbound_port,
-        accel: opts.accel,
+        accel: opts.accel.on,
         orig_dst_map_size: opts.orig_dst_map_size,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {
@@ -437,7 +436,7 @@ impl Publisher {
                 cgroup: cgroup.display().to_string(),
                 pin_dir: opts.pin_dir.display().to_string(),
                 programs,
-                acceleration: opts.accel_reason.clone(),
+                acceleration: opts.accel.reason.clone(),
                 ..Default::default()
             },
             status_file: opts.status_file.clone(),

@@ -10,6 +10,7 @@ use redirect_user::{
     loader,
     reconcile::NodeSettings,
     sources::{KubeOptions, PodSource},
+    splice_check::{AccelMode, Decision},
     status,
 };
 
@@ -199,9 +200,11 @@ impl RunArgs {
                 proxy_ports,
                 rules_per_pod: self.max_rules_per_pod,
             },
-            // Decided in `run` (auto tries a splice, which needs the kernel).
-            accel: false,
-            accel_reason: String::new(),
+            // Decided in `run`, from the mode returned beside (auto tries a splice).
+            accel: Decision {
+                on: false,
+                reason: String::new(),
+            },
             metrics_addr: self.metrics_addr,
             poll: Duration::from_millis(self.poll_ms),
             resync: Duration::from_secs(1),
@@ -216,14 +219,6 @@ impl RunArgs {
         };
         Ok((opts, accel))
     }
-}
-
-/// `--accel`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AccelMode {
-    Auto,
-    On,
-    Off,
 }
 
 #[derive(Subcommand)]
@@ -384,8 +379,8 @@ enum LogFormat {
 /// At most two glibc malloc arenas. By default each thread that allocates gets an arena of
 /// its own (up to 8 a core) and keeps what it freed: CNI ADDs served at once (each loads a
 /// program on a blocking thread) took the daemon from 36 to over 256 MiB with 25 pods, and
-/// the kernel's OOM killer stopped it in its DaemonSet container; with two arenas it stays
-/// near 50 MiB (`tests/tests/node.rs`, 50 pods at once under the manifest's limit).
+/// the kernel's OOM killer stopped it in its DaemonSet container; with two arenas it peaks
+/// at 72 MiB (`tests/tests/node.rs`, 50 pods at once under the manifest's limit).
 fn limit_malloc_arenas() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt(3) before any thread exists; it only sets an allocator parameter.
@@ -469,20 +464,7 @@ fn real_main(cli: Cli) -> Result<()> {
             redirect_user::privileges::raise_fd_limit();
             limit_malloc_arenas();
             redirect_user::privileges::drop_all_but_kept().context("dropping capabilities")?;
-            let decision = match accel {
-                AccelMode::Off => redirect_user::splice_check::Decision {
-                    on: false,
-                    reason: "off: --accel off".into(),
-                },
-                AccelMode::On => redirect_user::splice_check::Decision {
-                    on: true,
-                    reason: "on: --accel on (whatever a spliced socket does differently here)"
-                        .into(),
-                },
-                AccelMode::Auto => redirect_user::splice_check::decide_auto(),
-            };
-            opts.accel = decision.on;
-            opts.accel_reason = decision.reason;
+            opts.accel = accel.decide();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

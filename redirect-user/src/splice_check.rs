@@ -332,6 +332,34 @@ pub const QUICK: &[(&str, Case)] = &[
     ("TCP_INFO byte counters", case_tcp_info),
 ];
 
+/// `--accel`: how the node's same-node acceleration is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelMode {
+    /// On only where nothing in [`QUICK`] differs from TCP, tried at start.
+    Auto,
+    /// On, whatever a spliced socket does differently here.
+    On,
+    /// Never.
+    Off,
+}
+
+impl AccelMode {
+    /// The decision, trying a splice for `Auto` (needs the kernel: call it at start).
+    pub fn decide(self) -> Decision {
+        match self {
+            Self::Off => Decision {
+                on: false,
+                reason: "off: --accel off".into(),
+            },
+            Self::On => Decision {
+                on: true,
+                reason: "on: --accel on (whatever a spliced socket does differently here)".into(),
+            },
+            Self::Auto => decide_auto(),
+        }
+    }
+}
+
 /// How acceleration was decided at start, for the log and `redirectd status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
