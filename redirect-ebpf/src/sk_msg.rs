@@ -5,13 +5,19 @@
 //! Order is everything: if a socket's first send finds no peer (the peer was not in the map
 //! yet) that data travels the normal path, and a later redirected send could be read before
 //! it. Such a socket is marked in `ACCEL_FALLBACK` and stays on the normal path for good.
+//!
+//! A socket with an upper-layer protocol is never spliced. The kernel refuses to put one in a
+//! sockmap (MPTCP's subflows, kTLS set before), but kTLS set on a socket *already* spliced is
+//! allowed, and its sends reach this program before encryption: redirected, the peer would
+//! read the plaintext. So every send first looks at the sender's `icsk_ulp_ops` (its offset
+//! given by the daemon from the kernel's BTF); a socket with one falls back for good.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::sk_msg,
     programs::SkMsgContext,
-    EbpfContext,
+    EbpfContext, Global,
 };
 use redirect_common::SockKey;
 use redirect_ebpf::{
@@ -19,6 +25,12 @@ use redirect_ebpf::{
     counters::count,
     maps::{ACCEL_FALLBACK, MESH_PODS, SOCK_PAIRS},
 };
+
+/// The byte offset of `icsk_ulp_ops` in the kernel's `struct inet_connection_sock` (the
+/// start of a TCP socket), set by the daemon at load from the kernel's BTF. 0: unknown, and
+/// then nothing is redirected (the daemon does not turn acceleration on without it).
+#[unsafe(no_mangle)]
+static ULP_OPS_OFFSET: Global<u32> = Global::new(0);
 
 /// Redirects each message to the peer socket's ingress. Minimum kernel: 5.15 (netns cookie in
 /// sk_msg programs).
@@ -28,6 +40,11 @@ pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = own_key(&ctx, netns_cookie);
     if ACCEL_FALLBACK.get_ptr(key).is_some() {
+        return SK_PASS;
+    }
+    if !ulp_free(&ctx) {
+        // kTLS set after the splice (or a layout we cannot read): the normal path, for good.
+        let _ = ACCEL_FALLBACK.insert(key, 1, 0);
         return SK_PASS;
     }
     let size = ctx.size();
@@ -44,6 +61,30 @@ pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
         });
     }
     SK_PASS
+}
+
+/// Whether the sending socket is known to have no upper-layer protocol (kTLS).
+#[inline(always)]
+fn ulp_free(ctx: &SkMsgContext) -> bool {
+    let offset = ULP_OPS_OFFSET.load();
+    if offset == 0 {
+        return false;
+    }
+    // SAFETY: sk_msg context field; the helper checks the socket's type (NULL if not TCP).
+    let tcp = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) };
+    if tcp.is_null() {
+        return false;
+    }
+    let mut ulp_ops: u64 = 0;
+    // SAFETY: a probed read of one pointer inside the socket the helper returned.
+    let read = unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut ulp_ops).cast(),
+            8,
+            tcp.cast::<u8>().add(offset as usize).cast(),
+        )
+    };
+    read == 0 && ulp_ops == 0
 }
 
 #[inline(always)]

@@ -362,6 +362,7 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         inbound_port: opts.node.inbound_port,
         outbound_port: opts.node.outbound_port,
         accel: opts.accel.on,
+        ulp_ops_offset: opts.accel.ulp_ops_offset,
         orig_dst_map_size: opts.orig_dst_map_size,
     })?;
     match EbpfLogger::init(&mut loaded.ebpf) {

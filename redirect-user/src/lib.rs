@@ -10,6 +10,7 @@ pub mod cni;
 pub mod daemon;
 pub mod datapath;
 pub mod interfaces;
+pub mod kernel_layout;
 pub mod limits;
 pub mod listeners;
 pub mod loader;

@@ -156,6 +156,9 @@ pub struct LoadOptions<'a> {
     pub outbound_port: u16,
     /// Same-node acceleration (sockmap) on.
     pub accel: bool,
+    /// `icsk_ulp_ops`'s offset in a TCP socket, for `sk_msg`'s kTLS check (0: unknown, and
+    /// nothing is redirected).
+    pub ulp_ops_offset: u32,
     /// Capacity of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` when they are created (a pinned
     /// map keeps its size).
     pub orig_dst_map_size: u32,
@@ -196,6 +199,7 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
         .override_global("OUTBOUND_PORT", &u32::from(opts.outbound_port), true)
         .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
+        .override_global("ULP_OPS_OFFSET", &opts.ulp_ops_offset, true)
         .map_max_entries(map_names::ORIG_BY_COOKIE, opts.orig_dst_map_size)
         .map_max_entries(map_names::ORIG_BY_TUPLE, opts.orig_dst_map_size)
         .load(OBJECT)

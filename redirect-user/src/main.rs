@@ -201,10 +201,7 @@ impl RunArgs {
                 rules_per_pod: self.max_rules_per_pod,
             },
             // Decided in `run`, from the mode returned beside (auto tries a splice).
-            accel: Decision {
-                on: false,
-                reason: String::new(),
-            },
+            accel: Decision::off(String::new()),
             metrics_addr: self.metrics_addr,
             poll: Duration::from_millis(self.poll_ms),
             resync: Duration::from_secs(1),
@@ -418,6 +415,14 @@ fn print_acceleration_check() {
                 );
             }
         }
+    }
+    match redirect_user::kernel_layout::ulp_ops_offset() {
+        Ok(off) => println!(
+            "ok       kTLS check: a socket's ULP pointer is at byte {off} (the kernel's BTF); a socket given kTLS after its splice is kept off it"
+        ),
+        Err(e) => println!(
+            "UNKNOWN  kTLS check: {e:#}; acceleration cannot be turned on here"
+        ),
     }
 }
 

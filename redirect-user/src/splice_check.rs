@@ -344,18 +344,30 @@ pub enum AccelMode {
 }
 
 impl AccelMode {
-    /// The decision, trying a splice for `Auto` (needs the kernel: call it at start).
+    /// The decision, trying a splice for `Auto` (needs the kernel: call it at start). On
+    /// only if the kernel's BTF says where a socket's upper-layer protocol is kept, which
+    /// `sk_msg` reads to keep kTLS sockets off the splice.
     pub fn decide(self) -> Decision {
-        match self {
-            Self::Off => Decision {
-                on: false,
-                reason: "off: --accel off".into(),
-            },
+        let decision = match self {
+            Self::Off => Decision::off("off: --accel off".into()),
             Self::On => Decision {
                 on: true,
                 reason: "on: --accel on (whatever a spliced socket does differently here)".into(),
+                ulp_ops_offset: 0,
             },
             Self::Auto => decide_auto(),
+        };
+        if !decision.on {
+            return decision;
+        }
+        match crate::kernel_layout::ulp_ops_offset() {
+            Ok(ulp_ops_offset) => Decision {
+                ulp_ops_offset,
+                ..decision
+            },
+            Err(e) => Decision::off(format!(
+                "off: a socket's upper-layer protocol cannot be found on this kernel ({e:#}), so a socket given kTLS after its splice could not be kept off it"
+            )),
         }
     }
 }
@@ -365,6 +377,18 @@ impl AccelMode {
 pub struct Decision {
     pub on: bool,
     pub reason: String,
+    /// Where `icsk_ulp_ops` is in a TCP socket on this kernel (0 when off), for `sk_msg`.
+    pub ulp_ops_offset: u32,
+}
+
+impl Decision {
+    pub fn off(reason: String) -> Self {
+        Self {
+            on: false,
+            reason,
+            ulp_ops_offset: 0,
+        }
+    }
 }
 
 /// `--accel auto`: on only where nothing in [`QUICK`] differs from TCP on this kernel, tried
@@ -374,17 +398,12 @@ pub fn decide_auto() -> Decision {
         Ok(d) if d.is_empty() => Decision {
             on: true,
             reason: "on: a spliced socket behaved as TCP in every behaviour tried at start".into(),
+            ulp_ops_offset: 0,
         },
-        Ok(d) => Decision {
-            on: false,
-            reason: format!(
-                "off: on this kernel a spliced socket differs from TCP in {} (tried at start; docs/acceleration.md); --accel on accelerates anyway",
-                d.iter().map(|d| d.behaviour).collect::<Vec<_>>().join(", ")
-            ),
-        },
-        Err(e) => Decision {
-            on: false,
-            reason: format!("off: could not try a splice at start ({e})"),
-        },
+        Ok(d) => Decision::off(format!(
+            "off: on this kernel a spliced socket differs from TCP in {} (tried at start; docs/acceleration.md); --accel on accelerates anyway",
+            d.iter().map(|d| d.behaviour).collect::<Vec<_>>().join(", ")
+        )),
+        Err(e) => Decision::off(format!("off: could not try a splice at start ({e})")),
     }
 }

@@ -231,3 +231,73 @@ fn by_default_acceleration_is_on_only_where_a_spliced_socket_behaves_as_tcp() {
         "the decision is not in the log"
     );
 }
+
+/// An MPTCP socket is never spliced: its subflows carry an upper-layer protocol ("mptcp"),
+/// which the kernel does not let into a sockmap. Pod a's sidecar connects upstream with MPTCP
+/// (falling back to TCP against b's plain listener): the echo is byte-exact and nothing is
+/// accelerated, where the same mesh with TCP upstreams is.
+#[test]
+fn mptcp_upstreams_are_never_spliced() {
+    let run = |extra: &'static [&'static str]| {
+        let mut lab = redirect_tests::mesh_with_echo_and(&[], |lab, pod| {
+            let args: &[&str] = if pod == "a" { extra } else { &[] };
+            lab.start_sidecar_with(pod, args).unwrap();
+        });
+        let t = target(&lab, 7000);
+        let r = lab
+            .echo(
+                "a",
+                &["--target", &t, "--size", "1048576", "--streams", "4"],
+            )
+            .unwrap();
+        assert_intact(&r, 4, 1 << 20);
+        accel_bytes(&mut lab)
+    };
+    let tcp = run(&[]);
+    assert!(
+        tcp >= 2 << 20,
+        "TCP upstreams: only {tcp} bytes accelerated"
+    );
+    let mptcp = run(&["--upstream-mptcp"]);
+    assert_eq!(
+        mptcp, 0,
+        "MPTCP upstreams: {mptcp} bytes went through the splice"
+    );
+}
+
+/// An application's MPTCP socket (`IPPROTO_MPTCP`) is captured as a TCP one is, both ways:
+/// its connection goes through pod a's sidecar (which logs its original destination) and
+/// reaches b's server from b's sidecar (Istio's passthrough source 127.0.0.6); the
+/// application's own `getpeername` still names b.
+#[test]
+fn mptcp_applications_are_captured_both_ways() {
+    let sidecars = std::cell::RefCell::new(Vec::new());
+    let mut lab = redirect_tests::mesh_with_echo_and(&[], |lab, pod| {
+        sidecars
+            .borrow_mut()
+            .push(lab.start_sidecar_with(pod, &[]).unwrap());
+    });
+    lab.start_server("b", &[7100]).unwrap();
+    let b = lab.pod("b").v4.to_string();
+    let py = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_MPTCP)\n\
+         s.connect(('{b}', 7100)); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         print(s.getpeername()[0], s.recv(4096).decode().split('\\r\\n\\r\\n', 1)[1])\n"
+    );
+    let out = lab.run_in("a", None, "python3", &["-c", &py]).unwrap();
+    let (peer, reply) = out.trim().split_once(' ').unwrap_or_default();
+    assert_eq!(peer, b, "{out}");
+    assert!(
+        reply.contains("\"peer\":\"127.0.0.6:"),
+        "not through b's sidecar: {out}"
+    );
+    let a_log = lab.sidecar_log(sidecars.borrow()[0]);
+    let dst = format!("{b}:7100");
+    assert!(
+        a_log
+            .iter()
+            .any(|r| r.event == "outbound" && r.orig_dst.as_deref() == Some(&dst)),
+        "a's sidecar did not take it: {a_log:?}"
+    );
+}

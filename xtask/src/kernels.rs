@@ -185,6 +185,28 @@ fn fetch(root: &Path, spec: &KernelSpec) -> Result<PathBuf> {
     find().with_context(|| format!("no vmlinuz in {package}"))
 }
 
+/// The package's `lib/modules`, indexed by `depmod` once (a package unpacked with
+/// `dpkg-deb -x` has no `modules.dep`), or `None` if it ships no modules.
+fn modules(root: &Path, spec: &KernelSpec) -> Result<Option<PathBuf>> {
+    let base = kernels_dir(root).join(spec.name);
+    let dir = base.join("lib").join("modules");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(None);
+    };
+    for release in entries.flatten() {
+        if release.path().join("modules.dep").exists() {
+            continue;
+        }
+        let release = release.file_name().to_string_lossy().into_owned();
+        run_in(
+            &base,
+            "depmod",
+            &["-b".into(), base.display().to_string(), release],
+        )?;
+    }
+    Ok(Some(dir))
+}
+
 /// virtme-ng in `target/virtme-ng` (pip `--target`), and what it runs on: qemu, udev, depmod,
 /// and a static busybox (virtme builds the guest's initramfs with it; the package's dpkg file
 /// list shows it is installed, since the dynamic `busybox` has the same path).
@@ -212,7 +234,8 @@ fn setup_vm(root: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The integration test binaries of the `tests` package, built on the host: `(name, path)`.
+/// The integration test binaries of the `tests` package, built on the host: `(name, path)`,
+/// with the guest-only ones (feature `guest-kernels`: kTLS, which the dev box's kernel lacks).
 fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
@@ -221,6 +244,8 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             "--message-format=json",
             "-p",
             "redirect-tests",
+            "--features",
+            "redirect-tests/guest-kernels",
         ])
         .current_dir(root)
         .output()
@@ -279,7 +304,12 @@ const HOST_ONLY: [&str; 2] = ["image", "node"];
 /// The script the guest runs: mount bpffs, record the kernel and the probe, then every test
 /// binary (only [`EVERY_KERNEL`]'s when the probe says the kernel is below the floor), each
 /// with its log, exit code and time in the shared results directory.
-fn guest_script(root: &Path, results: &Path, bins: &[(String, PathBuf)]) -> String {
+fn guest_script(
+    root: &Path,
+    results: &Path,
+    modules: Option<&Path>,
+    bins: &[(String, PathBuf)],
+) -> String {
     let target = root.join("target").join("debug");
     let envoy = setup::envoy_bin(root);
     let mut s = format!(
@@ -290,12 +320,21 @@ fn guest_script(root: &Path, results: &Path, bins: &[(String, PathBuf)]) -> Stri
          export REDIRECTD_BIN={t}/redirectd REDIRECT_LAB_BIN={t}/redirect-lab REDIRECT_CNI_BIN={t}/redirect-cni\n\
          export ENVOY_BIN={envoy} REDIRECT_TIME_SCALE={TIME_SCALE} RUST_BACKTRACE=0\n\
          uname -r > $R/release\n\
+         {modules}\
          {t}/redirectd probe > $R/probe 2>&1; echo $? > $R/probe.rc\n\
          cd {tests}\n",
         results = results.display(),
         t = target.display(),
         envoy = envoy.display(),
         tests = root.join("tests").display(),
+        // The package's modules where modprobe (and the kernel's own requests) look, then
+        // kTLS loaded for the `ktls` tests.
+        modules = modules
+            .map(|m| format!(
+                "mount --bind {} /lib/modules && modprobe tls > $R/modules 2>&1; echo \"tls: $?\" >> $R/modules\n",
+                m.display()
+            ))
+            .unwrap_or_default(),
     );
     for (name, path) in bins {
         let guard = if EVERY_KERNEL.contains(&name.as_str()) {
@@ -367,11 +406,15 @@ fn run_kernel(
     bins: &[(String, PathBuf)],
 ) -> Result<KernelResult> {
     let vmlinuz = fetch(root, spec)?;
+    let modules = modules(root, spec)?;
     let results = kernels_dir(root).join("results").join(spec.name);
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
     let script = results.join("guest.sh");
-    std::fs::write(&script, guest_script(root, &results, bins))?;
+    std::fs::write(
+        &script,
+        guest_script(root, &results, modules.as_deref(), bins),
+    )?;
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     eprintln!(
         "kernel {}: booting {} under qemu (software emulation) to run {} test binaries",

@@ -44,6 +44,13 @@ enum Cmd {
         /// Bind the inbound listeners to 127.0.0.1 and ::1 only.
         #[arg(long)]
         inbound_loopback: bool,
+        /// Connect upstream (outbound) with MPTCP sockets.
+        #[arg(long)]
+        upstream_mptcp: bool,
+        /// Give each outbound upstream socket kTLS for its sends (fixed key): its bytes
+        /// leave as TLS records.
+        #[arg(long)]
+        upstream_ktls_tx: bool,
     },
     /// A server that reports the addresses it saw.
     Server {
@@ -209,10 +216,16 @@ fn main() -> Result<()> {
             inbound_port,
             answer_delay_ms,
             inbound_loopback,
+            upstream_mptcp,
+            upstream_ktls_tx,
         } => rt()?.block_on(proxy::run(
             outbound_port,
             inbound_port,
-            Duration::from_millis(answer_delay_ms),
+            proxy::Upstream {
+                answer_delay: Duration::from_millis(answer_delay_ms),
+                mptcp: upstream_mptcp,
+                ktls_tx: upstream_ktls_tx,
+            },
             inbound_loopback,
         )),
         Cmd::Server { ports } => rt()?.block_on(server::run(ports)),
