@@ -1,6 +1,17 @@
 //! Builds the eBPF object (`redirect-ebpf`, for bpfel-unknown-none) with aya-build and leaves
 //! it in OUT_DIR, where `src/loader.rs` embeds it. `AYA_BUILD_SKIP=1` skips it (for
 //! `cargo check`, clippy and rust-analyzer without bpf-linker).
+//!
+//! aya-build relays every line the nested cargo prints as a `cargo:warning`, so a good build
+//! showed about 60 "warning: redirect-user@0.1.0: Compiling ..." lines, which read as a broken
+//! one. Its output goes to a file instead, and those lines are passed on only if it fails;
+//! the rest of its instructions to cargo (rerun-if-changed, ...) always are.
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, Write as _},
+    os::fd::AsRawFd as _,
+};
+
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
@@ -18,5 +29,46 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir,
         ..Default::default()
     };
-    aya_build::build_ebpf([package], Toolchain::default())
+    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR not set")?;
+    let mut captured = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(std::path::Path::new(&out_dir).join("ebpf-build.log"))
+        .context("creating the eBPF build's log")?;
+    let result = with_stdout_to(&captured, || {
+        aya_build::build_ebpf([package], Toolchain::default())
+    })?;
+    let mut text = String::new();
+    captured.rewind()?;
+    captured.read_to_string(&mut text)?;
+    let mut stdout = std::io::stdout().lock();
+    for line in text.lines() {
+        if result.is_ok() && line.starts_with("cargo:warning=") {
+            continue;
+        }
+        writeln!(stdout, "{line}")?;
+    }
+    result
+}
+
+/// Runs `f` with file descriptor 1 (what cargo reads a build script's instructions from)
+/// pointing at `file`, and puts it back.
+fn with_stdout_to<T>(file: &File, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    std::io::stdout().flush()?;
+    // SAFETY: dup of a descriptor this process owns.
+    let saved = unsafe { libc::dup(1) };
+    // SAFETY: dup2 onto fd 1, which is restored from `saved` before returning.
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("redirecting the eBPF build's output");
+    }
+    let out = f();
+    std::io::stdout().flush()?;
+    // SAFETY: as above; `saved` is closed once restored.
+    unsafe {
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    Ok(out)
 }
