@@ -145,6 +145,12 @@ const _: () = assert!(size_of::<GroupRuleKey>() == 8);
 /// Istio's HBONE tunnel port: never captured by the proxy's own over-lo rule.
 pub const HBONE_PORT: u16 = 15008;
 
+/// Istio's inbound passthrough source, `127.0.0.6`: the proxy connects to the application
+/// from it (REDIRECT mode).
+pub const PASSTHROUGH4: [u8; 4] = [127, 0, 0, 6];
+/// Istio's inbound passthrough source for IPv6, `::6`.
+pub const PASSTHROUGH6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
 /// Key of `LISTENERS`: a proxy listener (inbound or outbound port) of one network namespace
 /// and family.
 #[repr(C)]

@@ -1,13 +1,18 @@
 //! Addresses as the programs handle them: network byte order words, IPv4 in word 0.
 
-use redirect_common::{OrigDst, SockKey, AF_INET, AF_INET6};
+use redirect_common::{OrigDst, SockKey, AF_INET, AF_INET6, PASSTHROUGH4, PASSTHROUGH6};
 
 /// `127.0.0.1` in network byte order, as a `u32` read from memory.
 pub const LOCALHOST4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// `127.0.0.6` (Istio's inbound passthrough source) in network byte order.
-pub const PASSTHROUGH4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
-/// Last word of `::6`, network byte order.
-pub const PASSTHROUGH6_LAST_BE: u32 = u32::from_ne_bytes([0, 0, 0, 6]);
+pub const PASSTHROUGH4_BE: u32 = u32::from_ne_bytes(PASSTHROUGH4);
+/// Last word of `::6` (whose first three are 0), network byte order.
+pub const PASSTHROUGH6_LAST_BE: u32 = u32::from_ne_bytes([
+    PASSTHROUGH6[12],
+    PASSTHROUGH6[13],
+    PASSTHROUGH6[14],
+    PASSTHROUGH6[15],
+]);
 /// `::ffff:0:0/96` marker word (word 2 of a v4-mapped IPv6 address), network byte order.
 pub const V4_MAPPED_WORD_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// Last word of `::1`, network byte order.

@@ -16,9 +16,11 @@
 //! the passthrough source, or another mesh pod's address) goes into `SOCK_PAIRS`, where
 //! `sk_msg` finds it as the peer of the other end.
 //!
-//! It also registers the proxy's inbound listener: a socket that starts listening
-//! (`TCP_LISTEN_CB`) on the inbound port goes into `LISTENERS` under its netns cookie, where
-//! `sk_lookup` finds it. A restarted proxy is registered again by its own `listen()`.
+//! It also registers the proxy's listeners: a socket that starts listening (`TCP_LISTEN_CB`)
+//! on its pod's inbound or outbound port (`MESH_PODS`; the node's ports, `--inbound-port` and
+//! `--outbound-port`, for a namespace not known yet) goes into `LISTENERS` under its netns
+//! cookie, where `sk_lookup` finds it. A restarted proxy is registered again by its own
+//! `listen()`.
 
 use aya_ebpf::{
     bindings::{
@@ -49,13 +51,13 @@ use redirect_ebpf::{
 #[unsafe(no_mangle)]
 static ACCEL_ENABLED: Global<u32> = Global::new(1);
 
-/// The proxy's inbound listener port (host order), set by the daemon at load
-/// (`--inbound-port`).
+/// The node's proxy inbound listener port (host order), set by the daemon at load
+/// (`--inbound-port`): used for a namespace whose pod is not in `MESH_PODS` yet.
 #[unsafe(no_mangle)]
 static INBOUND_PORT: Global<u32> = Global::new(15006);
 
-/// The proxy's outbound listener port (host order), set by the daemon at load
-/// (`--outbound-port`).
+/// The node's proxy outbound listener port (host order), set by the daemon at load
+/// (`--outbound-port`): likewise.
 #[unsafe(no_mangle)]
 static OUTBOUND_PORT: Global<u32> = Global::new(15001);
 
@@ -256,12 +258,19 @@ fn own_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let port = ctx.local_port();
-    if port != INBOUND_PORT.load() && port != OUTBOUND_PORT.load() {
+    // SAFETY: helper valid for sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // The pod's own proxy ports; the node's until the pod is known.
+    // SAFETY: plain-data value, copied out at once.
+    let (inbound, outbound) = match unsafe { MESH_PODS.get(netns_cookie) } {
+        Some(pod) => (u32::from(pod.inbound_port), u32::from(pod.outbound_port)),
+        None => (INBOUND_PORT.load(), OUTBOUND_PORT.load()),
+    };
+    if port != inbound && port != outbound {
         return;
     }
     let key = ListenerKey {
-        // SAFETY: helper valid for sock_ops programs.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie,
         family: ctx.family(),
         port,
     };

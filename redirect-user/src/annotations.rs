@@ -1,6 +1,6 @@
-//! Istio's per-pod interception annotations (`traffic.sidecar.istio.io/*`) and ours
-//! (`redirectd.dev/*`), parsed into a typed [`CapturePolicy`]. One parser for every pod
-//! source; nothing past it sees strings.
+//! Istio's per-pod interception annotations (`traffic.sidecar.istio.io/*`, their keys from
+//! the mesh profile, [`crate::mesh::ISTIO`]) and ours (`redirectd.dev/*`), parsed into a typed
+//! [`CapturePolicy`]. One parser for every pod source; nothing past it sees strings.
 //!
 //! Syntax (docs/interception.md): comma-separated lists, spaces around items ignored, `*` means
 //! all (in include lists), an empty string means none.
@@ -9,26 +9,28 @@ use std::{collections::BTreeMap, collections::BTreeSet, fmt, net::IpAddr, str::F
 
 use serde::{Deserialize, Serialize};
 
+use crate::mesh::ISTIO;
+
 /// `traffic.sidecar.istio.io/excludeOutboundPorts`
-pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = ISTIO.annotations.exclude_outbound_ports;
 /// `traffic.sidecar.istio.io/includeOutboundPorts`
-pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const INCLUDE_OUTBOUND_PORTS: &str = ISTIO.annotations.include_outbound_ports;
 /// `traffic.sidecar.istio.io/excludeOutboundIPRanges`
-pub const EXCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_RANGES: &str = ISTIO.annotations.exclude_outbound_ranges;
 /// `traffic.sidecar.istio.io/includeOutboundIPRanges` (default `*`)
-pub const INCLUDE_OUTBOUND_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const INCLUDE_OUTBOUND_RANGES: &str = ISTIO.annotations.include_outbound_ranges;
 /// `traffic.sidecar.istio.io/excludeInboundPorts`
-pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = ISTIO.annotations.exclude_inbound_ports;
 /// `traffic.sidecar.istio.io/includeInboundPorts` (default `*`)
-pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const INCLUDE_INBOUND_PORTS: &str = ISTIO.annotations.include_inbound_ports;
 /// `status.sidecar.istio.io/port`: the agent's status port (Istio's default 15020), excluded
 /// from inbound capture in its place; `0`: no status port.
-pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+pub const STATUS_PORT: &str = ISTIO.annotations.status_port;
 /// The status port Istio excludes when a pod does not say ([`STATUS_PORT`]).
-pub const DEFAULT_STATUS_PORT: u16 = 15020;
+pub const DEFAULT_STATUS_PORT: u16 = ISTIO.status_port;
 /// `sidecar.istio.io/interceptionMode`: `REDIRECT` (Istio's default) or `TPROXY` (the
 /// application sees the client's address).
-pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+pub const INTERCEPTION_MODE: &str = ISTIO.annotations.interception_mode;
 /// Ours: `closed` (default, as under Istio) or `open`: what happens to a connection that
 /// should be captured while the pod's proxy is not listening (refused, or sent direct).
 pub const FAIL_MODE: &str = "redirectd.dev/failMode";
@@ -49,10 +51,10 @@ pub const ACCEL: &str = "redirectd.dev/accel";
 /// `traffic.sidecar.istio.io/kubevirtInterfaces`: interfaces through which a VM's traffic
 /// enters the pod (KubeVirt); every TCP connection arriving through one is captured to the
 /// outbound listener, whatever its destination.
-pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+pub const KUBEVIRT_INTERFACES: &str = ISTIO.annotations.kubevirt_interfaces;
 /// `istio.io/reroute-virtual-interfaces`: the older name of [`KUBEVIRT_INTERFACES`] (Istio
 /// reads both; the lists are joined).
-pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+pub const REROUTE_VIRTUAL_INTERFACES: &str = ISTIO.annotations.reroute_virtual_interfaces;
 
 /// Whether `sk_lookup` can see a connection's ingress interface on this kernel; set once by
 /// the daemon from its probe (unset: assumed, as in unit tests and off-node checks).
@@ -65,7 +67,7 @@ pub fn set_ingress_seen(seen: bool) {
 }
 /// `traffic.sidecar.istio.io/excludeInterfaces`: interface names whose traffic is never
 /// captured, either way.
-pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+pub const EXCLUDE_INTERFACES: &str = ISTIO.annotations.exclude_interfaces;
 
 /// A parse failure, naming the annotation and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq)]

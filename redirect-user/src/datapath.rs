@@ -164,8 +164,8 @@ impl Datapath {
         Ok(sum)
     }
 
-    /// Registers in `LISTENERS` the proxy sockets already listening on the inbound or outbound
-    /// port in a pod's namespace (a proxy that started before us never ran our `listen()`
+    /// Registers in `LISTENERS` the proxy sockets already listening on the pod's inbound or
+    /// outbound port in its namespace (a proxy that started before us never ran our `listen()`
     /// hook).
     fn adopt_listeners(
         &mut self,
@@ -173,7 +173,11 @@ impl Datapath {
         netns: &std::fs::File,
         netns_path: &Path,
     ) -> Result<()> {
-        let ports = [self.inbound_port, self.outbound_port];
+        // The pod's own proxy ports (its MESH_PODS entry is written first); the node's if not.
+        let ports = match self.mesh_pods.get(&netns_cookie, 0) {
+            Ok(pod) => [pod.inbound_port, pod.outbound_port],
+            Err(_) => [self.inbound_port, self.outbound_port],
+        };
         for (port, family, sock) in listeners::find(netns, &ports)? {
             let key = ListenerKey {
                 netns_cookie,

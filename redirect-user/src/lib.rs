@@ -14,6 +14,7 @@ pub mod kernel_layout;
 pub mod limits;
 pub mod listeners;
 pub mod loader;
+pub mod mesh;
 pub mod metrics;
 pub mod mounts;
 pub mod netns;

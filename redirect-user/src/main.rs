@@ -8,6 +8,7 @@ use redirect_user::{
     cni::CniOptions,
     daemon::{self, RunOptions},
     loader,
+    mesh::ISTIO,
     reconcile::NodeSettings,
     sources::{KubeOptions, PodSource},
     splice_check::{AccelMode, Decision},
@@ -78,19 +79,19 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_STATUS_FILE)]
     status_file: PathBuf,
     /// uid of the sidecar proxy; its own connections are never captured.
-    #[arg(long, env = "REDIRECTD_PROXY_UID", default_value_t = 1337)]
+    #[arg(long, env = "REDIRECTD_PROXY_UID", default_value_t = ISTIO.proxy_uid)]
     proxy_uid: u32,
     /// gid of the sidecar proxy (Istio matches uid or gid).
-    #[arg(long, env = "REDIRECTD_PROXY_GID", default_value_t = 1337)]
+    #[arg(long, env = "REDIRECTD_PROXY_GID", default_value_t = ISTIO.proxy_gid)]
     proxy_gid: u32,
     /// The proxy's outbound listener port (on loopback).
-    #[arg(long, default_value_t = 15001, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = ISTIO.outbound_port, value_parser = clap::value_parser!(u16).range(1..))]
     outbound_port: u16,
     /// The proxy's inbound listener port.
-    #[arg(long, default_value_t = 15006, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = ISTIO.inbound_port, value_parser = clap::value_parser!(u16).range(1..))]
     inbound_port: u16,
     /// The proxy's own ports, never captured inbound (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "15001,15006,15008,15020,15021,15090", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_delimiter = ',', default_values_t = ISTIO.proxy_ports.to_vec(), value_parser = clap::value_parser!(u16).range(1..))]
     proxy_ports: Vec<u16>,
     /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
     /// (e.g. 127.0.0.1:15080).

@@ -25,6 +25,7 @@ use std::{
 use super::{Member, Membership, Published, Publisher, SourceStats};
 use crate::{
     annotations::{self, CapturePolicy},
+    mesh::ISTIO,
     pods::{Desired, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
 };
 use anyhow::{Context as _, Result};
@@ -38,16 +39,15 @@ use kube::{
 
 /// Ours: `"true"` leaves the pod alone even if Istio injected it.
 pub const SKIP: &str = "redirectd.dev/skip";
-const ISTIO_STATUS: &str = "sidecar.istio.io/status";
-const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-const PROXY_CONFIG: &str = "proxy.istio.io/config";
-const INTERCEPTION_MODE_ENV: &str = "ISTIO_META_INTERCEPTION_MODE";
-const OWNER_GROUPS_ENV: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
-const OWNER_GROUPS_EXCLUDE_ENV: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
-const DNS_CAPTURE_ENV: &str = "ISTIO_META_DNS_CAPTURE";
-const ISTIO_PROXY: &str = "istio-proxy";
-/// Istio's default proxy uid and gid.
-const ISTIO_PROXY_ID: u32 = 1337;
+// Istio's names, from its profile.
+const ISTIO_STATUS: &str = ISTIO.injected_annotation;
+const INTERCEPTION_MODE: &str = ISTIO.annotations.interception_mode;
+const PROXY_CONFIG: &str = ISTIO.proxy_config_annotation;
+const INTERCEPTION_MODE_ENV: &str = ISTIO.env.interception_mode;
+const OWNER_GROUPS_ENV: &str = ISTIO.env.owner_groups;
+const OWNER_GROUPS_EXCLUDE_ENV: &str = ISTIO.env.owner_groups_exclude;
+const DNS_CAPTURE_ENV: &str = ISTIO.env.dns_capture;
+const ISTIO_PROXY: &str = ISTIO.proxy_container;
 
 /// Where to find the API server and which node we are.
 pub struct KubeOptions {
@@ -173,7 +173,7 @@ fn proxy_ids(pod: &Pod) -> Result<(u32, u32), String> {
         .and_then(|c| c.run_as_group)
         .or_else(|| pod_level.and_then(|p| p.run_as_group));
     let id = |v: Option<i64>, what: &str| match v {
-        None => Ok(ISTIO_PROXY_ID),
+        None => Ok(ISTIO.proxy_uid),
         Some(v) => u32::try_from(v).map_err(|_| format!("{what} {v} is not a uid/gid")),
     };
     Ok((id(uid, "runAsUser")?, id(gid, "runAsGroup")?))
