@@ -5,11 +5,12 @@
 //! Syntax (docs/interception.md): comma-separated lists, spaces around items ignored, `*` means
 //! all (in include lists), an empty string means none.
 
-use std::{collections::BTreeMap, collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
+use std::{collections::BTreeMap, collections::BTreeSet, fmt};
 
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::ISTIO;
+pub use crate::net::Cidr;
 
 /// `traffic.sidecar.istio.io/excludeOutboundPorts`
 pub const EXCLUDE_OUTBOUND_PORTS: &str = ISTIO.annotations.exclude_outbound_ports;
@@ -88,62 +89,6 @@ impl fmt::Display for AnnotationError {
 }
 
 impl std::error::Error for AnnotationError {}
-
-/// An IP network: address (host bits cleared) and prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl Cidr {
-    /// A single address: /32 or /128.
-    pub fn host(addr: IpAddr) -> Self {
-        let prefix_len = if addr.is_ipv4() { 32 } else { 128 };
-        Self { addr, prefix_len }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    /// `a.b.c.d/n` or `x::y/n`; host bits are cleared, as Go's `net.ParseCIDR` (Istio) does.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (expected address/prefix-length)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("prefix length {len:?} is not a number in 0..={max}"))?;
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(prefix_len))
-                    .unwrap_or(0);
-                IpAddr::V4((u32::from(a) & mask).into())
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(prefix_len))
-                    .unwrap_or(0);
-                IpAddr::V6((u128::from(a) & mask).into())
-            }
-        };
-        Ok(Self { addr, prefix_len })
-    }
-}
 
 /// A port list that may be `*`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -449,7 +394,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
 /// A list of interface names.
 fn interface_names(value: &str) -> Result<BTreeSet<String>, String> {
     items(value)
-        .map(|n| crate::interfaces::valid_name(n).map(|()| n.to_string()))
+        .map(|n| crate::net::valid_name(n).map(|()| n.to_string()))
         .collect()
 }
 
@@ -599,15 +544,5 @@ mod tests {
         assert_eq!(p(" 15099 "), Some(15099));
         assert_eq!(p("0"), Some(0), "0: no status port");
         assert_eq!(parse(&BTreeMap::new()).unwrap().policy.status_port, None);
-    }
-
-    #[test]
-    fn cidr_clears_host_bits() {
-        let c: Cidr = "10.1.2.3/8".parse().unwrap();
-        assert_eq!(c.to_string(), "10.0.0.0/8");
-        let c: Cidr = "fd00:1:2::5/32".parse().unwrap();
-        assert_eq!(c.to_string(), "fd00:1::/32");
-        let c: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert_eq!(c.prefix_len, 0);
     }
 }

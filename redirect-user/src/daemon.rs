@@ -310,7 +310,7 @@ impl Engine {
         }
         let ns =
             std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let mut rtnl = crate::netns_by_route::Rtnl::open_in(&ns)?;
+        let mut rtnl = crate::rtnl::Rtnl::open_in(&ns)?;
         let links = if by_name { rtnl.links()? } else { Vec::new() };
         if !p.exclude_interfaces.is_empty() {
             let view = crate::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)

@@ -22,8 +22,8 @@ use redirect_common::{
 };
 
 use crate::{
-    annotations::Cidr,
-    listeners, loader, netns,
+    net::Cidr,
+    listeners, loader,
     rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
 };
 
@@ -357,7 +357,7 @@ impl PodMaps for Datapath {
         let file = std::fs::File::open(netns)
             .with_context(|| format!("opening network namespace {}", netns.display()))?;
         // The namespace may have been replaced since it was resolved.
-        if netns::cookie(&file)? != netns_cookie {
+        if crate::nsenter::cookie(&file)? != netns_cookie {
             anyhow::bail!(
                 "network namespace {} changed while being attached; retrying",
                 netns.display()

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::{annotations::Cidr, netns_by_route::Rtnl};
+use crate::{net::Cidr, rtnl::Rtnl};
 
 /// A pod's interfaces as the rules need them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,19 +52,4 @@ pub(crate) fn read(
         .map(|(_, ip)| ip)
         .collect();
     Ok(InterfaceView { routes, local })
-}
-
-/// An interface name as Linux accepts it (Istio's `ValidateInterfaceNames`): 1 to 15 bytes,
-/// no `/`, no whitespace.
-pub fn valid_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || name.len() > 15
-        || name.contains('/')
-        || name.contains(char::is_whitespace)
-    {
-        return Err(format!(
-            "{name:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"
-        ));
-    }
-    Ok(())
 }

@@ -137,7 +137,7 @@ pub fn run() -> Vec<Check> {
     checks.push(Check {
         what: "socket option SO_NETNS_COOKIE".into(),
         since: "5.14",
-        present: Some(crate::netns::own_cookie().is_ok()),
+        present: Some(crate::nsenter::own_cookie().is_ok()),
     });
     checks
 }

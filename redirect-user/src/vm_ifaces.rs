@@ -23,7 +23,7 @@ use anyhow::{bail, Context as _, Result};
 use netlink_packet_route::{rule::RuleAttribute, IpProtocol};
 use redirect_common::{AF_INET6, TPROXY_ROUTE_TABLE};
 
-use crate::netns_by_route::Rtnl;
+use crate::rtnl::Rtnl;
 
 /// What a pass found and did for a pod's VM interfaces.
 #[derive(Debug, Default)]
