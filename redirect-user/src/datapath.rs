@@ -22,8 +22,8 @@ use redirect_common::{
 };
 
 use crate::{
-    net::Cidr,
     listeners, loader,
+    net::Cidr,
     rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
 };
 

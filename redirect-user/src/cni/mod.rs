@@ -78,3 +78,119 @@ pub fn outcome(call: &CniCall, applied: Option<u32>, problem: Option<String>) ->
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use redirect_common::cni::CniRequest;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{pods::PodKey, sources::Published};
+
+    fn call(command: CniCommand, netns: &str, ips: &[&str]) -> CniCall {
+        let (reply, _) = oneshot::channel();
+        CniCall {
+            request: CniRequest {
+                command,
+                container_id: "sandbox-1".into(),
+                netns: netns.into(),
+                namespace: "shop".into(),
+                name: "web".into(),
+                uid: Some("u1".into()),
+                ips: ips.iter().map(ToString::to_string).collect(),
+            },
+            key: PodKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            policy: None,
+            reply,
+            received: std::time::Instant::now(),
+        }
+    }
+
+    fn registry(test: &str) -> (Registry, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("redirectd-cni-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Registry::load(&dir.join("state.json")).unwrap(), dir)
+    }
+
+    /// An ADD is refused at once for a relative netns or an address that is not one; a good
+    /// one is registered (its addresses once each) and served by the next pass; DEL takes it
+    /// back out.
+    #[test]
+    fn take_registers_good_adds_and_refuses_bad_ones() {
+        let (mut r, dir) = registry("take");
+        let refused = |reply: Option<CniReply>, what: &str| match reply {
+            Some(CniReply::Refused { reason }) => assert!(reason.contains(what), "{reason}"),
+            other => panic!("{what}: {other:?}"),
+        };
+        refused(
+            take(&mut r, &call(CniCommand::Add, "netns/x", &[])),
+            "absolute",
+        );
+        refused(
+            take(
+                &mut r,
+                &call(CniCommand::Add, "/run/netns/x", &["10.0.0.300"]),
+            ),
+            "10.0.0.300",
+        );
+        assert!(r.overlay(&Published::default()).pods.is_empty());
+        // A registration lives as long as its namespace file.
+        let netns = dir.join("ns-web");
+        std::fs::write(&netns, b"").unwrap();
+        let add = call(
+            CniCommand::Add,
+            netns.to_str().unwrap(),
+            &["10.0.0.9", "10.0.0.9"],
+        );
+        assert_eq!(take(&mut r, &add), None);
+        let desired = r.overlay(&Published::default());
+        assert_eq!(desired.pods.len(), 1);
+        assert_eq!(
+            desired.pods[0].ips,
+            vec!["10.0.0.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(take(&mut r, &call(CniCommand::Del, "", &[])), None);
+        assert!(r.overlay(&Published::default()).pods.is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The answer after a pass: DEL is always done; served without a problem is captured;
+    /// otherwise an ADD is "try again" and a CHECK a refusal, with the reason.
+    #[test]
+    fn outcome_after_a_pass() {
+        let add = call(CniCommand::Add, "/run/netns/x", &[]);
+        let check = call(CniCommand::Check, "/run/netns/x", &[]);
+        let del = call(CniCommand::Del, "", &[]);
+        assert_eq!(outcome(&del, None, Some("x".into())), CniReply::Removed);
+        assert_eq!(
+            outcome(&add, Some(3), None),
+            CniReply::Captured { pod_id: 3 }
+        );
+        assert_eq!(
+            outcome(&check, Some(3), None),
+            CniReply::Captured { pod_id: 3 }
+        );
+        assert_eq!(
+            outcome(&add, Some(3), Some("failed".into())),
+            CniReply::Unavailable {
+                reason: "failed".into()
+            }
+        );
+        assert_eq!(
+            outcome(&add, None, None),
+            CniReply::Unavailable {
+                reason: "pod shop/web was not applied".into()
+            }
+        );
+        assert_eq!(
+            outcome(&check, None, None),
+            CniReply::Refused {
+                reason: "pod shop/web is not in the maps".into()
+            }
+        );
+    }
+}
