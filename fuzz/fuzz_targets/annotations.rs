@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use redirect_user::annotations::{self, RangeSelection};
+use redirect_user::policy::annotations::{self, RangeSelection};
 
 const KEYS: &[&str] = &[
     annotations::EXCLUDE_OUTBOUND_PORTS,

@@ -7,12 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use redirect_user::{
     cni::CniOptions,
     daemon::{self, RunOptions},
-    loader,
-    mesh::ISTIO,
+    kernel::loader,
+    kernel::splice_check::{AccelMode, Decision},
+    observe::status,
+    policy::mesh::ISTIO,
     reconcile::NodeSettings,
     sources::{KubeOptions, PodSource},
-    splice_check::{AccelMode, Decision},
-    status,
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
@@ -129,7 +129,7 @@ struct RunArgs {
     /// Most entries one pod's rules may take in each of the node's shared rule maps
     /// (PORT_RULES, ADDR_RULES, OWNER_GROUPS, NODE_ADDRS): a pod over it is a rejected
     /// configuration (locked, or its CNI ADD fails), so no pod can use up another's room.
-    #[arg(long, env = "REDIRECTD_MAX_RULES_PER_POD", default_value_t = redirect_user::room::DEFAULT_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=65_536))]
+    #[arg(long, env = "REDIRECTD_MAX_RULES_PER_POD", default_value_t = redirect_user::policy::room::DEFAULT_PER_POD, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=65_536))]
     max_rules_per_pod: usize,
     /// How often to check the pods file, in milliseconds.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -392,7 +392,7 @@ fn limit_malloc_arenas() {
 /// same pair unspliced). Informational: acceleration is optional, so nothing here fails the
 /// probe.
 fn print_acceleration_check() {
-    use redirect_user::splice_check::{differences, QUICK};
+    use redirect_user::kernel::splice_check::{differences, QUICK};
     println!("\nsame-node acceleration: a spliced proxy socket next to plain TCP, tried now");
     match differences(QUICK) {
         Err(e) => println!("UNKNOWN  could not build a splice to try ({e})"),
@@ -417,7 +417,7 @@ fn print_acceleration_check() {
             }
         }
     }
-    match redirect_user::kernel_layout::ulp_ops_offset() {
+    match redirect_user::kernel::kernel_layout::ulp_ops_offset() {
         Ok(off) => println!(
             "ok       kTLS check: a socket's ULP pointer is at byte {off} (the kernel's BTF); a socket given kTLS after its splice is kept off it"
         ),
@@ -491,7 +491,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Probe => {
-            let checks = redirect_user::probe::run();
+            let checks = redirect_user::kernel::probe::run();
             for c in &checks {
                 let state = match c.present {
                     Some(true) => "ok",
@@ -500,7 +500,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 };
                 println!("{state:<8} {:<55} (Linux {})", c.what, c.since);
             }
-            for (c, without) in redirect_user::probe::optional() {
+            for (c, without) in redirect_user::kernel::probe::optional() {
                 let state = match c.present {
                     Some(true) => "ok",
                     Some(false) => "missing",
@@ -513,7 +513,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 );
             }
             print_acceleration_check();
-            match redirect_user::probe::missing(&checks) {
+            match redirect_user::kernel::probe::missing(&checks) {
                 Some(msg) => bail!(msg),
                 None => Ok(()),
             }
@@ -523,7 +523,9 @@ fn real_main(cli: Cli) -> Result<()> {
             netns_dir,
             host_mnt_ns,
         } => {
-            for line in redirect_user::mounts::prepare_host(&host_mnt_ns, &bpffs, &netns_dir)? {
+            for line in
+                redirect_user::kernel::mounts::prepare_host(&host_mnt_ns, &bpffs, &netns_dir)?
+            {
                 println!("{line}");
             }
             Ok(())

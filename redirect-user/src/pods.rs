@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::annotations::{self, CapturePolicy};
+use crate::policy::annotations::{self, CapturePolicy};
 
 /// `namespace/name` of a pod.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
@@ -152,7 +152,7 @@ const NO_POD_LIST: &str =
 pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("not UTF-8 (byte {}): {e}", e.valid_up_to()))?;
-    crate::limits::check_yaml(text).map_err(|e| e.to_string())?;
+    crate::policy::limits::check_yaml(text).map_err(|e| e.to_string())?;
     let doc: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let entries = match &doc {

@@ -14,10 +14,10 @@ use redirect_common::{PodConfig, MAX_PODS, POD_FLAG_REJECTED};
 use serde::Serialize;
 
 use crate::{
-    datapath::PodMaps,
+    kernel::datapath::PodMaps,
     pods::{PodKey, PodSpec},
-    room::{self, Usage},
-    rules::PodRules,
+    policy::room::{self, Usage},
+    policy::rules::PodRules,
 };
 
 /// Settings common to every pod on the node (the daemon's flags).
@@ -30,7 +30,7 @@ pub struct NodeSettings {
     /// The proxy's own ports, never captured inbound (Istio: 15001, 15006, 15008, 15020,
     /// 15021, 15090).
     pub proxy_ports: Vec<u16>,
-    /// Most entries one pod's rules may take in each shared rule map (see [`crate::room`]).
+    /// Most entries one pod's rules may take in each shared rule map (see [`crate::policy::room`]).
     pub rules_per_pod: usize,
 }
 
@@ -557,7 +557,7 @@ mod tests {
     use redirect_common::PORT_EXCLUDE_INBOUND;
 
     use super::*;
-    use crate::{annotations::CapturePolicy, pods::NetnsRef};
+    use crate::{pods::NetnsRef, policy::annotations::CapturePolicy};
 
     #[derive(Default)]
     struct FakeMaps {

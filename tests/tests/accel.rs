@@ -193,7 +193,7 @@ fn no_leak_after_ten_thousand_connections() {
 /// 6.18 five behaviours differ, so it is off, and nothing is spliced.
 #[test]
 fn by_default_acceleration_is_on_only_where_a_spliced_socket_behaves_as_tcp() {
-    use redirect_user::splice_check::{differences, QUICK};
+    use redirect_user::kernel::splice_check::{differences, QUICK};
     let differ = differences(QUICK).unwrap();
     let mut lab = redirect_tests::lab();
     lab.add_pod("a").unwrap();

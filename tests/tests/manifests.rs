@@ -453,7 +453,7 @@ fn find<'a>(docs: &'a [serde_yaml_ng::Value], kind: &str, name: &str) -> &'a ser
 /// The metric names redirectd exports (every `redirect_*` name its metrics module defines).
 fn exported_metrics() -> std::collections::BTreeSet<String> {
     let src = std::fs::read_to_string(format!(
-        "{}/../redirect-user/src/metrics.rs",
+        "{}/../redirect-user/src/observe/metrics.rs",
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();

@@ -359,7 +359,7 @@ fn kernel_probe_finds_every_feature() {
         .collect();
     assert_eq!(
         tried.len(),
-        redirect_user::splice_check::QUICK.len(),
+        redirect_user::kernel::splice_check::QUICK.len(),
         "{accel}"
     );
 }

@@ -7,7 +7,7 @@
 //! takes the proxies' sockets only, and this test records where that reason still holds.
 //!
 //! The test splices a loopback TCP pair with the smallest splice there is
-//! (`redirect_user::splice_check`: each end's sends go to the other's ingress queue, as redirectd
+//! (`redirect_user::kernel::splice_check`: each end's sends go to the other's ingress queue, as redirectd
 //! splices proxies); the same pair without it is the control.
 
 use std::io::{Read, Write};
@@ -16,7 +16,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::time::Duration;
 
 use redirect_lab::scaled;
-use redirect_user::splice_check::{splice_pair, SpliceMap};
+use redirect_user::kernel::splice_check::{splice_pair, SpliceMap};
 
 extern "C" fn ignore(_: libc::c_int) {}
 

@@ -1,6 +1,6 @@
 //! What a proxy sees on a spliced socket, behaviour by behaviour, next to plain TCP: a
 //! loopback pair spliced as redirectd splices two local proxies' sockets (each end's sends go
-//! straight to the other's receive queue, `redirect_user::splice_check`, the same cases
+//! straight to the other's receive queue, `redirect_user::kernel::splice_check`, the same cases
 //! `redirectd probe` tries), and the same pair
 //! without the splice. Each case does the same system calls on both and describes what they
 //! returned; the table of both columns is printed, and the behaviours that differ must be
@@ -14,7 +14,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use redirect_user::splice_check::{
+use redirect_user::kernel::splice_check::{
     case_close_unread, case_fionread, case_rcvlowat, case_splice_read, case_tcp_info, case_waitall,
     errno_text, io_text, pair, pattern, poll, recv, recv_text, settle, Pair, SpliceMap,
 };

@@ -22,8 +22,8 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    annotations::CapturePolicy,
     pods::{Desired, InvalidPod, NetnsRef, PodKey, PodSpec},
+    policy::annotations::CapturePolicy,
     sources::{Membership, Published},
 };
 

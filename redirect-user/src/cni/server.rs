@@ -14,8 +14,8 @@ use tokio::{
 };
 
 use crate::{
-    annotations::CapturePolicy,
     pods::PodKey,
+    policy::annotations::CapturePolicy,
     sources::{Member, Membership, Published},
 };
 
@@ -74,7 +74,7 @@ pub async fn serve(
 /// A plugin's request line, bounded in size and nesting before it is parsed; `Err` says why
 /// it is refused.
 pub fn parse_request(line: &str) -> Result<CniRequest, String> {
-    crate::limits::check_pod_document(line).map_err(|e| format!("request refused: {e}"))?;
+    crate::policy::limits::check_pod_document(line).map_err(|e| format!("request refused: {e}"))?;
     serde_json::from_str::<CniRequest>(line).map_err(|e| {
         format!("request not understood ({e}); is redirect-cni the same version as redirectd?")
     })
@@ -87,7 +87,7 @@ async fn handle(
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let limit = crate::limits::MAX_POD_DOCUMENT_BYTES as u64 + 1;
+    let limit = crate::policy::limits::MAX_POD_DOCUMENT_BYTES as u64 + 1;
     tokio::time::timeout(
         READ_TIMEOUT,
         BufReader::new(read.take(limit)).read_line(&mut line),

@@ -7,10 +7,10 @@ use anyhow::{Context as _, Result};
 use redirect_common::PodCounters;
 
 use crate::{
-    annotations::CapturePolicy,
-    datapath::Datapath,
-    netns::Resolver,
+    kernel::datapath::Datapath,
+    podns::netns::Resolver,
     pods::{Desired, PodKey, PodSpec},
+    policy::annotations::CapturePolicy,
     reconcile::{Reconciler, Report, Resolved},
 };
 
@@ -194,9 +194,9 @@ impl Engine {
     /// new one is not served, never served with the wrong uid).
     pub(super) fn host_view(&self, mut spec: PodSpec, netns: &std::path::Path) -> Result<PodSpec> {
         self.namespace_view(&mut spec, netns)?;
-        if let Some(ids) = crate::userns::of_netns(netns).context("its user namespace")? {
+        if let Some(ids) = crate::podns::userns::of_netns(netns).context("its user namespace")? {
             let (uid, gid) = self.proxy_ids;
-            spec.policy = crate::userns::translate(&spec.policy, &ids, uid, gid)
+            spec.policy = crate::podns::userns::translate(&spec.policy, &ids, uid, gid)
                 .with_context(|| format!("its user namespace (ids read from pid {})", ids.pid))?;
         }
         Ok(spec)
@@ -213,16 +213,16 @@ impl Engine {
         }
         let ns =
             std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let mut rtnl = crate::rtnl::Rtnl::open_in(&ns)?;
+        let mut rtnl = crate::podns::rtnl::Rtnl::open_in(&ns)?;
         let links = if by_name { rtnl.links()? } else { Vec::new() };
         if !p.exclude_interfaces.is_empty() {
-            let view = crate::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)
+            let view = crate::podns::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)
                 .context("reading its excluded interfaces")?;
             p.interfaces = Some(view);
         }
         if !p.vm_interfaces.is_empty() {
             let (names, port) = (&p.vm_interfaces, self.outbound_port);
-            let vm = crate::vm_ifaces::prepare(&ns, &mut rtnl, &links, names, port)
+            let vm = crate::podns::vm_ifaces::prepare(&ns, &mut rtnl, &links, names, port)
                 .context("routing its VM interfaces to the proxy")?;
             if !vm.added.is_empty() {
                 let added = vm.added.join(", ");
@@ -231,7 +231,7 @@ impl Engine {
             p.vm_ifindexes = vm.ifindexes;
         }
         if p.tproxy {
-            let added = crate::tproxy::prepare(&ns, &mut rtnl, &self.proc_sys_net)
+            let added = crate::podns::tproxy::prepare(&ns, &mut rtnl, &self.proc_sys_net)
                 .context("setting up TPROXY's policy routing in its namespace")?;
             if !added.is_empty() {
                 log::info!("pod {}: TPROXY set up: {}", spec.key, added.join(", "));

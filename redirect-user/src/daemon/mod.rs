@@ -23,11 +23,11 @@ use tokio::{
 
 use crate::{
     cni::CniOptions,
-    datapath::Datapath,
-    loader::{self, LoadOptions, ProgramReport},
-    mounts,
-    netns::Resolver,
-    probe,
+    kernel::datapath::Datapath,
+    kernel::loader::{self, LoadOptions, ProgramReport},
+    kernel::mounts,
+    kernel::probe,
+    podns::netns::Resolver,
     reconcile::{NodeSettings, Reconciler},
     sources::{self, PodSource, Published, SourceStats},
 };
@@ -51,7 +51,7 @@ pub struct RunOptions {
     pub poll: Duration,
     /// Same-node acceleration (sockmap), and why ("on: ..." or "off: ..."), for the log and
     /// the status.
-    pub accel: crate::splice_check::Decision,
+    pub accel: crate::kernel::splice_check::Decision,
     /// Where to serve /metrics, /healthz and /readyz.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often every pod's netns is resolved again (pods whose netns was missing are retried).
@@ -115,7 +115,7 @@ fn check_cgroup(path: &Path) -> Result<()> {
             "--cgroup {}: not a cgroup v2 directory (its filesystem is {}); cgroup v1 cannot hold the socket programs: pass a directory of the cgroup v2 mount ({})",
             path.display(),
             if magic == mounts::CGROUP_SUPER_MAGIC { "cgroup v1".to_string() } else { format!("type {magic:#x}") },
-            crate::mounts::cgroup2_root().map_or_else(|e| format!("none found: {e:#}"), |p| p.display().to_string())
+            crate::kernel::mounts::cgroup2_root().map_or_else(|e| format!("none found: {e:#}"), |p| p.display().to_string())
         );
     }
     if !path.join("cgroup.procs").exists() {
@@ -207,7 +207,7 @@ fn check_kernel() -> Result<()> {
             );
         }
     }
-    crate::annotations::set_ingress_seen(probe::sk_lookup_sees_ingress() == Some(true));
+    crate::policy::annotations::set_ingress_seen(probe::sk_lookup_sees_ingress() == Some(true));
     Ok(())
 }
 

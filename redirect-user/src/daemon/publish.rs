@@ -13,12 +13,12 @@ use tokio::sync::watch;
 
 use super::{engine::Pass, RunOptions};
 use crate::{
-    loader::ProgramReport,
-    metrics::{self, Snapshot},
+    kernel::loader::ProgramReport,
+    observe::metrics::{self, Snapshot},
+    observe::status::{PodStatus, StatusFile, CONFIG_CURRENT},
     pods::{Desired, PodKey},
     reconcile::Report,
     sources::{Published, SourceStats},
-    status::{PodStatus, StatusFile, CONFIG_CURRENT},
 };
 
 /// Tells the operator and the metrics what each pass did.
@@ -125,11 +125,13 @@ impl Publisher {
         status.rule_maps = pass
             .rule_maps
             .iter()
-            .map(|&(map, entries, capacity)| crate::status::MapFill {
-                map: map.into(),
-                entries,
-                capacity,
-            })
+            .map(
+                |&(map, entries, capacity)| crate::observe::status::MapFill {
+                    map: map.into(),
+                    entries,
+                    capacity,
+                },
+            )
             .collect();
         status.pods = pass
             .applied

@@ -72,7 +72,7 @@ impl FileState {
 fn read(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
-    let max = crate::limits::MAX_PODS_FILE_BYTES as u64;
+    let max = crate::policy::limits::MAX_PODS_FILE_BYTES as u64;
     let mut bytes = Vec::new();
     file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {

@@ -24,9 +24,9 @@ use std::{
 
 use super::{Member, Membership, Published, Publisher, SourceStats};
 use crate::{
-    annotations::{self, CapturePolicy},
-    mesh::ISTIO,
     pods::{Desired, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
+    policy::annotations::{self, CapturePolicy},
+    policy::mesh::ISTIO,
 };
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -193,7 +193,7 @@ fn dns_capture_of(
 /// The `proxy.istio.io/config` annotation as a YAML document, bounded in size and nesting
 /// before it is parsed (a pod's annotation must not stall the daemon).
 pub fn proxy_config(text: &str) -> Result<serde_yaml_ng::Value, String> {
-    crate::limits::check_pod_document(text).map_err(|e| e.to_string())?;
+    crate::policy::limits::check_pod_document(text).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(text).map_err(|e| format!("not valid YAML: {e}"))
 }
 
@@ -230,7 +230,7 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     };
     if let Some(Err(e)) = ann
         .get(PROXY_CONFIG)
-        .map(|c| crate::limits::check_pod_document(c))
+        .map(|c| crate::policy::limits::check_pod_document(c))
     {
         return invalid(format!("annotations[{PROXY_CONFIG:?}]"), e.to_string());
     }

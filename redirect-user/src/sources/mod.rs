@@ -16,8 +16,8 @@ use tokio::sync::watch;
 
 pub use self::kube::{Fetcher, KubeOptions};
 use crate::{
-    annotations::CapturePolicy,
     pods::{Desired, PodError, PodKey},
+    policy::annotations::CapturePolicy,
 };
 
 /// Where the desired pods come from.

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::{net::Cidr, rtnl::Rtnl};
+use crate::{net::Cidr, podns::rtnl::Rtnl};
 
 /// A pod's interfaces as the rules need them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use anyhow::{bail, Context as _, Result};
 use netlink_packet_route::{rule::RuleAttribute, IpProtocol};
 use redirect_common::{AF_INET6, TPROXY_ROUTE_TABLE};
 
-use crate::rtnl::Rtnl;
+use crate::podns::rtnl::Rtnl;
 
 /// What a pass found and did for a pod's VM interfaces.
 #[derive(Debug, Default)]
@@ -52,19 +52,19 @@ pub(crate) fn prepare(
             bail!("VM interface {name} has index {index}, above the 65535 redirectd can key");
         }
         out.ifindexes.insert(index);
-        let added = crate::tproxy::in_both_families(rtnl, |family| {
+        let added = crate::podns::tproxy::in_both_families(rtnl, |family| {
             let what = format!("rule iif {name} ipproto tcp lookup {TPROXY_ROUTE_TABLE}");
             let selectors = vec![
                 RuleAttribute::Iifname(name.clone()),
                 RuleAttribute::IpProtocol(IpProtocol::Tcp),
             ];
-            (what, crate::tproxy::rule_to_table(family, selectors))
+            (what, crate::podns::tproxy::rule_to_table(family, selectors))
         })?;
         out.added.extend(added);
     }
     if !out.ifindexes.is_empty() {
-        out.added.extend(crate::tproxy::local_table(rtnl)?);
-        for (_, family, sock) in crate::listeners::find(ns, &[outbound_port])? {
+        out.added.extend(crate::podns::tproxy::local_table(rtnl)?);
+        for (_, family, sock) in crate::podns::listeners::find(ns, &[outbound_port])? {
             if make_transparent(sock.as_fd(), family).with_context(|| {
                 format!("making the listener on port {outbound_port} transparent")
             })? {

@@ -1,6 +1,6 @@
 //! The [`Resolver`] the daemon's loop owns, which turns a pod's [`NetnsRef`] into a namespace
-//! file and cookie (entering namespaces and their cookies: [`crate::nsenter`]; finding one by
-//! the node's route: [`crate::netns_by_route`]), and a namespace's addresses.
+//! file and cookie (entering namespaces and their cookies: [`crate::podns::nsenter`]; finding one by
+//! the node's route: [`crate::podns::netns_by_route`]), and a namespace's addresses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,10 +12,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    netns_by_route,
-    nsenter::{cookie, inode_of, own_cookie},
+    podns::netns_by_route,
+    podns::nsenter::{cookie, inode_of, own_cookie},
+    podns::rtnl::Rtnl,
     pods::NetnsRef,
-    rtnl::Rtnl,
 };
 
 /// The addresses configured in the network namespace of `path` (an rtnetlink address dump
@@ -133,7 +133,7 @@ impl Resolver {
 
     /// The network namespace that holds `ip`: from the cache while the namespace file still
     /// names the same namespace; else the one the node routes `ip` into
-    /// ([`crate::netns_by_route`]), checked to hold `ip`; else by scanning the namespaces of
+    /// ([`crate::podns::netns_by_route`]), checked to hold `ip`; else by scanning the namespaces of
     /// `/proc/*/ns/net` not looked into yet (hostPID).
     fn by_ip(&mut self, ip: IpAddr) -> Result<Located> {
         if let Some(l) = self.by_ip.get(&ip) {
@@ -184,7 +184,7 @@ impl Resolver {
     /// into once while it lives).
     fn by_proc_scan(&mut self, ip: IpAddr) -> Option<Located> {
         let mut live = BTreeSet::new();
-        for pid in crate::procfs::pids() {
+        for pid in crate::podns::procfs::pids() {
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             let Some(ino) = inode_of(&path) else { continue };
             live.insert(ino);

@@ -2,7 +2,7 @@
 //! also keys the pod's VM interfaces by index,
 //! `ADDR_RULES`, `NODE_ADDRS`, `OWNER_GROUPS` and the `POD_FLAG_*` bits of its `MESH_PODS`
 //! entry), and the
-//! encoding of those map keys. Pure code: [`crate::datapath`] writes what this returns, and
+//! encoding of those map keys. Pure code: [`crate::kernel::datapath`] writes what this returns, and
 //! reads it back when a restarted daemon compares what a previous run left.
 //!
 //! The rules these entries feed are in `docs/interception.md`.
@@ -22,7 +22,7 @@ use redirect_common::{
     PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND, PORT_VM_IFACE,
 };
 
-use crate::annotations::{
+use crate::policy::annotations::{
     CapturePolicy, Cidr, OwnerGroups, PortSelection, RangeSelection, DEFAULT_STATUS_PORT,
 };
 
@@ -283,7 +283,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::annotations;
+    use crate::policy::annotations;
 
     const PROXY_PORTS: [u16; 2] = [15001, 15006];
 

@@ -10,7 +10,7 @@ pub use redirect_common::status::{
 use redirect_common::{map_names, PodCounters};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::Datapath;
+use crate::kernel::datapath::Datapath;
 
 /// Written by `redirectd run` after every reconcile pass (atomically: temp file + rename).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

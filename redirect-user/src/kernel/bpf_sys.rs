@@ -10,7 +10,7 @@
 //!   unpinned link would detach when the daemon exits.
 //! - `BPF_PROG_LOAD` of a three-instruction probe: whether `sk_lookup` may read a context field
 //!   (aya's probes cover program types, map types and helpers, not fields).
-//! - A throw-away splice for [`crate::splice_check`]: a sockhash, a ten-instruction `sk_msg`
+//! - A throw-away splice for [`crate::kernel::splice_check`]: a sockhash, a ten-instruction `sk_msg`
 //!   program attached to it, and its entries (never pinned: it goes with its fds).
 
 use std::{

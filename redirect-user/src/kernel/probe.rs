@@ -137,7 +137,7 @@ pub fn run() -> Vec<Check> {
     checks.push(Check {
         what: "socket option SO_NETNS_COOKIE".into(),
         since: "5.14",
-        present: Some(crate::nsenter::own_cookie().is_ok()),
+        present: Some(crate::podns::nsenter::own_cookie().is_ok()),
     });
     checks
 }
@@ -157,7 +157,7 @@ pub fn optional() -> Vec<(Check, &'static str)> {
 /// Whether `sk_lookup` programs can read the ingress interface (probed once).
 pub fn sk_lookup_sees_ingress() -> Option<bool> {
     static SEEN: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    *SEEN.get_or_init(|| crate::bpf_sys::sk_lookup_reads_ingress_ifindex().ok())
+    *SEEN.get_or_init(|| crate::kernel::bpf_sys::sk_lookup_reads_ingress_ifindex().ok())
 }
 
 /// The checks that failed, as one line an operator can act on, or `None` if all passed.

@@ -28,7 +28,7 @@ use aya::{
 };
 use redirect_common::map_names;
 
-use crate::{bpf_sys, mounts};
+use crate::{kernel::bpf_sys, kernel::mounts};
 
 /// The node-wide kernel object built by build.rs from `redirect-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
@@ -437,7 +437,7 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
     }
     let _ = std::fs::remove_file(&pin);
     // 1: the program may read the ingress interface (Linux 5.17); 2: it may not.
-    let sees_ingress: u8 = if crate::probe::sk_lookup_sees_ingress() == Some(true) {
+    let sees_ingress: u8 = if crate::kernel::probe::sk_lookup_sees_ingress() == Some(true) {
         1
     } else {
         2

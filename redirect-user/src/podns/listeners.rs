@@ -58,8 +58,10 @@ fn take_fd(pid: i32, fd: i32) -> rustix::io::Result<OwnedFd> {
 /// /proc: `(port, family, socket)`.
 pub fn find(netns: &File, ports: &[u16]) -> Result<Vec<(u16, u16, OwnedFd)>> {
     let ino = netns.metadata().context("stat of the netns file")?.ino();
-    let pids: Vec<String> = crate::procfs::pids()
-        .filter(|p| crate::nsenter::inode_of(Path::new(&format!("/proc/{p}/ns/net"))) == Some(ino))
+    let pids: Vec<String> = crate::podns::procfs::pids()
+        .filter(|p| {
+            crate::podns::nsenter::inode_of(Path::new(&format!("/proc/{p}/ns/net"))) == Some(ino)
+        })
         .collect();
     let Some(first) = pids.first() else {
         return Ok(Vec::new());

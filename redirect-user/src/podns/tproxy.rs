@@ -27,7 +27,7 @@ use netlink_packet_route::{
 };
 use redirect_common::{TPROXY_MARK, TPROXY_ROUTE_TABLE};
 
-use crate::rtnl::Rtnl;
+use crate::podns::rtnl::Rtnl;
 
 /// A network namespace's loopback interface.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -49,7 +49,7 @@ pub(crate) fn prepare(ns: &File, rtnl: &mut Rtnl, proc_sys_net: &Path) -> Result
     })?;
     added.extend(local_table(rtnl)?);
     let knob = proc_sys_net.join("ipv4/tcp_fwmark_accept");
-    let set = crate::nsenter::run_in(ns, move || -> Result<bool> {
+    let set = crate::podns::nsenter::run_in(ns, move || -> Result<bool> {
         let now = std::fs::read_to_string(&knob)
             .with_context(|| format!("reading {}", knob.display()))?;
         if now.trim() == "1" {

@@ -1,5 +1,5 @@
 //! Istio's per-pod interception annotations (`traffic.sidecar.istio.io/*`, their keys from
-//! the mesh profile, [`crate::mesh::ISTIO`]) and ours (`redirectd.dev/*`), parsed into a typed
+//! the mesh profile, [`crate::policy::mesh::ISTIO`]) and ours (`redirectd.dev/*`), parsed into a typed
 //! [`CapturePolicy`]. One parser for every pod source; nothing past it sees strings.
 //!
 //! Syntax (docs/interception.md): comma-separated lists, spaces around items ignored, `*` means
@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, collections::BTreeSet, fmt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::ISTIO;
 pub use crate::net::Cidr;
+use crate::policy::mesh::ISTIO;
 
 /// `traffic.sidecar.istio.io/excludeOutboundPorts`
 pub const EXCLUDE_OUTBOUND_PORTS: &str = ISTIO.annotations.exclude_outbound_ports;
@@ -205,7 +205,7 @@ pub struct CapturePolicy {
     /// What those interfaces are in the pod's namespace: read by the daemon on each pass,
     /// never from the pod's configuration.
     #[serde(skip)]
-    pub interfaces: Option<crate::interfaces::InterfaceView>,
+    pub interfaces: Option<crate::podns::interfaces::InterfaceView>,
 }
 
 impl Default for CapturePolicy {

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-pub use crate::bpf_sys::SpliceMap;
+pub use crate::kernel::bpf_sys::SpliceMap;
 
 /// A loopback connection: `a` connected, `b` accepted.
 pub struct Pair {
@@ -360,7 +360,7 @@ impl AccelMode {
         if !decision.on {
             return decision;
         }
-        match crate::kernel_layout::ulp_ops_offset() {
+        match crate::kernel::kernel_layout::ulp_ops_offset() {
             Ok(ulp_ops_offset) => Decision {
                 ulp_ops_offset,
                 ..decision

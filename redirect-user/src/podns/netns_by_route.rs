@@ -13,7 +13,7 @@
 //! to the node's namespace; the namespace file with that id is found among the bind mounts
 //! under `/run/netns` and `/var/run/netns` (where CNI runtimes keep them) and
 //! `/proc/*/ns/net`, by asking the kernel for each one's id (`RTM_GETNSID`): no namespace is
-//! entered to search. Everything here is rtnetlink ([`crate::rtnl`]), no external command.
+//! entered to search. Everything here is rtnetlink ([`crate::podns::rtnl`]), no external command.
 
 use std::{
     collections::BTreeSet,
@@ -26,8 +26,8 @@ use anyhow::{bail, Context as _, Result};
 use netlink_packet_route::link::InfoKind;
 
 use crate::{
-    nsenter::inode_of,
-    rtnl::{Link, Rtnl},
+    podns::nsenter::inode_of,
+    podns::rtnl::{Link, Rtnl},
 };
 
 /// Where a pod's namespace was found, and how.
@@ -115,7 +115,8 @@ fn candidates() -> impl Iterator<Item = PathBuf> {
         .into_iter()
         .filter_map(|d| std::fs::read_dir(d).ok())
         .flat_map(|d| d.flatten().map(|e| e.path()));
-    let procs = crate::procfs::pids().map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
+    let procs =
+        crate::podns::procfs::pids().map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
     mounts.chain(procs)
 }
 

@@ -6,7 +6,7 @@
 
 use redirect_common::{map_names, ADDR_POD_IP, MAX_ADDR_RULES, MAX_GROUP_RULES, MAX_PORT_RULES};
 
-use crate::rules::PodRules;
+use crate::policy::rules::PodRules;
 
 /// Default per-pod limit on entries in each rule map.
 pub const DEFAULT_PER_POD: usize = 256;
@@ -102,7 +102,7 @@ mod tests {
     use redirect_common::{ADDR_EXCLUDE_OUTBOUND, PORT_EXCLUDE_OUTBOUND};
 
     use super::*;
-    use crate::annotations::Cidr;
+    use crate::policy::annotations::Cidr;
 
     fn rules(ports: u16, ranges: u32) -> PodRules {
         PodRules {

@@ -22,9 +22,10 @@ use redirect_common::{
 };
 
 use crate::{
-    listeners, loader,
+    kernel::loader,
     net::Cidr,
-    rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
+    podns::listeners,
+    policy::rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
 };
 
 /// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.
@@ -357,7 +358,7 @@ impl PodMaps for Datapath {
         let file = std::fs::File::open(netns)
             .with_context(|| format!("opening network namespace {}", netns.display()))?;
         // The namespace may have been replaced since it was resolved.
-        if crate::nsenter::cookie(&file)? != netns_cookie {
+        if crate::podns::nsenter::cookie(&file)? != netns_cookie {
             anyhow::bail!(
                 "network namespace {} changed while being attached; retrying",
                 netns.display()

@@ -55,7 +55,7 @@ impl Rtnl {
 
     /// Opens the socket inside the namespace `ns` (it stays bound there).
     pub(crate) fn open_in(ns: &File) -> Result<Self> {
-        let sock = crate::nsenter::run_in(ns, Self::socket)?;
+        let sock = crate::podns::nsenter::run_in(ns, Self::socket)?;
         Ok(Self { sock, seq: 0 })
     }
 

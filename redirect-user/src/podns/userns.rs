@@ -8,7 +8,7 @@ use std::{fs::File, os::fd::AsRawFd, os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::annotations::{CapturePolicy, OwnerGroups};
+use crate::policy::annotations::{CapturePolicy, OwnerGroups};
 
 /// `NS_GET_USERNS` (linux/nsfs.h): the user namespace that owns a namespace.
 const NS_GET_USERNS: libc::c_ulong = 0xb701;
@@ -78,7 +78,7 @@ pub fn of_netns(netns: &Path) -> Result<Option<PodIds>> {
     if Some(id) == ns_id(Path::new("/proc/1/ns/user")) {
         return Ok(None);
     }
-    for pid in crate::procfs::pids() {
+    for pid in crate::podns::procfs::pids() {
         let dir = Path::new("/proc").join(&pid);
         if ns_id(&dir.join("ns/user")) != Some(id) {
             continue;

@@ -1,0 +1,9 @@
+//! What a pod asks for and what it may take: its annotations parsed ([`annotations`]), the mesh's
+//! vocabulary ([`mesh`]), the policy compiled into map entries ([`rules`]), each pod's share of the
+//! shared maps ([`room`]) and the input limits ([`limits`]).
+
+pub mod annotations;
+pub mod limits;
+pub mod mesh;
+pub mod room;
+pub(crate) mod rules;
