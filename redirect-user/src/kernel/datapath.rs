@@ -23,9 +23,10 @@ use redirect_common::{
 
 use crate::{
     kernel::loader,
+    kernel::map_keys::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key},
     net::Cidr,
     podns::listeners,
-    policy::rules::{addr_key, addr_of_node_key, node_addr_key, port_key, rule_of_key, PodRules},
+    policy::rules::PodRules,
 };
 
 /// Writes to the kernel's pod maps; implemented by [`Datapath`] and by a fake in tests.

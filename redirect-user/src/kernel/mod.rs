@@ -6,6 +6,7 @@ pub(crate) mod bpf_sys;
 pub(crate) mod datapath;
 pub mod kernel_layout;
 pub mod loader;
+pub(crate) mod map_keys;
 pub mod mounts;
 pub mod probe;
 pub mod splice_check;
