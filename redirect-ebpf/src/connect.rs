@@ -37,7 +37,7 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
+    maps::{Maps, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
     policy::{outbound, Outbound},
 };
 
@@ -268,6 +268,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
         || (src.is_unspecified() && dst.family == AF_INET6 && dst.is_passthrough_source())
         || (pod.flags & POD_FLAG_TPROXY != 0 && mark == TPROXY_MARK && is_proxy);
     let verdict = outbound(
+        Maps,
         &pod,
         dst,
         is_proxy,

@@ -35,7 +35,7 @@ use redirect_ebpf::{
         LOOPBACK6_LAST_BE, V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{DNS_ASKED, DNS_SOCKETS, MESH_PODS},
+    maps::{Maps, DNS_ASKED, DNS_SOCKETS, MESH_PODS},
     policy::dns_udp,
 };
 
@@ -69,7 +69,7 @@ pub fn udp(ctx: &SockAddrContext, dst: &Endpoint) -> Udp {
     let uid_gid = bpf_get_current_uid_gid();
     let gid = (uid_gid >> 32) as u32;
     let is_proxy = uid_gid as u32 == pod.proxy_uid || gid == pod.proxy_gid;
-    if !dns_udp(&pod, dst, is_proxy, gid) {
+    if !dns_udp(Maps, &pod, dst, is_proxy, gid) {
         return Udp::Leave;
     }
     // SAFETY: helper valid for sock_addr programs.

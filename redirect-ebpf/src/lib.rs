@@ -1,13 +1,12 @@
 //! Shared parts of the kernel programs: maps, address helpers, counters, Istio's rules.
-//! Built for the BPF target only; on the host (where this crate is a build dependency of
-//! redirect-user) the library is empty.
+//! The maps and counters are built for the BPF target only; the address helpers and the rules
+//! (over the [`policy::RuleTable`] trait) are built on the host too, where redirect-user's
+//! unit tests run the rules on its compiled rule tables.
 #![no_std]
 
-#[cfg(target_arch = "bpf")]
 pub mod addr;
 #[cfg(target_arch = "bpf")]
 pub mod counters;
 #[cfg(target_arch = "bpf")]
 pub mod maps;
-#[cfg(target_arch = "bpf")]
 pub mod policy;

@@ -7,13 +7,58 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
     AddrRuleData, GroupRuleKey, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
-    PodSource, PortRuleKey, SockKey, TupleKey, MAX_ADDR_RULES, MAX_DNS_SOCKETS, MAX_GROUP_RULES,
-    MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES, MAX_SOCK_PAIRS,
+    PodSource, PortRuleKey, SockKey, TupleKey, ADDR_RULE_FIXED_BITS, MAX_ADDR_RULES,
+    MAX_DNS_SOCKETS, MAX_GROUP_RULES, MAX_LISTENERS, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    MAX_SOCK_PAIRS,
 };
+
+use crate::policy::RuleTable;
+
+/// The pods' rule tables as the programs read them: `PORT_RULES`, `ADDR_RULES`, `NODE_ADDRS`
+/// and `OWNER_GROUPS`.
+#[derive(Clone, Copy)]
+pub struct Maps;
+
+impl RuleTable for Maps {
+    #[inline(always)]
+    fn port_rule(&self, pod_id: u32, port: u16, kind: u8) -> bool {
+        let key = PortRuleKey {
+            pod_id,
+            port,
+            kind,
+            _pad: 0,
+        };
+        PORT_RULES.get_ptr(key).is_some()
+    }
+
+    #[inline(always)]
+    fn longest(&self, pod_id: u32, kind: u32, addr16: [u8; 16]) -> u32 {
+        let key = Key::new(
+            ADDR_RULE_FIXED_BITS + 128,
+            AddrRuleData {
+                pod_id,
+                kind,
+                addr_be: addr16,
+            },
+        );
+        ADDR_RULES.get(&key).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn is_addr_of(&self, pod_id: u32, addr16: [u8; 16]) -> bool {
+        // SAFETY: plain-data value, read at once.
+        unsafe { NODE_ADDRS.get(NodeAddrKey { addr_be: addr16 }) }.is_some_and(|id| *id == pod_id)
+    }
+
+    #[inline(always)]
+    fn group_rule(&self, pod_id: u32, gid: u32) -> bool {
+        OWNER_GROUPS.get_ptr(GroupRuleKey { pod_id, gid }).is_some()
+    }
+}
 
 /// Mesh pods. Key: network namespace cookie (`u64`, host order). Value: the pod's
 /// [`PodConfig`]. Written by the daemon (reconciler) only, after the pod's rules are in place;
@@ -51,7 +96,9 @@ pub static DNS_SOCKETS: Array<u64> = Array::pinned(MAX_PODS, 0);
 
 /// Per-pod address rules (`excludeOutboundIPRanges`, `includeOutboundIPRanges`, the pod's own
 /// IPs). Key: LPM key over [`AddrRuleData`] (pod id and kind matched exactly, then the
-/// address prefix). Value unused (1). Written by the daemon; read by `connect4/6`.
+/// address prefix). Value: the key's prefix length, which the programs compare between two
+/// kinds' longest matches (routes through excluded interfaces or not). Written by the daemon;
+/// read by `connect4/6`, `sendmsg4/6` and `sk_lookup`.
 #[map]
 pub static ADDR_RULES: LpmTrie<AddrRuleData, u32> = LpmTrie::pinned(MAX_ADDR_RULES, 0);
 

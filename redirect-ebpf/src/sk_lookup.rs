@@ -15,7 +15,7 @@ use redirect_common::{
 use redirect_ebpf::{
     addr::{ctx_addr6, sock_key, Endpoint, RawEnds},
     counters::count,
-    maps::{LISTENERS, MESH_PODS, STEERED, TPROXY_ORIGINS},
+    maps::{Maps, LISTENERS, MESH_PODS, STEERED, TPROXY_ORIGINS},
     policy::{has_port_rule, inbound, local_to_pod, Inbound},
 };
 
@@ -69,7 +69,9 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     if pod.flags & POD_FLAG_VM_IFACES != 0 && SEES_INGRESS_IFINDEX.load() == 1 {
         // SAFETY: a context field this kernel has (the load-time value says so).
         let ifindex = unsafe { (*l).ingress_ifindex };
-        if ifindex <= u16::MAX as u32 && has_port_rule(pod.pod_id, ifindex as u16, PORT_VM_IFACE) {
+        if ifindex <= u16::MAX as u32
+            && has_port_rule(Maps, pod.pod_id, ifindex as u16, PORT_VM_IFACE)
+        {
             return steer(&ctx, &pod, netns_cookie, pod.outbound_port, true);
         }
     }
@@ -81,7 +83,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
             Endpoint::v6(ctx_addr6(&raw const (*l).remote_ip6), 0)
         }
     };
-    if local_to_pod(&pod, &remote) {
+    if local_to_pod(Maps, &pod, &remote) {
         return SK_PASS;
     }
     // In a TPROXY pod: the proxy's own original-source connection to the application (from
@@ -95,7 +97,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
             return SK_PASS;
         }
     }
-    if inbound(&pod, port as u16, local.addr16()) == Inbound::Direct {
+    if inbound(Maps, &pod, port as u16, local.addr16()) == Inbound::Direct {
         count(pod.pod_id, |c| c.inbound_direct += 1);
         return SK_PASS;
     }

@@ -390,3 +390,85 @@ fn json_logs_are_one_object_per_line() {
         "{log}"
     );
 }
+
+/// The README's program table (name, verifier instructions on the kernel its header names)
+/// is what `redirectd status` reports: on that kernel every count must equal the table's,
+/// so the table cannot drift from the code; on another kernel every program of the table is
+/// still loaded and reported with a count, and the counts are printed.
+#[test]
+fn readme_program_table_is_what_status_reports() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let header = readme
+        .lines()
+        .find(|l| l.starts_with("| program | hook | role | verifier instructions ("))
+        .expect("the README's program table");
+    let table_kernel = header
+        .rsplit_once('(')
+        .and_then(|(_, k)| k.split_once(')'))
+        .map(|(k, _)| k.to_string())
+        .unwrap();
+    // Rows: "| `rd_a` / `6` | hook | role | 764 / 1321 |" -> (rd_a4, 764), (rd_a6, 1321).
+    let mut expected: Vec<(String, u32)> = Vec::new();
+    for line in readme.lines().skip_while(|l| *l != header).skip(2) {
+        if !line.starts_with("| `rd_") {
+            break;
+        }
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let names: Vec<String> = cells[0]
+            .trim_start_matches("| ")
+            .split(" / ")
+            .map(|n| n.trim_matches('`').to_string())
+            .collect();
+        let counts: Vec<u32> = cells[cells.len() - 1]
+            .trim_end_matches(" |")
+            .split(" / ")
+            .map(|c| c.trim().parse().expect("a count"))
+            .collect();
+        assert_eq!(names.len(), counts.len(), "{line}");
+        let first = names[0].clone();
+        for (i, (name, count)) in names.into_iter().zip(counts).enumerate() {
+            // "`rd_peername4` / `6`": the second is the first with its last character changed.
+            let name = if i > 0 && name.len() == 1 {
+                format!("{}{name}", &first[..first.len() - 1])
+            } else {
+                name
+            };
+            expected.push((name, count));
+        }
+    }
+    assert!(expected.len() >= 15, "{expected:?}");
+
+    let mut lab = redirect_tests::mesh_with_echo(&[]);
+    let programs = lab.daemon().status().unwrap().programs;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let same_kernel = release.starts_with(&format!("{table_kernel}."));
+    let mut differ = Vec::new();
+    for (name, count) in &expected {
+        let p = programs
+            .iter()
+            .find(|p| &p.name == name)
+            .unwrap_or_else(|| panic!("{name} is in the README but not in status: {programs:?}"));
+        let got = p.verified_insns.expect("a verifier count (5.16+)");
+        println!(
+            "{name}: README {count}, this kernel ({}) {got}",
+            release.trim()
+        );
+        if got != *count {
+            differ.push(format!("{name}: README {count}, status {got}"));
+        }
+    }
+    for p in &programs {
+        assert!(
+            expected.iter().any(|(n, _)| n == &p.name),
+            "{} is loaded but not in the README's table",
+            p.name
+        );
+    }
+    if same_kernel {
+        assert!(
+            differ.is_empty(),
+            "the README's table has drifted: {differ:?}"
+        );
+    }
+}

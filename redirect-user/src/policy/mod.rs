@@ -7,3 +7,5 @@ pub mod limits;
 pub mod mesh;
 pub mod room;
 pub(crate) mod rules;
+#[cfg(test)]
+mod rules_in_kernel;
