@@ -58,6 +58,44 @@ pub mod map_names {
     pub const TPROXY_ORIGINS: &str = "TPROXY_ORIGINS";
 }
 
+/// The kernel programs' names (their functions' names in redirect-ebpf), by which the daemon
+/// loads, attaches, pins and reports them. Each must equal its function's name: a mismatch
+/// fails every start (the program is not found), which every integration test would show.
+pub mod program_names {
+    pub const GETSOCKOPT: &str = "rd_getsockopt";
+    pub const SOCK_RELEASE: &str = "rd_sock_release";
+    pub const SOCK_CREATE: &str = "rd_sock_create";
+    pub const SETSOCKOPT: &str = "rd_setsockopt";
+    pub const SOCKOPS: &str = "rd_sockops";
+    pub const PEERNAME4: &str = "rd_peername4";
+    pub const PEERNAME6: &str = "rd_peername6";
+    pub const RECVMSG4: &str = "rd_recvmsg4";
+    pub const RECVMSG6: &str = "rd_recvmsg6";
+    pub const SENDMSG4: &str = "rd_sendmsg4";
+    pub const SENDMSG6: &str = "rd_sendmsg6";
+    pub const CONNECT4: &str = "rd_connect4";
+    pub const CONNECT6: &str = "rd_connect6";
+    pub const SK_MSG: &str = "rd_sk_msg";
+    pub const SK_LOOKUP: &str = "rd_sk_lookup";
+}
+
+/// The kernel programs' load-time globals (`#[no_mangle]` statics in redirect-ebpf, of the same
+/// names), which the daemon sets when it loads them.
+pub mod global_names {
+    /// `sockops`: the node's proxy inbound port (u32).
+    pub const INBOUND_PORT: &str = "INBOUND_PORT";
+    /// `sockops`: the node's proxy outbound port (u32).
+    pub const OUTBOUND_PORT: &str = "OUTBOUND_PORT";
+    /// `sockops`: same-node acceleration on (u32, 1) or off (0).
+    pub const ACCEL_ENABLED: &str = "ACCEL_ENABLED";
+    /// `sk_msg`: `icsk_ulp_ops`'s offset in a TCP socket (u32; 0 unknown).
+    pub const ULP_OPS_OFFSET: &str = "ULP_OPS_OFFSET";
+    /// `sk_lookup` (per pod): the pod's netns cookie (u64).
+    pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
+    /// `sk_lookup` (per pod): whether the verifier lets it read `ingress_ifindex` (u8).
+    pub const SEES_INGRESS_IFINDEX: &str = "SEES_INGRESS_IFINDEX";
+}
+
 /// `AF_INET`, as stored in the `family` fields below.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as stored in the `family` fields below.

@@ -12,7 +12,7 @@ use redirect_user::{
     observe::status,
     policy::mesh::ISTIO,
     reconcile::NodeSettings,
-    sources::{KubeOptions, PodSource},
+    sources::{KubeOptions, SourceConfig},
 };
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
@@ -177,8 +177,8 @@ impl RunArgs {
             );
         }
         let source = match (self.pods, self.kubernetes) {
-            (Some(path), false) => PodSource::File(path),
-            (None, true) => PodSource::Kubernetes(KubeOptions {
+            (Some(path), false) => SourceConfig::File(path),
+            (None, true) => SourceConfig::Kubernetes(KubeOptions {
                 node_name: self.node_name.ok_or_else(|| {
                     anyhow::anyhow!(
                         "--kubernetes needs --node-name (or NODE_NAME from the downward API)"

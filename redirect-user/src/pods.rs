@@ -100,10 +100,12 @@ pub struct Desired {
     pub warnings: Vec<String>,
 }
 
-/// Why an entry is not a valid pod: unusable (cannot even tell which pod), a named pod whose
-/// entry is broken (cannot tell where it is, or its addresses: held as it is), or a known pod
-/// whose configuration is invalid.
-enum EntryError {
+/// Why an entry (a pods-file entry, or a pod from the API server) is not a valid pod: unusable
+/// (cannot even tell which pod), a named pod whose entry is broken (cannot tell where it is,
+/// or its addresses: held as it is; the pods file only), or a known pod whose configuration
+/// is invalid (never left uncaptured because of it).
+#[derive(Debug)]
+pub enum EntryError {
     Unusable(PodError),
     Held(PodKey, PodError),
     Invalid(Box<InvalidPod>),

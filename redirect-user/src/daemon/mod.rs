@@ -29,7 +29,7 @@ use crate::{
     kernel::probe,
     podns::netns::Resolver,
     reconcile::{NodeSettings, Reconciler},
-    sources::{self, PodSource, Published, SourceStats},
+    sources::{self, Published, SourceConfig, SourceStats},
 };
 
 mod cni_link;
@@ -42,7 +42,7 @@ use publish::Publisher;
 
 /// Everything `run` needs.
 pub struct RunOptions {
-    pub source: PodSource,
+    pub source: SourceConfig,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub status_file: PathBuf,

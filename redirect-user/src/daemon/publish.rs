@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_common::map_names;
+use redirect_common::{map_names, program_names};
 use tokio::sync::watch;
 
 use super::{engine::Pass, RunOptions};
@@ -149,9 +149,11 @@ impl Publisher {
             })
             .collect();
         if let Some(insns) = pass.inbound_insns {
-            status.programs.retain(|p| p.name != "rd_sk_lookup");
+            status
+                .programs
+                .retain(|p| p.name != program_names::SK_LOOKUP);
             status.programs.push(ProgramReport {
-                name: "rd_sk_lookup".into(),
+                name: program_names::SK_LOOKUP.into(),
                 hook: "sk_lookup (per pod)".into(),
                 verified_insns: Some(insns),
                 id: 0,

@@ -26,9 +26,9 @@ use aya::{
     },
     Btf, Ebpf, EbpfLoader,
 };
-use redirect_common::map_names;
+use redirect_common::{global_names as globals, map_names, program_names as programs};
 
-use crate::{kernel::bpf_sys, kernel::mounts};
+use crate::kernel::{bpf_sys, mounts};
 
 /// The node-wide kernel object built by build.rs from `redirect-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
@@ -60,79 +60,79 @@ struct ProgramDef {
 /// or DNS query is captured before its destination (or its reply's source) can be answered.
 const CGROUP_PROGRAMS: &[ProgramDef] = &[
     ProgramDef {
-        name: "rd_getsockopt",
+        name: programs::GETSOCKOPT,
         hook: "cgroup/getsockopt",
         kind: CgroupKind::Sockopt(bpf_sys::ATTACH_CGROUP_GETSOCKOPT),
         min_kernel: "5.15",
     },
     ProgramDef {
-        name: "rd_sock_release",
+        name: programs::SOCK_RELEASE,
         hook: "cgroup/sock_release",
         kind: CgroupKind::Sock,
         min_kernel: "5.9",
     },
     ProgramDef {
-        name: "rd_sock_create",
+        name: programs::SOCK_CREATE,
         hook: "cgroup/sock_create",
         kind: CgroupKind::Sock,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_setsockopt",
+        name: programs::SETSOCKOPT,
         hook: "cgroup/setsockopt",
         kind: CgroupKind::Sockopt(bpf_sys::ATTACH_CGROUP_SETSOCKOPT),
         min_kernel: "5.15",
     },
     ProgramDef {
-        name: "rd_sockops",
+        name: programs::SOCKOPS,
         hook: "sockops",
         kind: CgroupKind::SockOps,
         min_kernel: "5.15",
     },
     ProgramDef {
-        name: "rd_peername4",
+        name: programs::PEERNAME4,
         hook: "cgroup/getpeername4",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.8",
     },
     ProgramDef {
-        name: "rd_peername6",
+        name: programs::PEERNAME6,
         hook: "cgroup/getpeername6",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.8",
     },
     ProgramDef {
-        name: "rd_recvmsg4",
+        name: programs::RECVMSG4,
         hook: "cgroup/recvmsg4",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_recvmsg6",
+        name: programs::RECVMSG6,
         hook: "cgroup/recvmsg6",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_sendmsg4",
+        name: programs::SENDMSG4,
         hook: "cgroup/sendmsg4",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_sendmsg6",
+        name: programs::SENDMSG6,
         hook: "cgroup/sendmsg6",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_connect4",
+        name: programs::CONNECT4,
         hook: "cgroup/connect4",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
     },
     ProgramDef {
-        name: "rd_connect6",
+        name: programs::CONNECT6,
         hook: "cgroup/connect6",
         kind: CgroupKind::SockAddr,
         min_kernel: "5.7",
@@ -140,7 +140,12 @@ const CGROUP_PROGRAMS: &[ProgramDef] = &[
 ];
 
 /// The cgroup programs that send connections to a proxy; detached first on uninstall.
-const CAPTURE_PROGRAMS: &[&str] = &["rd_connect4", "rd_connect6", "rd_sendmsg4", "rd_sendmsg6"];
+const CAPTURE_PROGRAMS: &[&str] = &[
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+];
 
 pub use redirect_common::status::ProgramReport;
 
@@ -196,10 +201,10 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .btf(kernel_btf())
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
-        .override_global("INBOUND_PORT", &u32::from(opts.inbound_port), true)
-        .override_global("OUTBOUND_PORT", &u32::from(opts.outbound_port), true)
-        .override_global("ACCEL_ENABLED", &u32::from(opts.accel), true)
-        .override_global("ULP_OPS_OFFSET", &opts.ulp_ops_offset, true)
+        .override_global(globals::INBOUND_PORT, &u32::from(opts.inbound_port), true)
+        .override_global(globals::OUTBOUND_PORT, &u32::from(opts.outbound_port), true)
+        .override_global(globals::ACCEL_ENABLED, &u32::from(opts.accel), true)
+        .override_global(globals::ULP_OPS_OFFSET, &opts.ulp_ops_offset, true)
         .map_max_entries(map_names::ORIG_BY_COOKIE, opts.orig_dst_map_size)
         .map_max_entries(map_names::ORIG_BY_TUPLE, opts.orig_dst_map_size)
         .load(OBJECT)
@@ -275,7 +280,7 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
             .context("duplicating the SOCK_PAIRS fd")?
     };
     let prog: &mut SkMsg = ebpf
-        .program_mut("rd_sk_msg")
+        .program_mut(programs::SK_MSG)
         .ok_or_else(|| anyhow!("program rd_sk_msg missing from the object"))?
         .try_into()?;
     prog.load()
@@ -294,7 +299,7 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<ProgramReport> {
             .map_or("?".into(), |n| n.to_string())
     );
     Ok(ProgramReport {
-        name: "rd_sk_msg".into(),
+        name: programs::SK_MSG.into(),
         hook: "sk_msg (SOCK_PAIRS)".into(),
         verified_insns: info.verified_instruction_count(),
         id: info.id(),
@@ -445,12 +450,12 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
     let mut ebpf = EbpfLoader::new()
         .btf(kernel_btf())
         .default_map_pin_directory(pin_dir.join("maps"))
-        .override_global("POD_NETNS_COOKIE", &netns_cookie, true)
-        .override_global("SEES_INGRESS_IFINDEX", &sees_ingress, true)
+        .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
+        .override_global(globals::SEES_INGRESS_IFINDEX, &sees_ingress, true)
         .load(INBOUND_OBJECT)
         .context("loading the inbound (sk_lookup) object")?;
     let prog: &mut SkLookup = ebpf
-        .program_mut("rd_sk_lookup")
+        .program_mut(programs::SK_LOOKUP)
         .ok_or_else(|| anyhow!("program rd_sk_lookup missing from the inbound object"))?
         .try_into()?;
     prog.load()

@@ -32,7 +32,7 @@ use crate::{
 
 /// Where a pod's namespace was found, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Found {
+pub struct ByRoute {
     /// A file of the namespace (a bind mount or `/proc/PID/ns/net`).
     pub path: PathBuf,
     /// How, for logs and status: e.g. `route -> veth cali1 -> netns id 3`.
@@ -41,7 +41,7 @@ pub struct Found {
 
 /// Finds the namespace the node (the namespace of `node_netns`, or the daemon's own) routes
 /// `ip` into.
-pub fn find(ip: IpAddr, node_netns: Option<&Path>) -> Result<Found> {
+pub fn find(ip: IpAddr, node_netns: Option<&Path>) -> Result<ByRoute> {
     let mut rtnl = Rtnl::open(node_netns)?;
     let (oif, gateway) = rtnl.route_to(ip)?;
     if let Some(gw) = gateway {
@@ -84,7 +84,7 @@ pub fn find(ip: IpAddr, node_netns: Option<&Path>) -> Result<Found> {
     let path = namespace_with_id(&mut rtnl, nsid)?.with_context(|| {
         format!("no namespace file found for netns id {nsid} ({via}); is hostPID set?")
     })?;
-    Ok(Found { path, via })
+    Ok(ByRoute { path, via })
 }
 
 /// A link's kind as `ip link` names it (`veth`, `bridge`, ...).

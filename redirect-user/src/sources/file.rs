@@ -9,7 +9,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use super::{Published, Publisher};
+use super::{Published, PublishedTx};
 use crate::pods;
 
 /// What the source knows between two reads.
@@ -85,7 +85,7 @@ fn read(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 
 /// Follows the file until the daemon exits. Reading and parsing run off the async workers
 /// (a large file must not stall the metrics server or the CNI socket).
-pub async fn run(path: PathBuf, poll: Duration, tx: Publisher) {
+pub async fn run(path: PathBuf, poll: Duration, tx: PublishedTx) {
     let mut state = FileState::default();
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

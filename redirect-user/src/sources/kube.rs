@@ -22,9 +22,9 @@ use std::{
     sync::{atomic::Ordering, Arc},
 };
 
-use super::{Member, Membership, Published, Publisher, SourceStats};
+use super::{Member, Membership, Published, PublishedTx, SourceStats};
 use crate::{
-    pods::{Desired, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
+    pods::{Desired, EntryError, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
     policy::annotations::{self, CapturePolicy},
     policy::mesh::ISTIO,
 };
@@ -57,16 +57,7 @@ pub struct KubeOptions {
     pub api_url: Option<String>,
 }
 
-/// A pod that is in the mesh but cannot be served as it is.
-#[derive(Debug)]
-pub enum Rejected {
-    /// Its addresses cannot be read: which namespace is its is unknown.
-    Unusable(PodError),
-    /// Its capture configuration is invalid: never left uncaptured because of it.
-    Invalid(Box<InvalidPod>),
-}
-
-fn key_of_pod(pod: &Pod) -> PodKey {
+fn pod_key(pod: &Pod) -> PodKey {
     PodKey {
         namespace: pod
             .metadata
@@ -200,7 +191,7 @@ pub fn proxy_config(text: &str) -> Result<serde_yaml_ng::Value, String> {
 /// Whether the pod is in the mesh, with which configuration, whatever its phase; and the
 /// warnings its annotations give.
 pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
-    let key = key_of_pod(pod);
+    let key = pod_key(pod);
     let ann: BTreeMap<String, String> = pod.metadata.annotations.clone().unwrap_or_default();
     let outside = |why: &str| (Membership::Outside(why.to_string()), Vec::new());
     let spec = pod.spec.as_ref();
@@ -309,15 +300,15 @@ fn pod_ips(pod: &Pod, key: &PodKey) -> Result<Vec<IpAddr>, PodError> {
 
 /// One Pod as the daemon serves it now: not served (`None`: not in the mesh, no address yet,
 /// or finished), a mesh pod, or rejected.
-pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
+pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, EntryError> {
     let (membership, _) = membership(pod);
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(membership, Membership::Outside(_)) || matches!(phase, Some("Succeeded" | "Failed"))
     {
         return Ok(None);
     }
-    let key = key_of_pod(pod);
-    let ips = pod_ips(pod, &key).map_err(Rejected::Unusable)?;
+    let key = pod_key(pod);
+    let ips = pod_ips(pod, &key).map_err(EntryError::Unusable)?;
     let Some(first) = ips.first().copied() else {
         return Ok(None);
     };
@@ -328,7 +319,7 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, Rejected> {
             ips,
             policy: *policy,
         })),
-        Membership::Invalid(error) => Err(Rejected::Invalid(Box::new(InvalidPod {
+        Membership::Invalid(error) => Err(EntryError::Invalid(Box::new(InvalidPod {
             key,
             netns: NetnsRef::PodIp(first),
             ips,
@@ -381,7 +372,7 @@ fn publish(pods: &BTreeMap<String, Pod>, fetcher: &Fetcher) -> (Published, Vec<(
             Membership::Outside(_) => {}
         }
         members.insert(
-            key_of_pod(pod),
+            pod_key(pod),
             Member {
                 uid: pod.metadata.uid.clone(),
                 membership,
@@ -390,8 +381,9 @@ fn publish(pods: &BTreeMap<String, Pod>, fetcher: &Fetcher) -> (Published, Vec<(
         match pod_to_spec(pod) {
             Ok(Some(spec)) => d.pods.push(spec),
             Ok(None) => {}
-            Err(Rejected::Unusable(e)) => d.rejected.push(e),
-            Err(Rejected::Invalid(p)) => {
+            // A pod from the API server always has a name: never held.
+            Err(EntryError::Unusable(e) | EntryError::Held(_, e)) => d.rejected.push(e),
+            Err(EntryError::Invalid(p)) => {
                 d.rejected.push(p.error.clone());
                 d.invalid.push(*p);
             }
@@ -413,7 +405,12 @@ struct Recorder {
 impl Recorder {
     fn record(&mut self, pods: &BTreeMap<String, Pod>, notes: Vec<(Pod, String)>) {
         // Forget pods that are gone, so the set stays the size of the node's pods.
-        let identity = |p: &Pod| p.metadata.uid.clone().unwrap_or_else(|| key_of(p));
+        let identity = |p: &Pod| {
+            p.metadata
+                .uid
+                .clone()
+                .unwrap_or_else(|| pod_key(p).to_string())
+        };
         let live: BTreeSet<String> = pods.values().map(identity).collect();
         self.recorded.retain(|(id, _)| live.contains(id));
         for (pod, message) in notes {
@@ -421,7 +418,7 @@ impl Recorder {
             if !self.recorded.insert((uid.clone(), message.clone())) {
                 continue;
             }
-            let key = key_of_pod(&pod);
+            let key = pod_key(&pod);
             let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             );
@@ -463,17 +460,9 @@ impl Recorder {
     }
 }
 
-fn key_of(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
 /// Lists and watches this node's pods until the process ends, publishing the desired set
 /// after the first full list and after every change. `restarts` counts watch errors.
-pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> Result<()> {
+pub async fn run(opts: KubeOptions, tx: PublishedTx, stats: Arc<SourceStats>) -> Result<()> {
     let config = match &opts.api_url {
         Some(url) => Config::new(
             url.parse()
@@ -506,16 +495,16 @@ pub async fn run(opts: KubeOptions, tx: Publisher, stats: Arc<SourceStats>) -> R
             }
             Ok(watcher::Event::InitApply(p)) => {
                 if let Some(r) = relist.as_mut() {
-                    r.insert(key_of(&p), p);
+                    r.insert(pod_key(&p).to_string(), p);
                 }
                 continue;
             }
             Ok(watcher::Event::InitDone) => pods = relist.take().unwrap_or_default(),
             Ok(watcher::Event::Apply(p)) => {
-                pods.insert(key_of(&p), p);
+                pods.insert(pod_key(&p).to_string(), p);
             }
             Ok(watcher::Event::Delete(p)) => {
-                pods.remove(&key_of(&p));
+                pods.remove(&pod_key(&p).to_string());
             }
             Err(e) => {
                 stats.watch_restarts.fetch_add(1, Ordering::Relaxed);
@@ -606,7 +595,7 @@ mod tests {
         let mut p = base();
         p["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
             "http".into();
-        let Err(Rejected::Invalid(invalid)) = pod_to_spec(&pod(p)) else {
+        let Err(EntryError::Invalid(invalid)) = pod_to_spec(&pod(p)) else {
             panic!("a bad annotation must leave the pod known (to keep it captured)");
         };
         let e = &invalid.error;

@@ -21,19 +21,19 @@ use crate::{
 };
 
 /// Where the desired pods come from.
-pub enum PodSource {
+pub enum SourceConfig {
     /// A YAML pods file, followed while running.
     File(PathBuf),
     /// The Kubernetes API server (this node's pods).
     Kubernetes(KubeOptions),
 }
 
-impl PodSource {
+impl SourceConfig {
     /// What to call the source in status and logs.
     pub fn describe(&self) -> String {
         match self {
-            PodSource::File(p) => p.display().to_string(),
-            PodSource::Kubernetes(k) => format!("kubernetes (node {})", k.node_name),
+            SourceConfig::File(p) => p.display().to_string(),
+            SourceConfig::Kubernetes(k) => format!("kubernetes (node {})", k.node_name),
         }
     }
 }
@@ -114,7 +114,7 @@ impl Published {
 
 /// The sending side of a source's channel. `None` until the source has a first full set:
 /// before that the loop applies nothing and sweeps nothing.
-pub type Publisher = watch::Sender<Option<Published>>;
+pub type PublishedTx = watch::Sender<Option<Published>>;
 
 /// What the sources count for the metrics.
 #[derive(Debug, Default)]
@@ -128,16 +128,16 @@ pub struct SourceStats {
 
 /// Starts the source on the runtime; returns the channel it publishes on.
 pub fn spawn(
-    source: PodSource,
+    source: SourceConfig,
     poll: Duration,
     stats: Arc<SourceStats>,
 ) -> watch::Receiver<Option<Published>> {
     let (tx, rx) = watch::channel(None);
     match source {
-        PodSource::File(path) => {
+        SourceConfig::File(path) => {
             tokio::spawn(file::run(path, poll, tx));
         }
-        PodSource::Kubernetes(k) => {
+        SourceConfig::Kubernetes(k) => {
             tokio::spawn(async move {
                 if let Err(e) = kube::run(k, tx, stats.clone()).await {
                     log::error!("Kubernetes pod source stopped: {e:#}; still serving the last pods it listed, and /healthz fails so the daemon is restarted");
