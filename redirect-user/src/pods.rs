@@ -265,26 +265,40 @@ pub fn parse_file(bytes: &[u8]) -> Result<Desired, String> {
     Ok(desired)
 }
 
-/// Where the entry says its network namespace is: `(field, reason)` when it does not say
-/// it usably.
-fn netns_ref(netns: Option<PathBuf>, pid: Option<u32>) -> Result<NetnsRef, (&'static str, String)> {
-    match (netns, pid) {
-        (Some(p), None) if !p.is_absolute() => {
-            Err(("netns", format!("{} is not an absolute path", p.display())))
-        }
-        (Some(p), None) => Ok(NetnsRef::Path(p)),
-        (None, Some(0)) => Err(("pid", "0 is not a process".into())),
-        (None, Some(pid)) => Ok(NetnsRef::Pid(pid)),
-        (Some(_), Some(_)) => Err(("netns", "give either netns or pid, not both".into())),
-        (None, None) => Err(("netns", "missing: give netns (a path) or pid".into())),
+/// A field of a pods-file entry that is wrong, and why (the entry's name is added by the
+/// caller, which makes a [`PodError`] of it).
+struct FieldError {
+    field: String,
+    reason: String,
+}
+
+fn field_error(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        reason: reason.into(),
     }
 }
 
-/// The entry's addresses, each once: `(field, reason)` for the first bad one.
-fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
+/// Where the entry says its network namespace is, or why it does not say it usably.
+fn netns_ref(netns: Option<PathBuf>, pid: Option<u32>) -> Result<NetnsRef, FieldError> {
+    match (netns, pid) {
+        (Some(p), None) if !p.is_absolute() => Err(field_error(
+            "netns",
+            format!("{} is not an absolute path", p.display()),
+        )),
+        (Some(p), None) => Ok(NetnsRef::Path(p)),
+        (None, Some(0)) => Err(field_error("pid", "0 is not a process")),
+        (None, Some(pid)) => Ok(NetnsRef::Pid(pid)),
+        (Some(_), Some(_)) => Err(field_error("netns", "give either netns or pid, not both")),
+        (None, None) => Err(field_error("netns", "missing: give netns (a path) or pid")),
+    }
+}
+
+/// The entry's addresses, each once, or the first bad one and why.
+fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, FieldError> {
     if ips.len() > MAX_POD_IPS {
-        return Err((
-            "ips".into(),
+        return Err(field_error(
+            "ips",
             format!(
                 "{} addresses; a pod may list at most {MAX_POD_IPS}",
                 ips.len()
@@ -293,12 +307,14 @@ fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
     }
     let mut out = Vec::new();
     for (j, ip) in ips.iter().enumerate() {
-        let addr: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| (format!("ips[{j}]"), format!("{ip:?} is not an IP address")))?;
+        let addr: IpAddr = ip.trim().parse().map_err(|_| {
+            field_error(format!("ips[{j}]"), format!("{ip:?} is not an IP address"))
+        })?;
         if out.contains(&addr) {
-            return Err((format!("ips[{j}]"), format!("{addr} is listed twice")));
+            return Err(field_error(
+                format!("ips[{j}]"),
+                format!("{addr} is listed twice"),
+            ));
         }
         out.push(addr);
     }
@@ -306,23 +322,26 @@ fn addresses(ips: &[String]) -> Result<Vec<IpAddr>, (String, String)> {
 }
 
 /// The pod an entry names, if its `name` (and `namespace`, when given) are usable names.
-fn key_of(entry: &serde_yaml_ng::Value) -> Result<PodKey, (&'static str, String)> {
+fn key_of(entry: &serde_yaml_ng::Value) -> Result<PodKey, FieldError> {
     let text = |field: &'static str| match entry.get(field) {
         None if field == "namespace" => Ok(default_namespace()),
-        None => Err((field, "missing".to_string())),
+        None => Err(field_error(field, "missing")),
         Some(serde_yaml_ng::Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err((field, "must be a string".to_string())),
+        Some(_) => Err(field_error(field, "must be a string")),
     };
     let (name, namespace) = (text("name")?, text("namespace")?);
     for (field, value) in [("name", &name), ("namespace", &namespace)] {
         if value.is_empty() || value.len() > MAX_NAME_LEN {
-            return Err((field, format!("must be 1-{MAX_NAME_LEN} characters")));
+            return Err(field_error(
+                field,
+                format!("must be 1-{MAX_NAME_LEN} characters"),
+            ));
         }
         if value
             .chars()
             .any(|c| c.is_control() || c == '/' || c.is_whitespace())
         {
-            return Err((
+            return Err(field_error(
                 field,
                 format!("{value:?} has a character not allowed in a name"),
             ));
@@ -348,7 +367,7 @@ fn parse_entry(
         field: field.into(),
         reason,
     };
-    let key = key_of(entry).map_err(|(field, reason)| err(field, reason))?;
+    let key = key_of(entry).map_err(|e| err(&e.field, e.reason))?;
     // From here on the pod is known: a broken entry holds what is applied for it.
     let held = |e: PodError| EntryError::Held(key.clone(), e);
     let raw: RawPod = serde_yaml_ng::from_value(entry.clone()).map_err(|e| {
@@ -361,9 +380,8 @@ fn parse_entry(
             .unwrap_or("entry");
         held(err(field, msg.clone()))
     })?;
-    let netns =
-        netns_ref(raw.netns, raw.pid).map_err(|(field, reason)| held(err(field, reason)))?;
-    let ips = addresses(&raw.ips).map_err(|(field, reason)| held(err(&field, reason)))?;
+    let netns = netns_ref(raw.netns, raw.pid).map_err(|e| held(err(&e.field, e.reason)))?;
+    let ips = addresses(&raw.ips).map_err(|e| held(err(&e.field, e.reason)))?;
     let parsed = match annotations::parse(&raw.annotations) {
         Ok(p) => p,
         Err(e) => {

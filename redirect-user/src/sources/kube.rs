@@ -77,53 +77,65 @@ fn istio_proxy(pod: &Pod) -> Option<&Container> {
         .find(|c| c.name == ISTIO_PROXY)
 }
 
+/// A setting of the pod and where it was read (for an error that names it).
+#[derive(Debug, Clone, Default)]
+struct Setting {
+    value: String,
+    from: String,
+}
+
+/// A setting of the pod that is invalid: where it was read, and why.
+#[derive(Debug)]
+struct SettingError {
+    from: String,
+    reason: String,
+}
+
 /// The pod's interception mode and where it was read, by Istio's precedence.
-fn interception_mode(pod: &Pod, ann: &BTreeMap<String, String>) -> Option<(String, String)> {
+fn interception_mode(pod: &Pod, ann: &BTreeMap<String, String>) -> Option<Setting> {
     if let Some(m) = ann.get(INTERCEPTION_MODE) {
-        return Some((
-            m.trim().to_string(),
-            format!("annotation {INTERCEPTION_MODE}"),
-        ));
+        return Some(Setting {
+            value: m.trim().to_string(),
+            from: format!("annotation {INTERCEPTION_MODE}"),
+        });
     }
     let env = istio_proxy(pod)
         .and_then(|c| c.env.as_ref())
         .and_then(|env| env.iter().find(|e| e.name == INTERCEPTION_MODE_ENV))
         .and_then(|e| e.value.clone());
     if let Some(m) = env {
-        return Some((
-            m.trim().to_string(),
-            format!("istio-proxy env {INTERCEPTION_MODE_ENV}"),
-        ));
+        return Some(Setting {
+            value: m.trim().to_string(),
+            from: format!("istio-proxy env {INTERCEPTION_MODE_ENV}"),
+        });
     }
     let doc = proxy_config(ann.get(PROXY_CONFIG)?).ok()?;
     let m = doc.get("interceptionMode")?.as_str()?;
-    Some((
-        m.trim().to_string(),
-        format!("annotation {PROXY_CONFIG} interceptionMode"),
-    ))
+    Some(Setting {
+        value: m.trim().to_string(),
+        from: format!("annotation {PROXY_CONFIG} interceptionMode"),
+    })
 }
 
 /// A proxy setting as Istio passes it to its iptables setup: the istio-proxy container's
-/// environment, else `proxyMetadata` in the `proxy.istio.io/config` annotation. Returns the
-/// value and where it was read.
-fn proxy_setting(
-    pod: &Pod,
-    ann: &BTreeMap<String, String>,
-    name: &str,
-) -> Option<(String, String)> {
+/// environment, else `proxyMetadata` in the `proxy.istio.io/config` annotation.
+fn proxy_setting(pod: &Pod, ann: &BTreeMap<String, String>, name: &str) -> Option<Setting> {
     let env = istio_proxy(pod)
         .and_then(|c| c.env.as_ref())
         .and_then(|env| env.iter().find(|e| e.name == name))
         .and_then(|e| e.value.clone());
-    if let Some(v) = env {
-        return Some((v, format!("istio-proxy env {name}")));
+    if let Some(value) = env {
+        return Some(Setting {
+            value,
+            from: format!("istio-proxy env {name}"),
+        });
     }
     let doc = proxy_config(ann.get(PROXY_CONFIG)?).ok()?;
     let v = doc.get("proxyMetadata")?.get(name)?.as_str()?;
-    Some((
-        v.to_string(),
-        format!("annotation {PROXY_CONFIG} proxyMetadata.{name}"),
-    ))
+    Some(Setting {
+        value: v.to_string(),
+        from: format!("annotation {PROXY_CONFIG} proxyMetadata.{name}"),
+    })
 }
 
 /// The owner-group filter Istio's `ISTIO_OUTBOUND_OWNER_GROUPS` (`_EXCLUDE`) give the pod, if
@@ -131,14 +143,14 @@ fn proxy_setting(
 fn owner_groups_of(
     pod: &Pod,
     ann: &BTreeMap<String, String>,
-) -> Option<Result<annotations::OwnerGroups, (String, String)>> {
+) -> Option<Result<annotations::OwnerGroups, SettingError>> {
     let include = proxy_setting(pod, ann, OWNER_GROUPS_ENV);
     let exclude = proxy_setting(pod, ann, OWNER_GROUPS_EXCLUDE_ENV);
     if include.is_none() && exclude.is_none() {
         return None;
     }
-    fn value(s: &Option<(String, String)>) -> Option<&str> {
-        s.as_ref().map(|(v, _)| v.as_str())
+    fn value(s: &Option<Setting>) -> Option<&str> {
+        s.as_ref().map(|s| s.value.as_str())
     }
     Some(
         annotations::owner_groups(value(&include), value(&exclude)).map_err(|reason| {
@@ -146,8 +158,11 @@ fn owner_groups_of(
                 Err(_) => include.as_ref(),
                 Ok(_) => exclude.as_ref(),
             };
-            let (v, from) = failed.cloned().unwrap_or_default();
-            (from, format!("{v:?}: {reason}"))
+            let Setting { value, from } = failed.cloned().unwrap_or_default();
+            SettingError {
+                from,
+                reason: format!("{value:?}: {reason}"),
+            }
         }),
     )
 }
@@ -171,13 +186,12 @@ fn proxy_ids(pod: &Pod) -> Result<(u32, u32), String> {
 }
 
 /// `ISTIO_META_DNS_CAPTURE` from the istio-proxy container's environment or `proxyMetadata`
-/// (`None`: not set); a bad value is `Err((field, reason))`.
-fn dns_capture_of(
-    pod: &Pod,
-    ann: &BTreeMap<String, String>,
-) -> Result<Option<bool>, (String, String)> {
+/// (`None`: not set); a bad value is an error naming where it was read.
+fn dns_capture_of(pod: &Pod, ann: &BTreeMap<String, String>) -> Result<Option<bool>, SettingError> {
     proxy_setting(pod, ann, DNS_CAPTURE_ENV)
-        .map(|(v, from)| annotations::go_bool(&v).map_err(|reason| (from, reason)))
+        .map(|Setting { value, from }| {
+            annotations::go_bool(&value).map_err(|reason| SettingError { from, reason })
+        })
         .transpose()
 }
 
@@ -226,8 +240,8 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
         return invalid(format!("annotations[{PROXY_CONFIG:?}]"), e.to_string());
     }
     let mode = interception_mode(pod, &ann);
-    let tproxy = mode.as_ref().is_some_and(|(m, _)| m == "TPROXY");
-    if let Some((mode, from)) = mode {
+    let tproxy = mode.as_ref().is_some_and(|m| m.value == "TPROXY");
+    if let Some(Setting { value: mode, from }) = mode {
         match mode.as_str() {
             "REDIRECT" | "TPROXY" => {}
             "NONE" => return outside("interception mode NONE"),
@@ -245,11 +259,11 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     };
     let groups = match owner_groups_of(pod, &ann).transpose() {
         Ok(g) => g,
-        Err((field, reason)) => return invalid(field, reason),
+        Err(SettingError { from, reason }) => return invalid(from, reason),
     };
     let dns = match dns_capture_of(pod, &ann) {
         Ok(d) => d,
-        Err((field, reason)) => return invalid(field, reason),
+        Err(SettingError { from, reason }) => return invalid(from, reason),
     };
     match annotations::parse(&ann) {
         Ok(parsed) => {
