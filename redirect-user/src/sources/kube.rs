@@ -476,6 +476,16 @@ impl Recorder {
 
 /// Lists and watches this node's pods until the process ends, publishing the desired set
 /// after the first full list and after every change. `restarts` counts watch errors.
+///
+/// The store is the twenty lines of the loop below rather than kube-runtime's `reflector`, on
+/// purpose: a relist (`Init` .. `InitDone`) is gathered apart and swapped in whole, so a
+/// half-listed node is never published (pods missing from it would lose their capture); the
+/// set is a map ordered by `namespace/name`, which `publish` walks in that order so that two
+/// equal sets publish equal results; and each event says which pod changed, which the work
+/// per change (the scale issue) will use, where a store's snapshot would hide it. The
+/// reflector's store swaps at `InitDone` too, but the loop would still have to look at each
+/// event to know when to publish, and turn the snapshot's `Vec<Arc<Pod>>` back into the
+/// ordered map on every event.
 pub async fn run(opts: KubeOptions, tx: PublishedTx, stats: Arc<SourceStats>) -> Result<()> {
     let config = match &opts.api_url {
         Some(url) => Config::new(
