@@ -391,18 +391,19 @@ fn json_logs_are_one_object_per_line() {
     );
 }
 
-/// The README's program table (name, verifier instructions on the kernel its header names)
-/// is what `redirectd status` reports: on that kernel every count must equal the table's,
-/// so the table cannot drift from the code; on another kernel every program of the table is
-/// still loaded and reported with a count, and the counts are printed.
+/// docs/design.md's program table (name, verifier instructions on the kernel its header
+/// names) is what `redirectd status` reports: on that kernel every count must equal the
+/// table's, so the table cannot drift from the code; on another kernel every program of the
+/// table is still loaded and reported with a count, and the counts are printed.
 #[test]
-fn readme_program_table_is_what_status_reports() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md");
+fn program_table_is_what_status_reports() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
+            .expect("docs/design.md");
     let header = readme
         .lines()
         .find(|l| l.starts_with("| program | hook | role | verifier instructions ("))
-        .expect("the README's program table");
+        .expect("the program table of docs/design.md");
     let table_kernel = header
         .rsplit_once('(')
         .and_then(|(_, k)| k.split_once(')'))
@@ -448,27 +449,27 @@ fn readme_program_table_is_what_status_reports() {
         let p = programs
             .iter()
             .find(|p| &p.name == name)
-            .unwrap_or_else(|| panic!("{name} is in the README but not in status: {programs:?}"));
+            .unwrap_or_else(|| panic!("{name} is in the table but not in status: {programs:?}"));
         let got = p.verified_insns.expect("a verifier count (5.16+)");
         println!(
-            "{name}: README {count}, this kernel ({}) {got}",
+            "{name}: table {count}, this kernel ({}) {got}",
             release.trim()
         );
         if got != *count {
-            differ.push(format!("{name}: README {count}, status {got}"));
+            differ.push(format!("{name}: table {count}, status {got}"));
         }
     }
     for p in &programs {
         assert!(
             expected.iter().any(|(n, _)| n == &p.name),
-            "{} is loaded but not in the README's table",
+            "{} is loaded but not in the table",
             p.name
         );
     }
     if same_kernel {
         assert!(
             differ.is_empty(),
-            "the README's table has drifted: {differ:?}"
+            "the table in docs/design.md has drifted: {differ:?}"
         );
     }
 }
