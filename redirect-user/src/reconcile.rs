@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::{
     kernel::datapath::PodMaps,
+    podns::interfaces::NamespaceView,
     pods::{PodKey, PodSpec},
     policy::room::{self, Usage},
     policy::rules::PodRules,
@@ -38,6 +39,8 @@ pub struct NodeSettings {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub spec: PodSpec,
+    /// What its namespace showed on this pass (its rules depend on it).
+    pub view: NamespaceView,
     pub netns_cookie: u64,
     /// A file of the pod's network namespace.
     pub netns_path: PathBuf,
@@ -210,10 +213,9 @@ impl Reconciler {
                 continue;
             }
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
-            let compiled = r
-                .rejected
-                .is_none()
-                .then(|| PodRules::compile(&r.spec.policy, &r.spec.ips, &self.node.proxy_ports));
+            let compiled = r.rejected.is_none().then(|| {
+                PodRules::compile(&r.spec.policy, &r.view, &r.spec.ips, &self.node.proxy_ports)
+            });
             // Rules over the per-pod limit are a rejected configuration like a typo.
             let rejected = r.rejected.clone().or_else(|| {
                 compiled
@@ -653,6 +655,7 @@ mod tests {
                     ..Default::default()
                 },
             },
+            view: Default::default(),
             netns_cookie: cookie,
             netns_path: PathBuf::from(format!("/run/netns/{name}")),
             rejected: None,

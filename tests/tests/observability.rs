@@ -397,9 +397,8 @@ fn json_logs_are_one_object_per_line() {
 /// table is still loaded and reported with a count, and the counts are printed.
 #[test]
 fn program_table_is_what_status_reports() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
-            .expect("docs/design.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
+        .expect("docs/design.md");
     let header = readme
         .lines()
         .find(|l| l.starts_with("| program | hook | role | verifier instructions ("))

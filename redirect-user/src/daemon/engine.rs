@@ -8,6 +8,7 @@ use redirect_common::PodCounters;
 
 use crate::{
     kernel::datapath::Datapath,
+    podns::interfaces::NamespaceView,
     podns::netns::Resolver,
     pods::{Desired, PodKey, PodSpec},
     policy::annotations::CapturePolicy,
@@ -159,14 +160,15 @@ impl Engine {
             valid.map(|(p, r)| (p.clone(), r)).chain(invalid).collect();
         for (spec, rejected) in all {
             let found = self.resolver.resolve(&spec.netns).and_then(|found| {
-                let spec = self.host_view(spec.clone(), &found.path)?;
-                Ok((found, spec))
+                let (spec, view) = self.host_view(spec.clone(), &found.path)?;
+                Ok((found, spec, view))
             });
             match found {
-                Ok((found, spec)) => {
+                Ok((found, spec, view)) => {
                     out.netns.insert(spec.key.clone(), found.description);
                     out.resolved.push(Resolved {
                         spec,
+                        view,
                         netns_cookie: found.cookie,
                         netns_path: found.path,
                         rejected,
@@ -192,33 +194,42 @@ impl Engine {
     /// groups translated to host ids through the pod's id maps. A pod whose namespace or maps
     /// cannot be read yet, or lack the proxy's id, is retried (what is applied for it stays; a
     /// new one is not served, never served with the wrong uid).
-    pub(super) fn host_view(&self, mut spec: PodSpec, netns: &std::path::Path) -> Result<PodSpec> {
-        self.namespace_view(&mut spec, netns)?;
+    pub(super) fn host_view(
+        &self,
+        mut spec: PodSpec,
+        netns: &std::path::Path,
+    ) -> Result<(PodSpec, NamespaceView)> {
+        let view = self.namespace_view(&spec, netns)?;
         if let Some(ids) = crate::podns::userns::of_netns(netns).context("its user namespace")? {
             let (uid, gid) = self.proxy_ids;
             spec.policy = crate::podns::userns::translate(&spec.policy, &ids, uid, gid)
                 .with_context(|| format!("its user namespace (ids read from pid {})", ids.pid))?;
         }
-        Ok(spec)
+        Ok((spec, view))
     }
 
     /// What the pod's namespace says or needs, through one rtnetlink socket bound there: its
     /// excluded interfaces' routes and addresses, its VM interfaces' indexes (their TCP routed
     /// to the proxy), TPROXY's routing (each made sure of, idempotently).
-    pub(super) fn namespace_view(&self, spec: &mut PodSpec, netns: &std::path::Path) -> Result<()> {
-        let p = &mut spec.policy;
+    pub(super) fn namespace_view(
+        &self,
+        spec: &PodSpec,
+        netns: &std::path::Path,
+    ) -> Result<NamespaceView> {
+        let p = &spec.policy;
+        let mut view = NamespaceView::default();
         let by_name = !p.exclude_interfaces.is_empty() || !p.vm_interfaces.is_empty();
         if !by_name && !p.tproxy {
-            return Ok(());
+            return Ok(view);
         }
         let ns =
             std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let mut rtnl = crate::podns::rtnl::Rtnl::open_in(&ns)?;
         let links = if by_name { rtnl.links()? } else { Vec::new() };
         if !p.exclude_interfaces.is_empty() {
-            let view = crate::podns::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)
+            let excluded = crate::podns::interfaces::read(&mut rtnl, &links, &p.exclude_interfaces)
                 .context("reading its excluded interfaces")?;
-            p.interfaces = Some(view);
+            view.interfaces = Some(excluded);
         }
         if !p.vm_interfaces.is_empty() {
             let (names, port) = (&p.vm_interfaces, self.outbound_port);
@@ -228,7 +239,7 @@ impl Engine {
                 let added = vm.added.join(", ");
                 log::info!("pod {}: VM interfaces set up: {added}", spec.key);
             }
-            p.vm_ifindexes = vm.ifindexes;
+            view.vm_ifindexes = vm.ifindexes;
         }
         if p.tproxy {
             let added = crate::podns::tproxy::prepare(&ns, &mut rtnl, &self.proc_sys_net)
@@ -237,7 +248,7 @@ impl Engine {
                 log::info!("pod {}: TPROXY set up: {}", spec.key, added.join(", "));
             }
         }
-        Ok(())
+        Ok(view)
     }
 
     /// Removes map entries and inbound links that no applied pod owns, then lets slots the

@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::{net::Cidr, podns::rtnl::Rtnl};
 
+/// What a pod's namespace showed on this pass that its rules depend on: read by the daemon,
+/// never from the pod's configuration, and passed to the rules' compilation beside the
+/// pod's policy (a change in it re-applies the pod as a change of policy would).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceView {
+    /// Its `excludeInterfaces`' routes and addresses (`None`: it has none to read).
+    pub interfaces: Option<InterfaceView>,
+    /// Its VM interfaces' (`kubevirtInterfaces`) indexes.
+    pub vm_ifindexes: BTreeSet<u32>,
+}
+
 /// A pod's interfaces as the rules need them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceView {

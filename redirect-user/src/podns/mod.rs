@@ -2,7 +2,7 @@
 //! ([`nsenter`]), talking rtnetlink in it ([`rtnl`]), what it shows ([`interfaces`], [`userns`],
 //! [`listeners`], [`procfs`]) and what is set up in it ([`tproxy`], [`vm_ifaces`]).
 
-pub(crate) mod interfaces;
+pub mod interfaces;
 pub(crate) mod listeners;
 pub(crate) mod netns;
 pub(crate) mod netns_by_route;

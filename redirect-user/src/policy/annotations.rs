@@ -195,17 +195,10 @@ pub struct CapturePolicy {
     /// `kubevirtInterfaces` (and `reroute-virtual-interfaces`): names.
     #[serde(default)]
     pub vm_interfaces: BTreeSet<String>,
-    /// Those interfaces' indexes in the pod's namespace: read by the daemon on each pass.
-    #[serde(skip)]
-    pub vm_ifindexes: BTreeSet<u32>,
     /// Interception mode TPROXY: the proxy reaches the application from the client's address
     /// (its sockets marked 1337 go direct), and the pod gets TPROXY's policy routing.
     #[serde(default)]
     pub tproxy: bool,
-    /// What those interfaces are in the pod's namespace: read by the daemon on each pass,
-    /// never from the pod's configuration.
-    #[serde(skip)]
-    pub interfaces: Option<crate::podns::interfaces::InterfaceView>,
 }
 
 impl Default for CapturePolicy {
@@ -228,9 +221,7 @@ impl Default for CapturePolicy {
             dns_capture: false,
             tproxy: false,
             vm_interfaces: BTreeSet::new(),
-            vm_ifindexes: BTreeSet::new(),
             exclude_interfaces: BTreeSet::new(),
-            interfaces: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use redirect_common::{
     PORT_VM_IFACE,
 };
 
+use crate::podns::interfaces::NamespaceView;
 use crate::policy::annotations::{
     CapturePolicy, Cidr, OwnerGroups, PortSelection, RangeSelection, DEFAULT_STATUS_PORT,
 };
@@ -42,7 +43,12 @@ pub struct PodRules {
 
 impl PodRules {
     /// Compiles a pod's policy and addresses. `proxy_ports` are never captured inbound.
-    pub fn compile(policy: &CapturePolicy, ips: &[IpAddr], proxy_ports: &[u16]) -> Self {
+    pub fn compile(
+        policy: &CapturePolicy,
+        view: &NamespaceView,
+        ips: &[IpAddr],
+        proxy_ports: &[u16],
+    ) -> Self {
         let mut r = PodRules::default();
         let ports = |r: &mut PodRules, kind, set: &BTreeSet<u16>| {
             r.ports.extend(set.iter().map(|p| (kind, *p)));
@@ -94,14 +100,13 @@ impl PodRules {
             // Indexes past u16 cannot be keyed; the daemon refuses such a pod before this.
             r.flags |= POD_FLAG_VM_IFACES;
             r.ports.extend(
-                policy
-                    .vm_ifindexes
+                view.vm_ifindexes
                     .iter()
                     .filter_map(|i| u16::try_from(*i).ok())
                     .map(|i| (PORT_VM_IFACE, i)),
             );
         }
-        r.interfaces(policy);
+        r.interfaces(policy, view);
         r.owner_groups(&policy.owner_groups);
         // Let the programs skip lookups a pod has no rules for.
         let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
@@ -121,12 +126,12 @@ impl PodRules {
 impl PodRules {
     /// `excludeInterfaces`: the flag, and the pod's routes and excluded interfaces' addresses
     /// as the daemon read them.
-    fn interfaces(&mut self, policy: &CapturePolicy) {
+    fn interfaces(&mut self, policy: &CapturePolicy, view: &NamespaceView) {
         if policy.exclude_interfaces.is_empty() {
             return;
         }
         self.flags |= POD_FLAG_EXCLUDED_IFACES;
-        let Some(view) = &policy.interfaces else {
+        let Some(view) = &view.interfaces else {
             return;
         };
         self.addrs.extend(view.routes.iter().map(|(c, excluded)| {
@@ -189,7 +194,7 @@ impl PodRules {
             fail_closed: true,
             ..CapturePolicy::default()
         };
-        let mut r = Self::compile(&policy, ips, proxy_ports);
+        let mut r = Self::compile(&policy, &NamespaceView::default(), ips, proxy_ports);
         r.flags |= POD_FLAG_REJECTED;
         r
     }
@@ -234,7 +239,7 @@ mod tests {
             .collect();
         let policy = annotations::parse(&map).expect("valid annotations").policy;
         let ips: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
-        PodRules::compile(&policy, &ips, &PROXY_PORTS)
+        PodRules::compile(&policy, &NamespaceView::default(), &ips, &PROXY_PORTS)
     }
 
     fn cidr(s: &str) -> Cidr {
@@ -389,7 +394,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             let policy = annotations::parse(&map).unwrap().policy;
-            let r = PodRules::compile(&policy, &[], &node);
+            let r = PodRules::compile(&policy, &NamespaceView::default(), &[], &node);
             r.ports
                 .iter()
                 .filter(|(k, _)| *k == PORT_EXCLUDE_INBOUND)
@@ -424,7 +429,12 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            PodRules::compile(&annotations::parse(&map).unwrap().policy, &[], &[])
+            PodRules::compile(
+                &annotations::parse(&map).unwrap().policy,
+                &NamespaceView::default(),
+                &[],
+                &[],
+            )
         };
         let all = compile(&[]);
         assert_eq!(
@@ -450,7 +460,7 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let policy = annotations::parse(&map).unwrap().policy;
-        let r = PodRules::compile(&policy, &[], &[]);
+        let r = PodRules::compile(&policy, &NamespaceView::default(), &[], &[]);
         assert_ne!(r.flags & POD_FLAG_FAIL_CLOSED, 0);
         assert_ne!(r.flags & POD_FLAG_NO_ACCEL, 0);
         assert_eq!(
@@ -460,7 +470,12 @@ mod tests {
         );
         let dns: BTreeMap<String, String> =
             [("redirectd.dev/dnsCapture".into(), "true".into())].into();
-        let r = PodRules::compile(&annotations::parse(&dns).unwrap().policy, &[], &[]);
+        let r = PodRules::compile(
+            &annotations::parse(&dns).unwrap().policy,
+            &NamespaceView::default(),
+            &[],
+            &[],
+        );
         assert_ne!(r.flags & POD_FLAG_DNS_CAPTURE, 0);
     }
 

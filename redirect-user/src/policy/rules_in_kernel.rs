@@ -13,7 +13,7 @@ use redirect_ebpf::{
 };
 
 use super::{annotations, rules::PodRules};
-use crate::net::Cidr;
+use crate::{net::Cidr, podns::interfaces::NamespaceView};
 
 /// A pod's compiled rules as the kernel would hold them for slot [`POD_ID`].
 #[derive(Clone, Copy)]
@@ -70,13 +70,18 @@ const PROXY_PORTS: [u16; 6] = [15001, 15006, 15008, 15020, 15021, 15090];
 
 /// A mesh pod with addresses 10.0.0.5 and fd00::5 and these annotations.
 fn pod(annotations: &[(&str, &str)]) -> PodRules {
+    pod_seeing(annotations, &NamespaceView::default())
+}
+
+/// [`pod`], its namespace showing `view`.
+fn pod_seeing(annotations: &[(&str, &str)], view: &NamespaceView) -> PodRules {
     let ann = annotations
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let policy = annotations::parse(&ann).expect("valid annotations").policy;
     let ips: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
-    PodRules::compile(&policy, &ips, &PROXY_PORTS)
+    PodRules::compile(&policy, view, &ips, &PROXY_PORTS)
 }
 
 fn config(rules: &PodRules) -> PodConfig {
@@ -136,11 +141,16 @@ fn outbound(rules: &PodRules, caller: Caller, dst: &str) -> Outbound {
 }
 
 fn inbound(rules: &PodRules, port: u16) -> Inbound {
+    inbound_to(rules, "10.0.0.5", port)
+}
+
+fn inbound_to(rules: &PodRules, local: &str, port: u16) -> Inbound {
+    let local: IpAddr = local.parse().unwrap();
     policy::inbound(
         Compiled(rules),
         &config(rules),
         port,
-        endpoint("10.0.0.5:1").addr16(),
+        endpoint(&std::net::SocketAddr::new(local, 1).to_string()).addr16(),
     )
 }
 
@@ -311,4 +321,65 @@ fn local_to_pod() {
             "{addr}"
         );
     }
+}
+
+/// `excludeInterfaces` as the daemon reads the pod's namespace: a destination the pod's main
+/// table routes through an excluded interface (the longest route decides) goes direct, others
+/// are captured; a connection arriving at an excluded interface's own address is not captured
+/// inbound. Without the view read yet, nothing is excluded by route.
+#[test]
+fn excluded_interfaces_by_the_namespace_view() {
+    let ann = [(annotations::EXCLUDE_INTERFACES, "net1")];
+    let cidr = |c: &str| c.parse::<Cidr>().unwrap();
+    let view = NamespaceView {
+        interfaces: Some(crate::podns::interfaces::InterfaceView {
+            routes: [
+                (cidr("0.0.0.0/0"), false),
+                (cidr("10.0.0.0/24"), false),
+                (cidr("192.168.5.0/24"), true),
+                (cidr("192.168.5.128/25"), false),
+            ]
+            .into(),
+            local: ["192.168.5.2".parse().unwrap()].into(),
+        }),
+        vm_ifindexes: Default::default(),
+    };
+    let r = pod_seeing(&ann, &view);
+    assert_eq!(outbound(&r, App, "192.168.5.7:80"), Direct);
+    assert_eq!(
+        outbound(&r, App, "192.168.5.200:80"),
+        Capture,
+        "a longer route elsewhere"
+    );
+    assert_eq!(outbound(&r, App, "10.0.0.9:80"), Capture);
+    assert_eq!(outbound(&r, App, "8.8.8.8:80"), Capture);
+    assert_eq!(inbound_to(&r, "192.168.5.2", 8080), Inbound::Direct);
+    assert_eq!(inbound_to(&r, "10.0.0.5", 8080), Inbound::Capture);
+    let unread = pod_seeing(&ann, &NamespaceView::default());
+    assert_eq!(outbound(&unread, App, "192.168.5.7:80"), Capture);
+}
+
+/// A VM interface's index in the view becomes the port rule `sk_lookup` checks.
+#[test]
+fn vm_interfaces_by_the_namespace_view() {
+    let view = NamespaceView {
+        interfaces: None,
+        vm_ifindexes: [7, 70_000].into(),
+    };
+    let r = pod_seeing(&[(annotations::KUBEVIRT_INTERFACES, "tap0")], &view);
+    let t = Compiled(&r);
+    assert!(policy::has_port_rule(
+        t,
+        POD_ID,
+        7,
+        redirect_common::PORT_VM_IFACE
+    ));
+    // An index past u16 cannot be keyed (the daemon refuses such a pod before this).
+    assert!(r.ports.iter().all(|(_, p)| *p != (70_000u32 as u16)));
+    assert!(!policy::has_port_rule(
+        t,
+        POD_ID,
+        8,
+        redirect_common::PORT_VM_IFACE
+    ));
 }
