@@ -1,6 +1,7 @@
 //! Builds the eBPF object (`redirect-ebpf`, for bpfel-unknown-none) with aya-build and leaves
 //! it in OUT_DIR, where `src/loader.rs` embeds it. `AYA_BUILD_SKIP=1` skips it (for
-//! `cargo check`, clippy and rust-analyzer without bpf-linker).
+//! `cargo check`, clippy and rust-analyzer without bpf-linker). The toolchain is the one pinned
+//! in `redirect-ebpf/rust-toolchain.toml`.
 //!
 //! aya-build relays every line the nested cargo prints as a `cargo:warning`, so a good build
 //! showed about 60 "warning: redirect-user@0.1.0: Compiling ..." lines, which read as a broken
@@ -29,6 +30,9 @@ fn main() -> anyhow::Result<()> {
         root_dir: ebpf_dir,
         ..Default::default()
     };
+    let toolchain_file = std::path::Path::new(ebpf_dir).join("rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={}", toolchain_file.display());
+    let channel = ebpf_channel(&toolchain_file)?;
     let out_dir = std::env::var("OUT_DIR").context("OUT_DIR not set")?;
     let mut captured = File::options()
         .read(true)
@@ -38,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         .open(std::path::Path::new(&out_dir).join("ebpf-build.log"))
         .context("creating the eBPF build's log")?;
     let result = with_stdout_to(&captured, || {
-        aya_build::build_ebpf([package], Toolchain::default())
+        aya_build::build_ebpf([package], Toolchain::Custom(&channel))
     })?;
     let mut text = String::new();
     captured.rewind()?;
@@ -51,6 +55,18 @@ fn main() -> anyhow::Result<()> {
         writeln!(stdout, "{line}")?;
     }
     result
+}
+
+/// The `channel` of the eBPF crate's pinned toolchain (`redirect-ebpf/rust-toolchain.toml`).
+fn ebpf_channel(file: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .next()
+        .ok_or_else(|| anyhow!("no channel in {}", file.display()))
 }
 
 /// Runs `f` with file descriptor 1 (what cargo reads a build script's instructions from)

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages.
+    /// Install what is missing: the eBPF crate's pinned nightly (rust-src, clippy), bpf-linker,
+    /// Debian packages.
     Setup,
     /// Build the eBPF object and the binaries (redirectd, redirect-lab).
     Build {

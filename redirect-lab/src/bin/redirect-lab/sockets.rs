@@ -93,3 +93,27 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
         }
     }
 }
+
+const IPPROTO_MPTCP: libc::c_int = 262;
+
+/// An MPTCP stream socket of `target`'s family, for tokio.
+pub fn mptcp_socket(target: SocketAddr) -> Result<TcpSocket> {
+    let family = if target.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned by the TcpSocket at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            IPPROTO_MPTCP,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket(IPPROTO_MPTCP)");
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { <TcpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
