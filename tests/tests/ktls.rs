@@ -38,7 +38,7 @@ fn ktls_echo(annotations: &[(&str, &str)], size: u64) -> (u64, bool, u64, u64) {
 /// 29 (a 5-byte header, an 8-byte explicit nonce, a 16-byte tag). How many records depends on
 /// how the sidecar's reads split the stream, so only the shape is compared.
 fn records(received: u64, sent: u64) -> bool {
-    received > sent && (received - sent) % 29 == 0
+    received > sent && (received - sent).is_multiple_of(29)
 }
 
 #[test]
