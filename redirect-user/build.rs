@@ -49,7 +49,9 @@ fn main() -> anyhow::Result<()> {
     captured.read_to_string(&mut text)?;
     let mut stdout = std::io::stdout().lock();
     for line in text.lines() {
-        if result.is_ok() && line.starts_with("cargo:warning=") {
+        if result.is_ok()
+            && (line.starts_with("cargo:warning=") || line.starts_with("cargo::warning="))
+        {
             continue;
         }
         writeln!(stdout, "{line}")?;

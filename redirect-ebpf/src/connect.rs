@@ -247,7 +247,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
     // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    let pod: PodConfig = match unsafe { MESH_PODS.get(netns_cookie) } {
+    let pod: PodConfig = match unsafe { MESH_PODS.get(&netns_cookie) } {
         Some(pod) => *pod,
         None => return Decision::Direct,
     };
@@ -258,7 +258,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
         // accelerated (sockops).
         // SAFETY: helper valid for sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = PROXY_SOCKS.insert(cookie, 1, 0);
+        let _ = PROXY_SOCKS.insert(&cookie, &1, 0);
     }
     // An unbound socket to `::6` leaves from `::6` (the kernel picks the destination's own
     // address on lo), and Istio's rule 2 returns it; to 127.0.0.6 it leaves from 127.0.0.1.
@@ -301,7 +301,7 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_BY_COOKIE
-        .insert(cookie, dst.orig_dst(pod.pod_id, netns_cookie), 0)
+        .insert(&cookie, &dst.orig_dst(pod.pod_id, netns_cookie), 0)
         .is_err()
     {
         // The proxy could not learn where to go: do not capture.
@@ -377,7 +377,7 @@ fn fail(ctx: &SockAddrContext, pod: &PodConfig, outbound: bool) -> Decision {
 #[inline(always)]
 fn is_node_pod_addr(addr: &Endpoint) -> bool {
     NODE_ADDRS
-        .get_ptr(NodeAddrKey {
+        .get_ptr(&NodeAddrKey {
             addr_be: addr.addr16(),
         })
         .is_some()

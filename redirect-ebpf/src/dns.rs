@@ -62,7 +62,7 @@ pub fn udp(ctx: &SockAddrContext, dst: &Endpoint) -> Udp {
     // SAFETY: helper valid for sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    let pod: PodConfig = match unsafe { MESH_PODS.get(netns_cookie) } {
+    let pod: PodConfig = match unsafe { MESH_PODS.get(&netns_cookie) } {
         Some(pod) if pod.flags & POD_FLAG_DNS_CAPTURE != 0 => *pod,
         _ => return Udp::Leave,
     };
@@ -76,9 +76,9 @@ pub fn udp(ctx: &SockAddrContext, dst: &Endpoint) -> Udp {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = dst.orig_dst(pod.pod_id, netns_cookie);
     // SAFETY: plain-data value, only tested for presence.
-    let known = unsafe { DNS_ASKED.get(cookie) }.is_some();
+    let known = unsafe { DNS_ASKED.get(&cookie) }.is_some();
     let recorded = if known {
-        DNS_ASKED.insert(cookie, orig, BPF_EXIST).is_ok()
+        DNS_ASKED.insert(&cookie, &orig, BPF_EXIST).is_ok()
     } else {
         record_new(cookie, &orig)
     };
@@ -103,7 +103,7 @@ fn record_new(cookie: u64, orig: &OrigDst) -> bool {
     if unsafe { *n } >= u64::from(MAX_DNS_SOCKETS_PER_POD) {
         return false;
     }
-    if DNS_ASKED.insert(cookie, *orig, BPF_NOEXIST).is_err() {
+    if DNS_ASKED.insert(&cookie, orig, BPF_NOEXIST).is_err() {
         return false;
     }
     // SAFETY: the slot pointer from above.
@@ -123,10 +123,10 @@ pub fn rd_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: helper valid for cgroup_sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    let Some(orig) = (unsafe { DNS_ASKED.get(cookie) }).copied() else {
+    let Some(orig) = (unsafe { DNS_ASKED.get(&cookie) }).copied() else {
         return ALLOW;
     };
-    if DNS_ASKED.remove(cookie).is_ok() {
+    if DNS_ASKED.remove(&cookie).is_ok() {
         if let Some(n) = DNS_SOCKETS.get_ptr_mut(orig.pod_id) {
             // SAFETY: a slot of an array map.
             unsafe { atomic_add(n, u64::MAX) };
@@ -155,7 +155,7 @@ pub fn asked(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    unsafe { DNS_ASKED.get(cookie) }.copied()
+    unsafe { DNS_ASKED.get(&cookie) }.copied()
 }
 
 /// Writes the agent's IPv4 address and port as the destination.

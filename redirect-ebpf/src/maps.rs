@@ -32,7 +32,7 @@ impl RuleTable for Maps {
             kind,
             _pad: 0,
         };
-        PORT_RULES.get_ptr(key).is_some()
+        PORT_RULES.get_ptr(&key).is_some()
     }
 
     #[inline(always)]
@@ -51,12 +51,14 @@ impl RuleTable for Maps {
     #[inline(always)]
     fn is_addr_of(&self, pod_id: u32, addr16: [u8; 16]) -> bool {
         // SAFETY: plain-data value, read at once.
-        unsafe { NODE_ADDRS.get(NodeAddrKey { addr_be: addr16 }) }.is_some_and(|id| *id == pod_id)
+        unsafe { NODE_ADDRS.get(&NodeAddrKey { addr_be: addr16 }) }.is_some_and(|id| *id == pod_id)
     }
 
     #[inline(always)]
     fn group_rule(&self, pod_id: u32, gid: u32) -> bool {
-        OWNER_GROUPS.get_ptr(GroupRuleKey { pod_id, gid }).is_some()
+        OWNER_GROUPS
+            .get_ptr(&GroupRuleKey { pod_id, gid })
+            .is_some()
     }
 }
 

@@ -33,14 +33,19 @@ fn original(ctx: &SockAddrContext, v6: bool) -> Option<OrigDst> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data values, copied out at once. A connected UDP socket whose DNS went
     // to the agent is in DNS_ASKED.
-    let found = unsafe { ORIG_BY_COOKIE.get(cookie).or_else(|| DNS_ASKED.get(cookie)) }.copied();
+    let found = unsafe {
+        ORIG_BY_COOKIE
+            .get(&cookie)
+            .or_else(|| DNS_ASKED.get(&cookie))
+    }
+    .copied();
     // SAFETY: a field every sock_addr program may read.
     if found.is_some() || unsafe { (*ctx.sock_addr).protocol } != IPPROTO_MPTCP {
         return found;
     }
     let key = if v6 { mptcp_key6(ctx) } else { mptcp_key4(ctx) };
     // SAFETY: plain-data value, copied out at once.
-    unsafe { ORIG_BY_TUPLE.get(key) }.copied()
+    unsafe { ORIG_BY_TUPLE.get(&key) }.copied()
 }
 
 /// The [`TupleKey`] of an IPv4 MPTCP socket's connection: its own address and port as the

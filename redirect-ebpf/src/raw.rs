@@ -38,7 +38,7 @@ const PAGE_SIZE: i32 = 4096;
 #[inline(always)]
 fn verdict(netns_cookie: u64) -> i32 {
     // SAFETY: plain-data value, copied out at once.
-    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+    let Some(pod) = (unsafe { MESH_PODS.get(&netns_cookie) }).copied() else {
         return ALLOW;
     };
     // SAFETY: helper valid in both program types (a process context).

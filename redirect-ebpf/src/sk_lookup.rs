@@ -61,7 +61,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let netns_cookie = POD_NETNS_COOKIE.load();
     // SAFETY: plain-data value, copied out at once.
-    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+    let Some(pod) = (unsafe { MESH_PODS.get(&netns_cookie) }).copied() else {
         return SK_PASS;
     };
     // Through one of the pod's VM interfaces (`kubevirtInterfaces`): a VM's connection the
@@ -93,7 +93,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
             netns_cookie,
             ..steered_key(&ctx, netns_cookie)
         };
-        if TPROXY_ORIGINS.get_ptr(key).is_some() {
+        if TPROXY_ORIGINS.get_ptr(&key).is_some() {
             return SK_PASS;
         }
     }
@@ -121,13 +121,13 @@ fn steer(ctx: &SkLookupContext, pod: &PodConfig, netns_cookie: u64, port: u16, v
     };
     // An IPv4 connection may also go to a dual-stack IPv6 listener (the kernel refuses a
     // v6-only one, and that is a failure like no listener).
-    let assigned = LISTENERS.redirect_sk_lookup(ctx, key, 0).or_else(|_| {
+    let assigned = LISTENERS.redirect_sk_lookup(ctx, &key, 0).or_else(|_| {
         let v6 = ListenerKey {
             family: AF_INET6,
             ..key
         };
         if family == AF_INET {
-            LISTENERS.redirect_sk_lookup(ctx, v6, 0)
+            LISTENERS.redirect_sk_lookup(ctx, &v6, 0)
         } else {
             Err(-1)
         }
@@ -135,7 +135,7 @@ fn steer(ctx: &SkLookupContext, pod: &PodConfig, netns_cookie: u64, port: u16, v
     match assigned {
         Ok(()) => {
             // The accepted socket will be the proxy's: sockops may accelerate it.
-            let _ = STEERED.insert(steered_key(ctx, netns_cookie), 1, 0);
+            let _ = STEERED.insert(&steered_key(ctx, netns_cookie), &1, 0);
             if vm {
                 count(pod.pod_id, |c| c.outbound_captured += 1);
             } else {

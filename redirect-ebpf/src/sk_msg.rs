@@ -39,22 +39,22 @@ pub fn rd_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: helper valid for sk_msg programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = own_key(&ctx, netns_cookie);
-    if ACCEL_FALLBACK.get_ptr(key).is_some() {
+    if ACCEL_FALLBACK.get_ptr(&key).is_some() {
         return SK_PASS;
     }
     if !ulp_free(&ctx) {
         // kTLS set after the splice (or a layout we cannot read): the normal path, for good.
-        let _ = ACCEL_FALLBACK.insert(key, 1, 0);
+        let _ = ACCEL_FALLBACK.insert(&key, &1, 0);
         return SK_PASS;
     }
     let size = ctx.size();
-    if SOCK_PAIRS.redirect_msg(&ctx, peer_key(&key), BPF_F_INGRESS as u64) != SK_PASS as i64 {
+    if SOCK_PAIRS.redirect_msg(&ctx, &mut peer_key(&key), BPF_F_INGRESS as u64) != SK_PASS as i64 {
         // No peer: this and every later send of the socket take the normal path.
-        let _ = ACCEL_FALLBACK.insert(key, 1, 0);
+        let _ = ACCEL_FALLBACK.insert(&key, &1, 0);
         return SK_PASS;
     }
     // SAFETY: plain-data value, copied out at once.
-    if let Some(pod) = unsafe { MESH_PODS.get(netns_cookie) } {
+    if let Some(pod) = unsafe { MESH_PODS.get(&netns_cookie) } {
         count(pod.pod_id, |c| {
             c.accel_msgs += 1;
             c.accel_bytes += u64::from(size);

@@ -83,7 +83,7 @@ fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out at once.
-    let orig = unsafe { ORIG_BY_COOKIE.get(cookie) }?;
+    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
     Some((cookie, *orig))
 }
 
@@ -113,10 +113,10 @@ fn tproxy_origin(ctx: &SockOpsContext) -> bool {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, read at once.
     let tproxy =
-        unsafe { MESH_PODS.get(netns_cookie) }.is_some_and(|pod| pod.flags & POD_FLAG_TPROXY != 0);
+        unsafe { MESH_PODS.get(&netns_cookie) }.is_some_and(|pod| pod.flags & POD_FLAG_TPROXY != 0);
     tproxy
         && TPROXY_ORIGINS
-            .insert(origin_key(ctx, netns_cookie), 1, 0)
+            .insert(&origin_key(ctx, netns_cookie), &1, 0)
             .is_ok()
 }
 
@@ -134,12 +134,12 @@ fn origin_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
 fn on_active_established(ctx: &SockOpsContext) {
     if let Some((_, orig)) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
-        if ORIG_BY_TUPLE.insert(key, orig, 0).is_ok() {
+        if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_ok() {
             // A lookup marks the new entry referenced: when the map is full, the kernel's
             // LRU evicts unreferenced entries first, which would otherwise be the newest
             // ones, before their proxy asked for them.
             // SAFETY: the value is not used.
-            let _ = unsafe { ORIG_BY_TUPLE.get(key) };
+            let _ = unsafe { ORIG_BY_TUPLE.get(&key) };
         }
     }
 }
@@ -155,10 +155,10 @@ fn on_state_change(ctx: &SockOpsContext) {
     }
     // SAFETY: helper valid for sock_ops programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let _ = ACCEL_FALLBACK.remove(own_key(ctx, netns_cookie));
-    let _ = TPROXY_ORIGINS.remove(origin_key(ctx, netns_cookie));
+    let _ = ACCEL_FALLBACK.remove(&own_key(ctx, netns_cookie));
+    let _ = TPROXY_ORIGINS.remove(&origin_key(ctx, netns_cookie));
     // SAFETY: plain-data value, copied out at once.
-    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+    let Some(pod) = (unsafe { MESH_PODS.get(&netns_cookie) }).copied() else {
         return;
     };
     let remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
@@ -167,8 +167,8 @@ fn on_state_change(ctx: &SockOpsContext) {
     }
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let had_cookie = ORIG_BY_COOKIE.remove(cookie).is_ok();
-    let had_tuple = ORIG_BY_TUPLE.remove(client_key(ctx, netns_cookie)).is_ok();
+    let had_cookie = ORIG_BY_COOKIE.remove(&cookie).is_ok();
+    let had_tuple = ORIG_BY_TUPLE.remove(&client_key(ctx, netns_cookie)).is_ok();
     // The tuple entry exists from the handshake on; one closed from SYN_SENT never had it.
     let established = ctx.arg(0) != BPF_TCP_SYN_SENT;
     if !had_cookie || (established && !had_tuple) {
@@ -193,12 +193,12 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
     let proxy_owned = if active {
         // SAFETY: helper valid for sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let owned = PROXY_SOCKS.get_ptr(cookie).is_some();
-        let _ = PROXY_SOCKS.remove(cookie);
+        let owned = PROXY_SOCKS.get_ptr(&cookie).is_some();
+        let _ = PROXY_SOCKS.remove(&cookie);
         owned
     } else {
-        let owned = STEERED.get_ptr(key).is_some();
-        let _ = STEERED.remove(key);
+        let owned = STEERED.get_ptr(&key).is_some();
+        let _ = STEERED.remove(&key);
         owned
     };
     if !proxy_owned || key.netns_cookie != 0 {
@@ -206,13 +206,13 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
         return;
     }
     // SAFETY: plain-data value, copied out at once.
-    let Some(pod) = (unsafe { MESH_PODS.get(netns_cookie) }).copied() else {
+    let Some(pod) = (unsafe { MESH_PODS.get(&netns_cookie) }).copied() else {
         return;
     };
     if pod.flags & POD_FLAG_NO_ACCEL != 0 {
         return;
     }
-    let key = own_key(ctx, netns_cookie);
+    let mut key = own_key(ctx, netns_cookie);
     let remote = Endpoint {
         addr_be: key.remote_addr_be,
         port_be: 0,
@@ -220,7 +220,7 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
     };
     let peer_local = key.netns_cookie != 0
         || NODE_ADDRS
-            .get_ptr(NodeAddrKey {
+            .get_ptr(&NodeAddrKey {
                 addr_be: remote.addr16(),
             })
             .is_some();
@@ -228,7 +228,8 @@ fn accelerate(ctx: &SockOpsContext, active: bool) {
         return;
     }
     // SAFETY: the context is this socket's sock_ops, as the helper requires.
-    if SOCK_PAIRS.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCK_PAIRS.update(&mut key, ops, 0).is_ok() {
         // Ask for the close callback, which forgets the socket's fallback mark.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -262,20 +263,20 @@ fn on_listen(ctx: &SockOpsContext) {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The pod's own proxy ports; the node's until the pod is known.
     // SAFETY: plain-data value, copied out at once.
-    let (inbound, outbound) = match unsafe { MESH_PODS.get(netns_cookie) } {
+    let (inbound, outbound) = match unsafe { MESH_PODS.get(&netns_cookie) } {
         Some(pod) => (u32::from(pod.inbound_port), u32::from(pod.outbound_port)),
         None => (INBOUND_PORT.load(), OUTBOUND_PORT.load()),
     };
     if port != inbound && port != outbound {
         return;
     }
-    let key = ListenerKey {
+    let mut key = ListenerKey {
         netns_cookie,
         family: ctx.family(),
         port,
     };
     // SAFETY: the context is the listening socket's sock_ops, as the helper requires.
-    let _ = LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);
+    let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, 0);
 }
 
 /// The [`TupleKey`] of a client socket: local end is the client, remote end the server.

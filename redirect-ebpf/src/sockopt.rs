@@ -36,7 +36,7 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
         return PASS;
     };
     // SAFETY: plain-data value, copied out at once.
-    let orig = match unsafe { ORIG_BY_TUPLE.get(key) } {
+    let orig = match unsafe { ORIG_BY_TUPLE.get(&key) } {
         Some(o) => *o,
         // Not one of ours, and conntrack answered: a NAT (Istio's own REDIRECT, installed
         // beside us by mistake) knows the destination better than the socket's address.
@@ -88,7 +88,7 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
 #[inline(always)]
 fn untranslated(key: &TupleKey) -> Option<OrigDst> {
     // SAFETY: plain-data value, copied out at once.
-    let pod = unsafe { MESH_PODS.get(key.netns_cookie) }.copied()?;
+    let pod = unsafe { MESH_PODS.get(&key.netns_cookie) }.copied()?;
     if u16::from_be(key.server_port_be) == pod.outbound_port {
         // A connection to the proxy's outbound port we hold no destination for.
         count(pod.pod_id, |c| c.orig_dst_missed += 1);

@@ -237,7 +237,7 @@ fn setup_vm(root: &Path) -> Result<PathBuf> {
 /// The integration test binaries of the `tests` package, built on the host: `(name, path)`,
 /// with the guest-only ones (feature `guest-kernels`: kTLS, which the dev box's kernel lacks).
 fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::toolchain::cargo(root)
         .args([
             "test",
             "--no-run",
@@ -247,7 +247,6 @@ fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
             "--features",
             "redirect-tests/guest-kernels",
         ])
-        .current_dir(root)
         .output()
         .context("building the test binaries")?;
     if !out.status.success() {

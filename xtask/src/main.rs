@@ -5,6 +5,7 @@ mod demo;
 mod image;
 mod kernels;
 mod setup;
+mod toolchain;
 
 use std::{
     path::{Path, PathBuf},
@@ -23,9 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: the eBPF crate's pinned nightly (rust-src, clippy), bpf-linker,
-    /// Debian packages.
+    /// Install what is missing: the pinned toolchains (host, and the eBPF crate's nightly),
+    /// bpf-linker, Debian packages, Envoy.
     Setup,
+    /// Check formatting and lint every crate (clippy -D warnings; the eBPF crate for its target,
+    /// with its toolchain), as CI does.
+    Lint,
     /// Build the eBPF object and the binaries (redirectd, redirect-lab).
     Build {
         #[arg(long)]
@@ -101,9 +105,8 @@ fn root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = toolchain::cargo(&root())
         .args(args)
-        .current_dir(root())
         .status()
         .context("running cargo")?;
     if !status.success() {
@@ -245,10 +248,54 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// `cargo fmt --check` and clippy with `-D warnings`: the host crates (with the guest-only
+/// tests), then the eBPF crate for its target with its pinned nightly.
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"]).with_context(|| {
+        format!(
+            "formatting differs; `cargo +{} fmt --all` fixes it",
+            toolchain::HOST
+        )
+    })?;
+    cargo(&[
+        "clippy",
+        "--all-targets",
+        "--features",
+        "redirect-tests/guest-kernels",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let status = toolchain::ebpf_cargo(&root())?
+        .args([
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+            "-C",
+            "panic=abort",
+        ])
+        .status()
+        .context("running cargo clippy for the eBPF crate")?;
+    if !status.success() {
+        bail!("clippy found problems in redirect-ebpf ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    toolchain::ensure(&root())?;
     match cli.task {
         Task::Setup => setup::setup(&root()),
+        Task::Lint => {
+            setup::setup(&root())?;
+            lint()
+        }
         Task::Build { release } => {
             build(release).map(|dir| eprintln!("built into {}", dir.display()))
         }

@@ -131,25 +131,6 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `run` in directory `dir`, quietly unless it fails (rustup reads `dir`'s toolchain file).
-fn run_in_dir(dir: &std::path::Path, cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {} in {} failed ({}): {}",
-            args.join(" "),
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// An absolute path must exist; a bare name must be on PATH.
 fn on_path(bin: &str) -> bool {
     if bin.starts_with('/') {
@@ -159,12 +140,7 @@ fn on_path(bin: &str) -> bool {
 }
 
 pub fn setup(root: &std::path::Path) -> Result<()> {
-    // The eBPF crate's pinned nightly (redirect-ebpf/rust-toolchain.toml) with rust-src (it
-    // is built with -Z build-std=core) and clippy (CI lints it): rustup reads the file in that
-    // directory; both commands do nothing when all is there.
-    let ebpf = root.join("redirect-ebpf");
-    run_in_dir(&ebpf, "rustup", &["toolchain", "install"])?;
-    run_in_dir(&ebpf, "rustup", &["component", "add", "rust-src", "clippy"])?;
+    // The pinned toolchains: `toolchain::ensure`, which main runs before every task.
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
     // A floating nightly too, for cargo-fuzz.
     if !toolchains

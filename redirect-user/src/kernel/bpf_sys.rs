@@ -1,4 +1,4 @@
-//! The `bpf(2)` commands aya 0.14 gives us no way to make; everything else (loading, link
+//! The `bpf(2)` commands aya 0.16 gives us no way to make; everything else (loading, link
 //! creation for connect4/6, getpeername4/6, sockops, sk_lookup and sk_msg, pinning links,
 //! adopting pins) goes through aya.
 //!

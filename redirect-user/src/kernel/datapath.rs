@@ -187,7 +187,7 @@ impl Datapath {
                 port: port.into(),
             };
             if self.listeners.get(&key, 0).is_err() {
-                self.listeners.insert(key, sock, 0).with_context(|| {
+                self.listeners.insert(&key, sock, 0).with_context(|| {
                     format!(
                         "registering the proxy listener on port {port} of {}",
                         netns_path.display()
@@ -283,11 +283,11 @@ impl Datapath {
 impl PodMaps for Datapath {
     fn install_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
         self.sources
-            .set(pod_id, rules.sources, 0)
+            .set(pod_id, &rules.sources, 0)
             .with_context(|| format!("writing POD_SOURCES entry of pod slot {pod_id}"))?;
         for (kind, port) in &rules.ports {
             let key = port_key(pod_id, *kind, *port);
-            self.port_rules.insert(key, 1, 0).with_context(|| {
+            self.port_rules.insert(&key, &1, 0).with_context(|| {
                 format!(
                     "writing port rule {port} (kind {kind}) of pod slot {pod_id}; PORT_RULES full?"
                 )
@@ -295,7 +295,7 @@ impl PodMaps for Datapath {
         }
         for gid in &rules.groups {
             let key = GroupRuleKey { pod_id, gid: *gid };
-            self.owner_groups.insert(key, 1, 0).with_context(|| {
+            self.owner_groups.insert(&key, &1, 0).with_context(|| {
                 format!("writing owner group {gid} of pod slot {pod_id}; OWNER_GROUPS full?")
             })?;
         }
@@ -303,7 +303,7 @@ impl PodMaps for Datapath {
             if *kind == ADDR_POD_IP {
                 // The pod's own addresses: an exact-match map, shared by the node.
                 self.node_addrs
-                    .insert(node_addr_key(cidr), pod_id, 0)
+                    .insert(&node_addr_key(cidr), &pod_id, 0)
                     .with_context(|| format!("writing NODE_ADDRS entry {cidr}"))?;
                 continue;
             }
@@ -311,14 +311,14 @@ impl PodMaps for Datapath {
             // matches by it (routes through excluded interfaces or not).
             let key = addr_key(pod_id, *kind, cidr);
             self.addr_rules
-                .insert(&key, key.prefix_len(), 0)
+                .insert(&key, &key.prefix_len(), 0)
                 .with_context(|| format!("writing address rule {cidr} (kind {kind}) of pod slot {pod_id}; ADDR_RULES full?"))?;
         }
         Ok(())
     }
 
     fn remove_rules(&mut self, pod_id: u32, rules: &PodRules) -> Result<()> {
-        let _ = self.sources.set(pod_id, PodSource::default(), 0);
+        let _ = self.sources.set(pod_id, &PodSource::default(), 0);
         for (kind, port) in &rules.ports {
             let key = port_key(pod_id, *kind, *port);
             let _ = self.port_rules.remove(&key);
@@ -344,7 +344,7 @@ impl PodMaps for Datapath {
 
     fn set_pod(&mut self, netns_cookie: u64, config: &PodConfig) -> Result<()> {
         self.mesh_pods
-            .insert(netns_cookie, *config, 0)
+            .insert(&netns_cookie, config, 0)
             .with_context(|| format!("writing MESH_PODS entry for netns cookie {netns_cookie}"))
     }
 
@@ -426,7 +426,7 @@ impl PodMaps for Datapath {
         let cpus = nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting possible CPUs")?;
-        let zero = PerCpuValues::try_from(vec![PodCounters::default(); cpus])
+        let zero = PerCpuValues::try_from(vec![PodCounters::default(); cpus.get() as usize])
             .context("building zeroed counters")?;
         self.counters
             .set(pod_id, zero, 0)

@@ -192,13 +192,22 @@ fn kernel_btf() -> Option<&'static Btf> {
     .as_ref()
 }
 
+/// A loader given the kernel's BTF where it is readable (else aya reads it only if the
+/// object needs it, and says why not).
+fn new_loader<'a>() -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    if let Some(btf) = kernel_btf() {
+        loader.btf(btf);
+    }
+    loader
+}
+
 /// Loads and attaches everything, pins it, and retires older link generations.
 pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
     mounts::ensure_pin_dir(opts.pin_dir)?;
     let cgroup = File::open(opts.cgroup)
         .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
-    let mut ebpf = EbpfLoader::new()
-        .btf(kernel_btf())
+    let mut ebpf = new_loader()
         .default_map_pin_directory(opts.pin_dir.join("maps"))
         .override_global("AYA_LOG_LEVEL", &opts.kernel_log_level, false)
         .override_global(globals::INBOUND_PORT, &u32::from(opts.inbound_port), true)
@@ -447,8 +456,7 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
     } else {
         2
     };
-    let mut ebpf = EbpfLoader::new()
-        .btf(kernel_btf())
+    let mut ebpf = new_loader()
         .default_map_pin_directory(pin_dir.join("maps"))
         .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
         .override_global(globals::SEES_INGRESS_IFINDEX, &sees_ingress, true)
