@@ -7,6 +7,8 @@
 //! showed about 60 "warning: redirect-user@0.1.0: Compiling ..." lines, which read as a broken
 //! one. Its output goes to a file instead, and those lines are passed on only if it fails;
 //! the rest of its instructions to cargo (rerun-if-changed, ...) always are.
+//!
+//! Each object's BTF then gets names the kernel accepts (`build/btf_names.rs`).
 use std::{
     fs::File,
     io::{Read as _, Seek as _, Write as _},
@@ -15,6 +17,9 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
+
+#[path = "build/btf_names.rs"]
+mod btf_names;
 
 fn main() -> anyhow::Result<()> {
     let root = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
@@ -56,7 +61,15 @@ fn main() -> anyhow::Result<()> {
         }
         writeln!(stdout, "{line}")?;
     }
-    result
+    result?;
+    if std::env::var_os("AYA_BUILD_SKIP").is_none() {
+        for object in ["redirect", "redirect-inbound"] {
+            let path = std::path::Path::new(&out_dir).join(object);
+            btf_names::sanitize_object(&path)
+                .with_context(|| format!("fixing the BTF names of {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The `channel` of the eBPF crate's pinned toolchain (`redirect-ebpf/rust-toolchain.toml`).

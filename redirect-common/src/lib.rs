@@ -32,8 +32,9 @@ pub const MAX_DNS_SOCKETS: u32 = 16_384;
 /// agent): a sixteenth of the map, so no pod can take another's room. Past it, the pod's
 /// further DNS queries are refused (`EPERM`), never sent around the agent.
 pub const MAX_DNS_SOCKETS_PER_POD: u32 = MAX_DNS_SOCKETS / 16;
-/// Capacity of each original-destination map (`ORIG_BY_COOKIE`, `ORIG_BY_TUPLE`). LRU maps,
-/// so a connection whose close we never saw cannot fill them.
+/// Capacity of the original-destination map by 4-tuple (`ORIG_BY_TUPLE`). An LRU map, so a
+/// connection whose close we never saw cannot fill it. (`ORIG_BY_SOCK`, by socket, is the
+/// sockets' own storage and has no capacity.)
 pub const MAX_ORIG_DST: u32 = 65_536;
 
 /// The names of the maps (`redirect-ebpf/src/maps.rs` defines each under this name, and it is
@@ -42,7 +43,7 @@ pub mod map_names {
     pub const MESH_PODS: &str = "MESH_PODS";
     pub const PORT_RULES: &str = "PORT_RULES";
     pub const ADDR_RULES: &str = "ADDR_RULES";
-    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_SOCK: &str = "ORIG_BY_SOCK";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const POD_COUNTERS: &str = "POD_COUNTERS";
     pub const LISTENERS: &str = "LISTENERS";
@@ -297,7 +298,7 @@ pub struct AddrRuleData {
 const _: () = assert!(size_of::<AddrRuleData>() == 24);
 
 /// An original destination: where a captured connection was going before we rewrote it.
-/// Value of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+/// Value of `ORIG_BY_SOCK` and `ORIG_BY_TUPLE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrigDst {

@@ -70,9 +70,9 @@ pub struct Report {
     /// Set while the pod source as a whole is unusable (its last good version is served).
     pub file_error: Option<String>,
     pub programs: Vec<ProgramReport>,
-    /// Entries in `SOCK_PAIRS` (accelerated sockets), `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+    /// Entries in `SOCK_PAIRS` (accelerated sockets) and `ORIG_BY_TUPLE`. (`ORIG_BY_SOCK` is
+    /// in the sockets' own storage: it goes with them and cannot be listed.)
     pub sock_pairs: usize,
-    pub orig_by_cookie: usize,
     pub orig_by_tuple: usize,
     /// The node's shared rule maps: entries the applied pods' rules take, and capacity.
     #[serde(default)]

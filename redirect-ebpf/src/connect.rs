@@ -3,7 +3,7 @@
 //! For a TCP `connect()` from a mesh pod that Istio's rules would capture, rewrite the
 //! destination to the proxy's outbound listener on loopback (or the agent's DNS port, for DNS
 //! with DNS capture on) and remember the original destination by socket cookie
-//! (`ORIG_BY_COOKIE`). A UDP `connect()` is DNS capture's ([`crate::dns`]). Sockets outside
+//! (`ORIG_BY_SOCK`, the socket's own storage). A UDP `connect()` is DNS capture's ([`crate::dns`]). Sockets outside
 //! mesh pods are untouched.
 
 use core::mem::size_of;
@@ -37,7 +37,9 @@ use redirect_ebpf::{
         V4_MAPPED_WORD_BE,
     },
     counters::count,
-    maps::{Maps, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, POD_SOURCES, PROXY_SOCKS},
+    maps::{
+        set_orig_dst, ContextSock, Maps, LISTENERS, MESH_PODS, NODE_ADDRS, POD_SOURCES, PROXY_SOCKS,
+    },
     policy::{outbound, Outbound},
 };
 
@@ -298,12 +300,10 @@ fn decide(ctx: &SockAddrContext, dst: &Endpoint, src: &Endpoint, mark: u32) -> D
     if !listening {
         return fail(ctx, &pod, to_outbound);
     }
-    // SAFETY: helper valid for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_BY_COOKIE
-        .insert(&cookie, &dst.orig_dst(pod.pod_id, netns_cookie), 0)
-        .is_err()
-    {
+    if !set_orig_dst(
+        ContextSock::of_sock_addr(ctx),
+        &dst.orig_dst(pod.pod_id, netns_cookie),
+    ) {
         // The proxy could not learn where to go: do not capture.
         return fail(ctx, &pod, to_outbound);
     }

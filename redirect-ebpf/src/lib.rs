@@ -8,5 +8,7 @@ pub mod addr;
 #[cfg(target_arch = "bpf")]
 pub mod counters;
 #[cfg(target_arch = "bpf")]
+pub mod global;
+#[cfg(target_arch = "bpf")]
 pub mod maps;
 pub mod policy;

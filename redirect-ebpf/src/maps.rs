@@ -5,9 +5,15 @@
 //! evict a live connection's entry while the map as a whole still had room, and the
 //! benchmark showed no gain from them.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    macros::map,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use redirect_common::{
     AddrRuleData, GroupRuleKey, ListenerKey, NodeAddrKey, OrigDst, PodConfig, PodCounters,
@@ -104,17 +110,87 @@ pub static DNS_SOCKETS: Array<u64> = Array::pinned(MAX_PODS, 0);
 #[map]
 pub static ADDR_RULES: LpmTrie<AddrRuleData, u32> = LpmTrie::pinned(MAX_ADDR_RULES, 0);
 
-/// Original destination of each captured connection, by the client socket's cookie. Written
-/// by `connect4/6` when they capture; read by `sockops` (to re-key by 4-tuple) and
-/// `getpeername4/6`; deleted by `sockops` when the socket closes. LRU so a close we never see
-/// cannot fill it.
-#[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
+/// Original destination of each captured connection, in the client socket's own local
+/// storage (`BPF_MAP_TYPE_SK_STORAGE`): no shared capacity a pod could fill, no LRU work, freed
+/// with the socket. Written by `connect4/6` when they capture ([`set_orig_dst`]); read by
+/// `sockops` (to re-key by 4-tuple) and `getpeername4/6` ([`orig_dst_of`]); deleted by
+/// `sockops` when a connection that never got established closes ([`forget_orig_dst`]).
+/// Pinned, so the sockets of a daemon's previous run keep theirs.
+#[btf_map(pin_by_name)]
+pub static ORIG_BY_SOCK: SkStorage<OrigDst> = SkStorage::new();
+
+/// The map pointer the `sk_storage` helpers take (aya-ebpf's wrapper reaches it only from a
+/// `sock_addr` context; `sockops` needs it too).
+#[inline(always)]
+fn orig_by_sock() -> *mut c_void {
+    core::ptr::addr_of!(ORIG_BY_SOCK).cast_mut().cast()
+}
+
+/// A context's socket, as the `sk_storage` helpers take it: never null.
+#[derive(Clone, Copy)]
+pub struct ContextSock(*mut c_void);
+
+impl ContextSock {
+    /// The socket a `sock_addr` program (connect, getpeername) runs for: never null there.
+    #[inline(always)]
+    pub fn of_sock_addr(ctx: &SockAddrContext) -> Self {
+        // SAFETY: a field every sock_addr program may read.
+        Self(unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast())
+    }
+
+    /// The socket a `sockops` callback runs for; the verifier makes us check it for null.
+    #[inline(always)]
+    pub fn of_sock_ops(ctx: &SockOpsContext) -> Option<Self> {
+        // SAFETY: a field every sock_ops program may read.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        (!sk.is_null()).then_some(Self(sk.cast()))
+    }
+}
+
+/// Records `orig` as the original destination of `sk`, replacing what an earlier `connect()`
+/// of the same socket left. False if the kernel could not allocate the storage.
+#[inline(always)]
+pub fn set_orig_dst(sk: ContextSock, orig: &OrigDst) -> bool {
+    let mut value = *orig;
+    // SAFETY: `sk` is the context's socket; the helper copies `value` in on creation.
+    let slot = unsafe {
+        bpf_sk_storage_get(
+            orig_by_sock(),
+            sk.0,
+            core::ptr::from_mut(&mut value).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast::<OrigDst>();
+    if slot.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null pointer from the helper is this socket's value, of this type.
+    unsafe { *slot = *orig };
+    true
+}
+
+/// The original destination recorded for `sk`, if it was captured.
+#[inline(always)]
+pub fn orig_dst_of(sk: ContextSock) -> Option<OrigDst> {
+    // SAFETY: `sk` is the context's socket; no creation, so no value is passed.
+    let slot = unsafe { bpf_sk_storage_get(orig_by_sock(), sk.0, core::ptr::null_mut(), 0) }
+        .cast::<OrigDst>();
+    // SAFETY: a non-null pointer from the helper is this socket's value, of this type.
+    (!slot.is_null()).then(|| unsafe { *slot })
+}
+
+/// Forgets the original destination of `sk`; true if it had one.
+#[inline(always)]
+pub fn forget_orig_dst(sk: ContextSock) -> bool {
+    // SAFETY: `sk` is the context's socket.
+    unsafe { bpf_sk_storage_delete(orig_by_sock(), sk.0) == 0 }
+}
 
 /// Original destination of each captured connection, by its 4-tuple in its netns
 /// ([`TupleKey`]). Written by `sockops` when the client's connection is established; read by
 /// `getsockopt` on the proxy's accepted socket; deleted by `sockops` when the client socket
-/// closes. LRU for the same reason as `ORIG_BY_COOKIE`.
+/// closes. LRU so a close we never see cannot fill it.
 #[map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX_ORIG_DST, 0);
 

@@ -18,7 +18,7 @@ use redirect_common::{OrigDst, TupleKey, AF_INET, AF_INET6};
 
 use redirect_ebpf::{
     addr::{ctx_addr6, ctx_write_addr6, is_v4_mapped, V4_MAPPED_WORD_BE},
-    maps::{DNS_ASKED, ORIG_BY_COOKIE, ORIG_BY_TUPLE},
+    maps::{orig_dst_of, ContextSock, DNS_ASKED, ORIG_BY_TUPLE},
 };
 
 /// getpeername hooks cannot refuse; 1 lets the (possibly rewritten) address through.
@@ -29,16 +29,13 @@ const IPPROTO_MPTCP: u32 = 262;
 /// `getpeername6` (each hook may read only its own family's address fields).
 #[inline(always)]
 fn original(ctx: &SockAddrContext, v6: bool) -> Option<OrigDst> {
-    // SAFETY: helper valid for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: plain-data values, copied out at once. A connected UDP socket whose DNS went
-    // to the agent is in DNS_ASKED.
-    let found = unsafe {
-        ORIG_BY_COOKIE
-            .get(&cookie)
-            .or_else(|| DNS_ASKED.get(&cookie))
-    }
-    .copied();
+    // A connected UDP socket whose DNS went to the agent is in DNS_ASKED, by its cookie.
+    let found = orig_dst_of(ContextSock::of_sock_addr(ctx)).or_else(|| {
+        // SAFETY: helper valid for sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: plain-data value, copied out at once.
+        unsafe { DNS_ASKED.get(&cookie) }.copied()
+    });
     // SAFETY: a field every sock_addr program may read.
     if found.is_some() || unsafe { (*ctx.sock_addr).protocol } != IPPROTO_MPTCP {
         return found;

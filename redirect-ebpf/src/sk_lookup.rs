@@ -7,7 +7,7 @@
 //! TPROXY pod the proxy's original-source connections) were decided at `connect()` and pass
 //! untouched.
 
-use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext, Global};
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use redirect_common::{
     ListenerKey, PodConfig, SockKey, POD_FLAG_FAIL_CLOSED, POD_FLAG_REJECTED, POD_FLAG_TPROXY,
     POD_FLAG_VM_IFACES, PORT_VM_IFACE,
@@ -15,6 +15,7 @@ use redirect_common::{
 use redirect_ebpf::{
     addr::{ctx_addr6, sock_key, Endpoint, RawEnds},
     counters::count,
+    global::Global,
     maps::{Maps, LISTENERS, MESH_PODS, STEERED, TPROXY_ORIGINS},
     policy::{has_port_rule, inbound, local_to_pod, Inbound},
 };

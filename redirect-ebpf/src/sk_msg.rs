@@ -17,12 +17,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::sk_msg,
     programs::SkMsgContext,
-    EbpfContext, Global,
+    EbpfContext,
 };
 use redirect_common::SockKey;
 use redirect_ebpf::{
     addr::{ctx_addr6, peer_key, sock_key, RawEnds},
     counters::count,
+    global::Global,
     maps::{ACCEL_FALLBACK, MESH_PODS, SOCK_PAIRS},
 };
 

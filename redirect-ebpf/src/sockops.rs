@@ -2,11 +2,11 @@
 //!
 //! - at `connect()` time (`TCP_CONNECT_CB`), a captured socket asks for state callbacks, so
 //!   that its entries are removed however it ends (even if the handshake fails);
-//! - when established (`ACTIVE_ESTABLISHED_CB`), the original destination recorded by cookie
-//!   is re-keyed by the connection's 4-tuple (`ORIG_BY_TUPLE`), where `getsockopt` on the
-//!   proxy's accepted socket finds it;
-//! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go (an entry already gone was
-//!   evicted from the full LRU map while the connection lived, and is counted).
+//! - when established (`ACTIVE_ESTABLISHED_CB`), the original destination in the socket's
+//!   storage (`ORIG_BY_SOCK`) is re-keyed by the connection's 4-tuple (`ORIG_BY_TUPLE`),
+//!   where `getsockopt` on the proxy's accepted socket finds it;
+//! - when it closes (`STATE_CB` to `TCP_CLOSE`), both entries go (a 4-tuple entry already
+//!   gone was evicted from the full LRU map while the connection lived, and is counted).
 //!
 //! In a TPROXY pod, the proxy's original-source sockets (marked 1337) are recorded at
 //! `TCP_CONNECT_CB` in `TPROXY_ORIGINS` until they close, so `sk_lookup` lets their SYN reach
@@ -31,7 +31,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
-    EbpfContext, Global,
+    EbpfContext,
 };
 use redirect_common::{
     ListenerKey, NodeAddrKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6, POD_FLAG_NO_ACCEL,
@@ -41,9 +41,10 @@ use redirect_common::{
 use redirect_ebpf::{
     addr::{ctx_addr6, is_v4_mapped, peer_key, sock_key, Endpoint, RawEnds},
     counters::count,
+    global::Global,
     maps::{
-        ACCEL_FALLBACK, LISTENERS, MESH_PODS, NODE_ADDRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE,
-        PROXY_SOCKS, SOCK_PAIRS, STEERED, TPROXY_ORIGINS,
+        forget_orig_dst, orig_dst_of, ContextSock, ACCEL_FALLBACK, LISTENERS, MESH_PODS,
+        NODE_ADDRS, ORIG_BY_TUPLE, PROXY_SOCKS, SOCK_PAIRS, STEERED, TPROXY_ORIGINS,
     },
 };
 
@@ -79,12 +80,8 @@ pub fn rd_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 #[inline(always)]
-fn captured(ctx: &SockOpsContext) -> Option<(u64, OrigDst)> {
-    // SAFETY: helper valid for sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: plain-data value, copied out at once.
-    let orig = unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
-    Some((cookie, *orig))
+fn captured(ctx: &SockOpsContext) -> Option<OrigDst> {
+    orig_dst_of(ContextSock::of_sock_ops(ctx)?)
 }
 
 #[inline(always)]
@@ -132,7 +129,7 @@ fn origin_key(ctx: &SockOpsContext, netns_cookie: u64) -> SockKey {
 
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
-    if let Some((_, orig)) = captured(ctx) {
+    if let Some(orig) = captured(ctx) {
         let key = client_key(ctx, orig.netns_cookie);
         if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_ok() {
             // A lookup marks the new entry referenced: when the map is full, the kernel's
@@ -146,8 +143,9 @@ fn on_active_established(ctx: &SockOpsContext) {
 
 /// At close, forgets the socket's entries. A captured application socket (one connected to
 /// its pod's outbound port: only captured sockets and proxy sockets ask for this callback,
-/// and a proxy never connects to that port) whose entry is already gone lost it to LRU
-/// eviction while it was open: counted as `orig_dst_evicted`.
+/// and a proxy never connects to that port) whose `ORIG_BY_TUPLE` entry is already gone lost
+/// it to LRU eviction while it was open: counted as `orig_dst_evicted` (its own storage,
+/// `ORIG_BY_SOCK`, cannot be evicted).
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
@@ -165,13 +163,11 @@ fn on_state_change(ctx: &SockOpsContext) {
     if remote_port != pod.outbound_port {
         return;
     }
-    // SAFETY: helper valid for sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let had_cookie = ORIG_BY_COOKIE.remove(&cookie).is_ok();
+    let had_orig = ContextSock::of_sock_ops(ctx).is_some_and(forget_orig_dst);
     let had_tuple = ORIG_BY_TUPLE.remove(&client_key(ctx, netns_cookie)).is_ok();
     // The tuple entry exists from the handshake on; one closed from SYN_SENT never had it.
     let established = ctx.arg(0) != BPF_TCP_SYN_SENT;
-    if !had_cookie || (established && !had_tuple) {
+    if !had_orig || (established && !had_tuple) {
         count(pod.pod_id, |c| c.orig_dst_evicted += 1);
     }
 }

@@ -105,9 +105,9 @@ struct RunArgs {
     /// The same as `--accel off` (kept for older configurations).
     #[arg(long, env = "REDIRECTD_NO_ACCEL")]
     no_accel: bool,
-    /// Capacity of each original-destination map: how many captured connections can be
-    /// open on the node at once before the oldest lose their destination (LRU eviction,
-    /// counted as orig_dst_evicted). About 100 bytes each.
+    /// Capacity of the original-destination map by 4-tuple (ORIG_BY_TUPLE): how many captured
+    /// connections can be open on the node at once before the oldest lose their destination
+    /// (LRU eviction, counted as orig_dst_evicted). About 100 bytes each.
     #[arg(long, env = "REDIRECTD_ORIG_DST_MAP_SIZE", default_value_t = redirect_common::MAX_ORIG_DST, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     orig_dst_map_size: u32,
     /// The network namespace whose routes lead to the pods, for finding a Kubernetes pod's

@@ -123,15 +123,12 @@ pub fn mesh_with_echo_and(annotations: &[(&str, &str)], sidecar: impl Fn(&mut La
     lab
 }
 
-/// How full the connection maps are: `(SOCK_PAIRS, ORIG_BY_COOKIE, ORIG_BY_TUPLE)`.
-pub type Fill = (usize, usize, usize);
+/// How full the connection maps are: `(SOCK_PAIRS, ORIG_BY_TUPLE)`. (`ORIG_BY_SOCK` is the
+/// sockets' own storage, freed with them.)
+pub type Fill = (usize, usize);
 
 fn fill_of(status: &Report) -> Fill {
-    (
-        status.sock_pairs,
-        status.orig_by_cookie,
-        status.orig_by_tuple,
-    )
+    (status.sock_pairs, status.orig_by_tuple)
 }
 
 /// The connection maps' fill now.

@@ -107,24 +107,53 @@ fn replace_daemon_under_traffic(what: &str, replace: impl FnOnce(&mut redirect_l
         format!("{}:8080", lab.pod("srv").v4),
     ];
 
-    let (results, ()) = traffic_during(
-        &lab,
-        "client",
-        &[
-            "--target",
-            &targets[0],
-            "--target",
-            &targets[1],
-            "--count",
-            "20",
-            "--concurrency",
-            "5",
-        ],
-        || {
-            replace(&mut daemon);
-            daemon.wait_pods(&["client", "srv"]).unwrap();
-        },
-    );
+    // Connections opened before the daemon goes and still open after its successor took
+    // over: the application's getpeername() still shows the original destination (kept in
+    // the socket's own storage, a map pinned across runs).
+    let (held, (results, ())) = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            let args = [
+                "--target",
+                &targets[0],
+                "--count",
+                "4",
+                "--concurrency",
+                "4",
+            ];
+            let hold = ["--hold", "--hold-ms", "6000", "--timeout-ms", "3000"];
+            lab.client(Some("client"), None, &[&args[..], &hold[..]].concat())
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let traffic = traffic_during(
+            &lab,
+            "client",
+            &[
+                "--target",
+                &targets[0],
+                "--target",
+                &targets[1],
+                "--count",
+                "20",
+                "--concurrency",
+                "5",
+            ],
+            || {
+                replace(&mut daemon);
+                daemon.wait_pods(&["client", "srv"]).unwrap();
+            },
+        );
+        (held.join().unwrap(), traffic)
+    });
+    assert_eq!(held.len(), 4);
+    for r in &held {
+        assert_eq!(r.error, None, "{r:?}");
+        assert_eq!(
+            r.peername_held.as_deref(),
+            Some(targets[0].as_str()),
+            "a connection opened before the {what} lost its original destination: {r:?}"
+        );
+    }
     assert!(results.len() >= 100, "only {} requests", results.len());
     let failed: Vec<_> = results
         .iter()
@@ -146,10 +175,10 @@ fn replace_daemon_under_traffic(what: &str, replace: impl FnOnce(&mut redirect_l
     let records = lab.sidecar_log(sidecar);
     assert_eq!(
         records.len(),
-        results.len(),
+        results.len() + held.len(),
         "sidecar saw {} of {}",
         records.len(),
-        results.len()
+        results.len() + held.len()
     );
     let after: Vec<String> = maps.iter().map(|m| dump(&daemon.pin_dir, m)).collect();
     assert_eq!(before, after, "maps changed across the restart");

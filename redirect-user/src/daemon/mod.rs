@@ -152,13 +152,12 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
         opts.node.inbound_port,
         opts.node.outbound_port,
     )?;
-    for (name, cap) in datapath.orig_dst_capacities() {
-        if cap != opts.orig_dst_map_size {
-            log::warn!(
-                "map {name} holds {cap} entries, not the {} of --orig-dst-map-size: it was pinned by an earlier run and is kept (resizing it would forget every open connection's destination); `redirectd uninstall` and start again to resize",
-                opts.orig_dst_map_size
-            );
-        }
+    let (name, cap) = datapath.orig_dst_capacity();
+    if cap != opts.orig_dst_map_size {
+        log::warn!(
+            "map {name} holds {cap} entries, not the {} of --orig-dst-map-size: it was pinned by an earlier run and is kept (resizing it would forget every open connection's destination); `redirectd uninstall` and start again to resize",
+            opts.orig_dst_map_size
+        );
     }
     let mut reconciler = Reconciler::new(opts.node.clone());
     let previous = datapath.mesh_pods()?;

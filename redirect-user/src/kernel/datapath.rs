@@ -105,7 +105,6 @@ pub struct Datapath {
     listeners: SockHash<MapData, ListenerKey>,
     node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     sock_pairs: SockHash<MapData, SockKey>,
-    orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     orig_by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     pin_dir: PathBuf,
     inbound_port: u16,
@@ -142,7 +141,6 @@ impl Datapath {
             listeners: maps.get(names::LISTENERS)?,
             node_addrs: maps.get(names::NODE_ADDRS)?,
             sock_pairs: maps.get(names::SOCK_PAIRS)?,
-            orig_by_cookie: maps.get(names::ORIG_BY_COOKIE)?,
             orig_by_tuple: maps.get(names::ORIG_BY_TUPLE)?,
             mesh_pods: maps.get(names::MESH_PODS)?,
             port_rules: maps.get(names::PORT_RULES)?,
@@ -202,29 +200,21 @@ impl Datapath {
         Ok(())
     }
 
-    /// The capacity of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` as the kernel has it (a map
-    /// pinned by an earlier run keeps the size it was made with).
-    pub fn orig_dst_capacities(&self) -> [(&'static str, u32); 2] {
-        [
-            (names::ORIG_BY_COOKIE, capacity(self.orig_by_cookie.map())),
-            (names::ORIG_BY_TUPLE, capacity(self.orig_by_tuple.map())),
-        ]
+    /// The capacity of `ORIG_BY_TUPLE` as the kernel has it (a map pinned by an earlier run
+    /// keeps the size it was made with).
+    pub fn orig_dst_capacity(&self) -> (&'static str, u32) {
+        (names::ORIG_BY_TUPLE, capacity(self.orig_by_tuple.map()))
     }
 
     /// How full the connection-tracking maps are: `(map, entries, capacity)` for
-    /// `SOCK_PAIRS`, `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE`.
+    /// `SOCK_PAIRS` and `ORIG_BY_TUPLE`.
     pub fn fill(&self) -> Vec<(&'static str, usize, u32)> {
-        let [(cookie_name, cookie_cap), (tuple_name, tuple_cap)] = self.orig_dst_capacities();
+        let (tuple_name, tuple_cap) = self.orig_dst_capacity();
         vec![
             (
                 names::SOCK_PAIRS,
                 self.sock_pairs.keys().filter(Result::is_ok).count(),
                 capacity(self.sock_pairs.map()),
-            ),
-            (
-                cookie_name,
-                self.orig_by_cookie.keys().filter(Result::is_ok).count(),
-                cookie_cap,
             ),
             (
                 tuple_name,

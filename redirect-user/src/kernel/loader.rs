@@ -19,14 +19,16 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::SockHash,
+    maps::{MapInfo, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
-use redirect_common::{global_names as globals, map_names, program_names as programs};
+use redirect_common::{
+    global_names as globals, map_names, program_names as programs, MAX_ORIG_DST,
+};
 
 use crate::kernel::{bpf_sys, mounts};
 
@@ -164,7 +166,7 @@ pub struct LoadOptions<'a> {
     /// `icsk_ulp_ops`'s offset in a TCP socket, for `sk_msg`'s kTLS check (0: unknown, and
     /// nothing is redirected).
     pub ulp_ops_offset: u32,
-    /// Capacity of `ORIG_BY_COOKIE` and `ORIG_BY_TUPLE` when they are created (a pinned
+    /// Capacity of `ORIG_BY_TUPLE` when it is created (a pinned
     /// map keeps its size).
     pub orig_dst_map_size: u32,
 }
@@ -192,6 +194,13 @@ fn kernel_btf() -> Option<&'static Btf> {
     .as_ref()
 }
 
+/// The size to give map `name`: that of the map pinned by an earlier run or by the main
+/// object, when there is one (aya refuses to reuse a pinned map whose size differs from the
+/// definition, and reusing it is what keeps every open connection's entry), else `wanted`.
+fn pinned_size(pin_dir: &Path, name: &str, wanted: u32) -> u32 {
+    MapInfo::from_pin(pin_dir.join("maps").join(name)).map_or(wanted, |info| info.max_entries())
+}
+
 /// A loader given the kernel's BTF where it is readable (else aya reads it only if the
 /// object needs it, and says why not).
 fn new_loader<'a>() -> EbpfLoader<'a> {
@@ -214,8 +223,14 @@ pub fn load_and_attach(opts: &LoadOptions<'_>) -> Result<Loaded> {
         .override_global(globals::OUTBOUND_PORT, &u32::from(opts.outbound_port), true)
         .override_global(globals::ACCEL_ENABLED, &u32::from(opts.accel), true)
         .override_global(globals::ULP_OPS_OFFSET, &opts.ulp_ops_offset, true)
-        .map_max_entries(map_names::ORIG_BY_COOKIE, opts.orig_dst_map_size)
-        .map_max_entries(map_names::ORIG_BY_TUPLE, opts.orig_dst_map_size)
+        .map_max_entries(
+            map_names::ORIG_BY_TUPLE,
+            pinned_size(
+                opts.pin_dir,
+                map_names::ORIG_BY_TUPLE,
+                opts.orig_dst_map_size,
+            ),
+        )
         .load(OBJECT)
         .context(
             "loading the eBPF object (maps); is this kernel 5.15 or newer, with BPF enabled?",
@@ -460,6 +475,10 @@ pub fn attach_inbound(pin_dir: &Path, netns_cookie: u64, netns: &File) -> Result
         .default_map_pin_directory(pin_dir.join("maps"))
         .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
         .override_global(globals::SEES_INGRESS_IFINDEX, &sees_ingress, true)
+        .map_max_entries(
+            map_names::ORIG_BY_TUPLE,
+            pinned_size(pin_dir, map_names::ORIG_BY_TUPLE, MAX_ORIG_DST),
+        )
         .load(INBOUND_OBJECT)
         .context("loading the inbound (sk_lookup) object")?;
     let prog: &mut SkLookup = ebpf

@@ -78,14 +78,12 @@ pub fn report(status_file: &Path, pin_dir: &Path) -> Result<Report> {
             .find(|(n, _, _)| *n == name)
             .map_or(0, |&(_, len, _)| len)
     };
-    let (sock_pairs, orig_by_cookie, orig_by_tuple) = (
+    let (sock_pairs, orig_by_tuple) = (
         entries(map_names::SOCK_PAIRS),
-        entries(map_names::ORIG_BY_COOKIE),
         entries(map_names::ORIG_BY_TUPLE),
     );
     Ok(Report {
         sock_pairs,
-        orig_by_cookie,
         orig_by_tuple,
         pods,
         rejected: status.rejected,
@@ -162,8 +160,8 @@ fn print_counters(r: &Report) {
         println!("same-node acceleration {}", r.acceleration);
     }
     println!(
-        "maps: {} accelerated sockets (SOCK_PAIRS), {} + {} original destinations (by cookie, by 4-tuple)",
-        r.sock_pairs, r.orig_by_cookie, r.orig_by_tuple
+        "maps: {} accelerated sockets (SOCK_PAIRS), {} original destinations by 4-tuple (ORIG_BY_TUPLE)",
+        r.sock_pairs, r.orig_by_tuple
     );
     if !r.rule_maps.is_empty() {
         let fill: Vec<String> = r
