@@ -200,6 +200,8 @@ impl RunArgs {
                 inbound_port: self.inbound_port,
                 proxy_ports,
                 rules_per_pod: self.max_rules_per_pod,
+                // Probed when the daemon starts.
+                sees_ingress_ifindex: false,
             },
             // Decided in `run`, from the mode returned beside (auto tries a splice).
             accel: Decision::off(String::new()),

@@ -17,6 +17,7 @@ use crate::{
     kernel::datapath::PodMaps,
     podns::interfaces::NamespaceView,
     pods::{PodKey, PodSpec},
+    policy::annotations::CapturePolicy,
     policy::room::{self, Usage},
     policy::rules::PodRules,
 };
@@ -33,6 +34,18 @@ pub struct NodeSettings {
     pub proxy_ports: Vec<u16>,
     /// Most entries one pod's rules may take in each shared rule map (see [`crate::policy::room`]).
     pub rules_per_pod: usize,
+    /// Whether `sk_lookup` can see a connection's ingress interface on this kernel (Linux
+    /// 5.17), which capturing a VM's traffic needs (probed at start).
+    pub sees_ingress_ifindex: bool,
+}
+
+/// Why this kernel cannot serve `policy`, if it cannot: a pod whose VMs' traffic
+/// (`kubevirtInterfaces`) needs `sk_lookup`'s ingress interface, on a kernel older than 5.17,
+/// is refused (locked, and its CNI ADD fails) so that its VM does not run uncaptured.
+fn kernel_refusal(policy: &CapturePolicy, node: &NodeSettings) -> Option<String> {
+    (!policy.vm_interfaces.is_empty() && !node.sees_ingress_ifindex).then(|| {
+        "capturing a VM's traffic needs sk_lookup's ingress_ifindex (Linux 5.17), which this kernel lacks: the pod is refused (locked, and its CNI ADD fails) so that its VM does not run uncaptured; use redirectd.dev/skip: \"true\" to leave the pod to istio-cni or istio-init".to_string()
+    })
 }
 
 /// A desired pod whose network namespace was found.
@@ -216,11 +229,13 @@ impl Reconciler {
             let compiled = r.rejected.is_none().then(|| {
                 PodRules::compile(&r.spec.policy, &r.view, &r.spec.ips, &self.node.proxy_ports)
             });
-            // Rules over the per-pod limit are a rejected configuration like a typo.
+            // Rules over the per-pod limit, or a setting this kernel cannot serve, are a
+            // rejected configuration like a typo.
             let rejected = r.rejected.clone().or_else(|| {
-                compiled
-                    .as_ref()
-                    .and_then(|c| room::over_pod_limit(c, self.node.rules_per_pod))
+                compiled.as_ref().and_then(|c| {
+                    room::over_pod_limit(c, self.node.rules_per_pod)
+                        .or_else(|| kernel_refusal(&r.spec.policy, &self.node))
+                })
             });
             if let Some(reason) = &rejected {
                 // Kept only in the namespace it was applied in: a pod recreated in a new one
@@ -559,7 +574,7 @@ mod tests {
     use redirect_common::PORT_EXCLUDE_INBOUND;
 
     use super::*;
-    use crate::{pods::NetnsRef, policy::annotations::CapturePolicy};
+    use crate::pods::NetnsRef;
 
     #[derive(Default)]
     struct FakeMaps {
@@ -638,6 +653,7 @@ mod tests {
             inbound_port: 15006,
             proxy_ports: vec![15001, 15006],
             rules_per_pod: 256,
+            sees_ingress_ifindex: true,
         }
     }
 
@@ -863,6 +879,30 @@ mod tests {
         assert!(m.log.is_empty(), "{:?}", m.log);
         let rep = r.reconcile(&[pod("a", 10, &[])], &[], &mut m);
         assert_eq!(rep.updated.len(), 1);
+        assert_eq!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+    }
+
+    /// VM interfaces on a kernel whose `sk_lookup` cannot see the ingress interface: the pod
+    /// is locked (its VM would otherwise run uncaptured), and served where the kernel can.
+    #[test]
+    fn a_vm_pod_on_a_kernel_without_ingress_ifindex_is_locked() {
+        let vm = |cookie| {
+            let mut p = pod("vm", cookie, &[]);
+            p.spec.policy.vm_interfaces = ["tap0".to_string()].into();
+            p
+        };
+        let old_kernel = NodeSettings {
+            sees_ingress_ifindex: false,
+            ..node()
+        };
+        let mut m = FakeMaps::default();
+        let rep = Reconciler::new(old_kernel).reconcile(&[vm(10)], &[], &mut m);
+        assert_eq!(rep.locked.len(), 1, "{rep:?}");
+        assert!(rep.locked[0].1.contains("ingress_ifindex"), "{rep:?}");
+        assert_ne!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
+        let mut m = FakeMaps::default();
+        let rep = Reconciler::new(node()).reconcile(&[vm(10)], &[], &mut m);
+        assert!(rep.locked.is_empty(), "{rep:?}");
         assert_eq!(m.pods[&10].flags & POD_FLAG_REJECTED, 0);
     }
 

@@ -159,7 +159,10 @@ fn start(opts: &RunOptions, cgroup: &Path) -> Result<(Engine, Vec<ProgramReport>
             opts.orig_dst_map_size
         );
     }
-    let mut reconciler = Reconciler::new(opts.node.clone());
+    let mut reconciler = Reconciler::new(NodeSettings {
+        sees_ingress_ifindex: probe::sk_lookup_sees_ingress() == Some(true),
+        ..opts.node.clone()
+    });
     let previous = datapath.mesh_pods()?;
     if !previous.is_empty() {
         log::info!(
@@ -206,7 +209,6 @@ fn check_kernel() -> Result<()> {
             );
         }
     }
-    crate::policy::annotations::set_ingress_seen(probe::sk_lookup_sees_ingress() == Some(true));
     Ok(())
 }
 

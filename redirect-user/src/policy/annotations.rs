@@ -57,15 +57,6 @@ pub const KUBEVIRT_INTERFACES: &str = ISTIO.annotations.kubevirt_interfaces;
 /// reads both; the lists are joined).
 pub const REROUTE_VIRTUAL_INTERFACES: &str = ISTIO.annotations.reroute_virtual_interfaces;
 
-/// Whether `sk_lookup` can see a connection's ingress interface on this kernel; set once by
-/// the daemon from its probe (unset: assumed, as in unit tests and off-node checks).
-static INGRESS_SEEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-
-/// Records whether this kernel lets `sk_lookup` see the ingress interface (the daemon, at
-/// start).
-pub fn set_ingress_seen(seen: bool) {
-    let _ = INGRESS_SEEN.set(seen);
-}
 /// `traffic.sidecar.istio.io/excludeInterfaces`: interface names whose traffic is never
 /// captured, either way.
 pub const EXCLUDE_INTERFACES: &str = ISTIO.annotations.exclude_interfaces;
@@ -389,13 +380,10 @@ fn interface_names(value: &str) -> Result<BTreeSet<String>, String> {
         .collect()
 }
 
-/// `kubevirtInterfaces`: interface names, on a kernel that can see them in `sk_lookup`.
+/// `kubevirtInterfaces`: interface names (whether this kernel can serve them is the
+/// reconciler's question: `sk_lookup` must see the ingress interface).
 fn vm_interfaces(value: &str) -> Result<BTreeSet<String>, String> {
-    let names = interface_names(value)?;
-    if !names.is_empty() && !INGRESS_SEEN.get().copied().unwrap_or(true) {
-        return Err("capturing a VM's traffic needs sk_lookup's ingress_ifindex (Linux 5.17), which this kernel lacks: the pod is refused (locked, and its CNI ADD fails) so that its VM does not run uncaptured; use redirectd.dev/skip: \"true\" to leave the pod to istio-cni or istio-init".into());
-    }
-    Ok(names)
+    interface_names(value)
 }
 
 #[cfg(test)]
