@@ -138,9 +138,19 @@ impl Lab {
     /// [`Lab::start_envoy`] in either interception mode: in TPROXY mode as Istio runs it
     /// there, uid 0 and gid 1337 (through `setpriv`), with a transparent inbound listener.
     pub fn start_envoy_in(&mut self, pod: &str, mode: envoy::Mode) -> Result<usize> {
+        self.start_envoy_shaped(pod, mode, &envoy::ISTIO)
+    }
+
+    /// Envoy as another mesh's sidecar: its listener ports and uid ([`envoy::Shape`]).
+    pub fn start_envoy_shaped(
+        &mut self,
+        pod: &str,
+        mode: envoy::Mode,
+        shape: &envoy::Shape,
+    ) -> Result<usize> {
         let p = self.pod(pod);
         let config = self.dir.join(format!("{pod}-envoy.json"));
-        let bootstrap = envoy::bootstrap(&p.v4.to_string(), &p.v6.to_string(), mode);
+        let bootstrap = envoy::bootstrap_shaped(&p.v4.to_string(), &p.v6.to_string(), mode, shape);
         std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let log = self.dir.join(format!("{pod}-envoy.log"));
@@ -149,7 +159,7 @@ impl Lab {
         let mut args = envoy::args(&config);
         let program = match mode {
             envoy::Mode::Redirect => {
-                placement.uid = Some(PROXY_UID);
+                placement.uid = Some(shape.uid);
                 binary
             }
             envoy::Mode::Tproxy => {
@@ -166,11 +176,7 @@ impl Lab {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = spawn(placement, &log, &program, &args)?;
         self.procs.push(proc);
-        for port in [
-            envoy::OUTBOUND_PORT,
-            envoy::INBOUND_PORT,
-            envoy::HEALTH_PORT,
-        ] {
+        for port in [shape.outbound, shape.inbound, shape.health] {
             self.wait_listening(pod, port)
                 .with_context(|| self.procs.last().map(Proc::log_text).unwrap_or_default())?;
         }

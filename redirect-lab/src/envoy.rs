@@ -127,6 +127,46 @@ fn unlimited() -> Value {
     }]})
 }
 
+/// Where a mesh puts its sidecar's listeners and which uid runs it: Envoy is given the same
+/// in the lab (Kuma and Consul run Envoy; Linkerd's proxy is not available here, so its
+/// rows run Envoy on Linkerd's ports and uid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub outbound: u16,
+    pub inbound: u16,
+    /// A plain HTTP answer (`ready`) the mesh's probes use.
+    pub health: u16,
+    pub stats: u16,
+    pub admin: u16,
+    pub uid: u32,
+    /// The inbound upstream connection leaves from 127.0.0.6 / ::6 (Istio's passthrough).
+    pub passthrough_source: bool,
+}
+
+/// Istio's sidecar.
+pub const ISTIO: Shape = Shape {
+    outbound: OUTBOUND_PORT,
+    inbound: INBOUND_PORT,
+    health: HEALTH_PORT,
+    stats: STATS_PORT,
+    admin: ADMIN_PORT,
+    uid: crate::PROXY_UID,
+    passthrough_source: true,
+};
+
+/// Linkerd's ports and uid (linkerd2-proxy: outbound 4140, inbound 4143, admin 4191 with its
+/// `/ready`, control 4190, uid 2102); the proxy reaches the application from the pod's own
+/// address.
+pub const LINKERD: Shape = Shape {
+    outbound: crate::linkerd_iptables::OUTBOUND_PORT,
+    inbound: crate::linkerd_iptables::INBOUND_PORT,
+    health: crate::linkerd_iptables::ADMIN_PORT,
+    stats: crate::linkerd_iptables::CONTROL_PORT,
+    admin: 4192,
+    uid: crate::linkerd_iptables::PROXY_UID,
+    passthrough_source: false,
+};
+
 /// The mark of Envoy's original-source connections in TPROXY mode (Istio's
 /// `--inbound-tproxy-mark`).
 pub const TPROXY_MARK: u32 = 1337;
@@ -138,16 +178,22 @@ pub enum Mode {
     Tproxy,
 }
 
-/// Envoy's bootstrap for a lab pod whose addresses are `pod_v4` and `pod_v6`.
+/// Envoy's bootstrap for a lab pod whose addresses are `pod_v4` and `pod_v6`, as Istio's
+/// sidecar.
 pub fn bootstrap(pod_v4: &str, pod_v6: &str, mode: Mode) -> Value {
-    let mut outbound = dual_stack("virtualOutbound", OUTBOUND_PORT);
+    bootstrap_shaped(pod_v4, pod_v6, mode, &ISTIO)
+}
+
+/// [`bootstrap`] with another mesh's listener ports ([`Shape`]).
+pub fn bootstrap_shaped(pod_v4: &str, pod_v6: &str, mode: Mode, shape: &Shape) -> Value {
+    let mut outbound = dual_stack("virtualOutbound", shape.outbound);
     outbound["use_original_dst"] = json!(true);
     outbound["listener_filters"] = json!([{
         "name": "envoy.filters.listener.original_dst",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}
     }]);
     outbound["filter_chains"] = tcp_proxy("outbound", "PassthroughCluster");
-    let mut inbound = dual_stack("virtualInbound", INBOUND_PORT);
+    let mut inbound = dual_stack("virtualInbound", shape.inbound);
     inbound["listener_filters"] = outbound["listener_filters"].clone();
     inbound["filter_chains"] = tcp_proxy("inbound", "InboundPassthroughCluster");
     // 127.0.0.6 / ::6 in REDIRECT mode; in TPROXY mode original_src gives the source.
@@ -155,6 +201,9 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str, mode: Mode) -> Value {
         "source_address": {"address": "127.0.0.6", "port_value": 0},
         "extra_source_addresses": [{"address": {"address": "::6", "port_value": 0}}],
     });
+    if !shape.passthrough_source {
+        bind = Value::Null;
+    }
     if mode == Mode::Tproxy {
         inbound["transparent"] = json!(true);
         inbound["listener_filters"]
@@ -180,13 +229,13 @@ pub fn bootstrap(pod_v4: &str, pod_v6: &str, mode: Mode) -> Value {
     let connect_timeout = format!("{}s", 5 * crate::wait::time_scale());
     json!({
         "node": {"id": "sidecar~lab", "cluster": "lab"},
-        "admin": {"address": socket("127.0.0.1", ADMIN_PORT)},
+        "admin": {"address": socket("127.0.0.1", shape.admin)},
         "static_resources": {
             "listeners": [
                 outbound,
                 inbound,
-                http_answer("health", HEALTH_PORT, "ready\n"),
-                http_answer("stats", STATS_PORT, "# stats\n"),
+                http_answer("health", shape.health, "ready\n"),
+                http_answer("stats", shape.stats, "# stats\n"),
                 self_call,
             ],
             "clusters": [

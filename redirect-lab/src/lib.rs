@@ -16,6 +16,7 @@ pub mod deploy;
 pub mod echo;
 pub mod envoy;
 pub mod istio_iptables;
+pub mod linkerd_iptables;
 mod netns;
 pub mod perf;
 mod process;

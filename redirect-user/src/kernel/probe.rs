@@ -35,7 +35,7 @@ fn map(name: &str, t: MapType, since: &'static str) -> Check {
 }
 
 /// The helpers the programs call: `(program type name, type, helper name, helper, since)`.
-const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 10] = {
+const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 12] = {
     use BpfHelper as H;
     use ProgramType as P;
     let cookie = "bpf_get_netns_cookie";
@@ -74,6 +74,20 @@ const HELPERS: [(&str, ProgramType, &str, BpfHelper, &str); 10] = {
             cookie,
             H::BPF_FUNC_get_netns_cookie,
             "5.15",
+        ),
+        (
+            "cgroup_sock_addr",
+            P::CgroupSockAddr,
+            "bpf_sk_storage_get",
+            H::BPF_FUNC_sk_storage_get,
+            "5.3",
+        ),
+        (
+            "sock_ops",
+            P::SockOps,
+            "bpf_sk_storage_get",
+            H::BPF_FUNC_sk_storage_get,
+            "5.3",
         ),
         (
             "sock_ops",
@@ -128,6 +142,7 @@ pub fn run() -> Vec<Check> {
         map("percpu_array", MapType::PerCpuArray, "4.6"),
         map("sockhash", MapType::SockHash, "4.18"),
         map("ringbuf", MapType::RingBuf, "5.8"),
+        map("sk_storage", MapType::SkStorage, "5.2"),
     ];
     checks.extend(HELPERS.iter().map(|&(prog, t, name, h, since)| Check {
         what: format!("helper {name} in {prog} programs"),

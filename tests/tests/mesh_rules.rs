@@ -1,0 +1,140 @@
+//! Other meshes' own capture rules, run in the lab as the reference that redirectd's profiles
+//! for them are compared with: Linkerd's `proxy-init` rules
+//! ([`redirect_lab::linkerd_iptables`]) in a pod whose sidecar is Envoy on Linkerd's ports and
+//! uid (Linkerd's own proxy is not available here), both families, each decision of the rules
+//! tried for real.
+
+use redirect_lab::{
+    envoy,
+    linkerd_iptables::{self, Options},
+    Lab,
+};
+use redirect_tests::{lab, seen};
+
+/// The listeners of the pod's Envoy that took a connection, as `seen` prints them.
+fn listeners(row: &str) -> &str {
+    row.rsplit_once("envoy ").map_or("", |(_, l)| l)
+}
+
+fn target(addr: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
+/// `(what, from, to, port, expected listeners)`: a connection from pod `from` to pod `to`'s
+/// address (v4 or v6) and `port`.
+type Row<'a> = (&'a str, &'a str, &'a str, u16, &'a str);
+
+fn check(lab: &Lab, envoy_proc: usize, rows: &[Row<'_>]) {
+    let mut wrong = Vec::new();
+    for v6 in [false, true] {
+        for &(what, from, to, port, want) in rows {
+            let to_pod = lab.pod(to);
+            let addr = if v6 { to_pod.v6 } else { to_pod.v4 };
+            let row = seen(
+                lab,
+                envoy_proc,
+                lab.pod(from).placement(),
+                &target(addr, port),
+            );
+            let family = if v6 { "IPv6" } else { "IPv4" };
+            println!("{what} ({family}): {row}");
+            assert!(
+                row.starts_with("error None"),
+                "{what} ({family}) failed: {row}"
+            );
+            if listeners(&row) != want {
+                wrong.push(format!("{what} ({family}): want envoy {want}, saw {row}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Linkerd's rules as its injector writes them: every outbound TCP connection to 4140 but the
+/// proxy's, loopback's and the ignored ports' (4567, 4568 by default); every inbound one to
+/// 4143 but the proxy's own ports' (4190, 4191) and the ignored ones'; then a pod's
+/// `skip-inbound-ports` (a range) and `skip-subnets` (the caller's network) replacing them.
+#[test]
+fn linkerds_own_rules_in_the_lab() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab
+        .start_envoy_shaped("client", envoy::Mode::Redirect, &envoy::LINKERD)
+        .unwrap();
+    lab.start_server("client", &[8080, 4567, 9005]).unwrap();
+    lab.start_server("ext", &[8080, 4567]).unwrap();
+    let ns = &lab.pod("client").netns;
+    linkerd_iptables::install(ns, &Options::default()).unwrap();
+    check(
+        &lab,
+        sidecar,
+        &[
+            ("outbound", "client", "ext", 8080, "[\"outbound\"]"),
+            ("outbound, an ignored port", "client", "ext", 4567, "[]"),
+            (
+                "the pod's own address, over lo",
+                "client",
+                "client",
+                8080,
+                "[]",
+            ),
+            ("inbound", "ext", "client", 8080, "[\"inbound\"]"),
+            ("inbound, an ignored port", "ext", "client", 4567, "[]"),
+            (
+                "inbound, a port not ignored",
+                "ext",
+                "client",
+                9005,
+                "[\"inbound\"]",
+            ),
+        ],
+    );
+
+    // A pod's annotations replace the defaults: 4567 is captured again, 9000-9010 is not,
+    // and nothing from the caller's networks is.
+    linkerd_iptables::remove(ns).unwrap();
+    let ext = lab.pod("ext");
+    let subnets = format!("{}/32,{}/128", ext.v4, ext.v6);
+    let options = Options::for_pod(Some("9000-9010"), Some("5432"), None);
+    linkerd_iptables::install(ns, &options).unwrap();
+    check(
+        &lab,
+        sidecar,
+        &[
+            (
+                "outbound, 4567 no longer ignored",
+                "client",
+                "ext",
+                4567,
+                "[\"outbound\"]",
+            ),
+            (
+                "inbound, 4567 no longer ignored",
+                "ext",
+                "client",
+                4567,
+                "[\"inbound\"]",
+            ),
+            ("inbound, in the ignored range", "ext", "client", 9005, "[]"),
+        ],
+    );
+    linkerd_iptables::remove(ns).unwrap();
+    let options = Options::for_pod(None, None, Some(&subnets));
+    linkerd_iptables::install(ns, &options).unwrap();
+    check(
+        &lab,
+        sidecar,
+        &[
+            ("inbound from a skipped subnet", "ext", "client", 8080, "[]"),
+            (
+                "outbound to a skipped subnet (inbound-only)",
+                "client",
+                "ext",
+                8080,
+                "[\"outbound\"]",
+            ),
+        ],
+    );
+    linkerd_iptables::remove(ns).unwrap();
+}
