@@ -158,6 +158,13 @@ pub const POD_FLAG_TPROXY: u32 = 1 << 13;
 /// kind [`PORT_VM_IFACE`]) goes to the proxy's outbound listener, as Istio's `PREROUTING -i
 /// IFACE -j ISTIO_REDIRECT`. The daemon routes the interfaces' TCP to the pod itself.
 pub const POD_FLAG_VM_IFACES: u32 = 1 << 14;
+/// Linkerd's `PROXY_INIT_OUTPUT -o lo -j RETURN`: nothing that goes over lo (loopback, the
+/// pod's own addresses) is captured, the proxy's calls to its own pod included (Istio's rows
+/// 2 to 4 do not apply).
+pub const POD_FLAG_LOOPBACK_DIRECT: u32 = 1 << 15;
+/// The pod has inbound sources that are never captured ([`ADDR_EXCLUDE_INBOUND_SOURCE`]:
+/// Linkerd's `skip-subnets`, `PROXY_INIT_REDIRECT -s NET -j RETURN`).
+pub const POD_FLAG_HAS_INBOUND_SOURCE_EXCLUDE: u32 = 1 << 16;
 /// The mark of the proxy's original-source sockets in TPROXY mode (Istio's
 /// `--inbound-tproxy-mark`, and the mark Istio gives Envoy's `original_src` filter).
 pub const TPROXY_MARK: u32 = 1337;
@@ -277,6 +284,9 @@ pub const ADDR_ROUTE_OTHER: u32 = 5;
 /// [`AddrRuleData::kind`]: an address configured on one of the pod's `excludeInterfaces`
 /// (inbound to it goes direct: what arrives through that interface is addressed to it).
 pub const ADDR_EXCLUDED_IFACE_LOCAL: u32 = 6;
+/// [`AddrRuleData::kind`]: a network whose connections into the pod go direct (Linkerd's
+/// `config.linkerd.io/skip-subnets`), matched against the connection's remote address.
+pub const ADDR_EXCLUDE_INBOUND_SOURCE: u32 = 7;
 
 /// Number of leading bits of [`AddrRuleData`] that every rule matches exactly
 /// (`pod_id` and `kind`); the address prefix length is added to it.

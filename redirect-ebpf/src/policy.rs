@@ -1,15 +1,18 @@
 //! Istio's capture rules (docs/interception.md), evaluated in order: outbound at
-//! `connect()`, inbound in `sk_lookup` for connections from outside the pod.
+//! `connect()`, inbound in `sk_lookup` for connections from outside the pod; a pod of another
+//! mesh sets the flags that turn them into its own (Linkerd: [`POD_FLAG_LOOPBACK_DIRECT`],
+//! excluded inbound sources).
 //!
 //! The rules read a pod's rule table through [`RuleTable`]: in the programs, the kernel's maps
 //! (`maps::Maps`); on the host, the daemon's compiled rules, so that the daemon's unit tests
 //! run the very decisions the programs make (redirect-user's `policy::rules` tests).
 
 use redirect_common::{
-    PodConfig, ADDR_EXCLUDED_IFACE_LOCAL, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_ROUTE_EXCLUDED, ADDR_ROUTE_OTHER, DNS_PORT, HBONE_PORT, POD_FLAG_DNS_CAPTURE,
-    POD_FLAG_EXCLUDED_IFACES, POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INCLUDE_PORTS,
-    POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    PodConfig, ADDR_EXCLUDED_IFACE_LOCAL, ADDR_EXCLUDE_INBOUND_SOURCE, ADDR_EXCLUDE_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_ROUTE_EXCLUDED, ADDR_ROUTE_OTHER, DNS_PORT, HBONE_PORT,
+    POD_FLAG_DNS_CAPTURE, POD_FLAG_EXCLUDED_IFACES, POD_FLAG_HAS_EXCLUDE_RANGES,
+    POD_FLAG_HAS_INBOUND_SOURCE_EXCLUDE, POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES,
+    POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_LOOPBACK_DIRECT,
     POD_FLAG_LOOPBACK_INCLUDE, POD_FLAG_OWNER_GROUPS_EXCLUDE, POD_FLAG_OWNER_GROUPS_INCLUDE,
     PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
 };
@@ -134,6 +137,10 @@ pub fn outbound(
     // it there), whatever the destination: it reaches row 6.
     let dns = pod.flags & POD_FLAG_DNS_CAPTURE != 0 && port == DNS_PORT;
     if over_lo {
+        // Linkerd: `-o lo -j RETURN`, for everyone.
+        if pod.flags & POD_FLAG_LOOPBACK_DIRECT != 0 {
+            return Outbound::Direct;
+        }
         // 2: the proxy's inbound passthrough. 3: the proxy reaching its own pod (a service
         // resolving to itself) goes through inbound. 4: an app calling itself.
         if !from_passthrough && is_proxy && !dst.is_localhost() && port != HBONE_PORT && !dns {
@@ -207,10 +214,23 @@ pub fn dns_udp(
 /// configured) and `excludeInboundPorts` are in `PORT_EXCLUDE_INBOUND`; `includeInboundPorts`
 /// is `*` (flag) or a list. `local16`: the address the connection is to; one of the pod's
 /// `excludeInterfaces`' own addresses goes direct (Istio: `PREROUTING -i IFACE -j RETURN`).
+/// `remote16`: the address it comes from; a network of the pod's excluded sources goes direct
+/// (Linkerd: `PROXY_INIT_REDIRECT -s NET -j RETURN`).
 #[inline(always)]
-pub fn inbound(t: impl RuleTable, pod: &PodConfig, port: u16, local16: [u8; 16]) -> Inbound {
+pub fn inbound(
+    t: impl RuleTable,
+    pod: &PodConfig,
+    port: u16,
+    local16: [u8; 16],
+    remote16: [u8; 16],
+) -> Inbound {
     if pod.flags & POD_FLAG_EXCLUDED_IFACES != 0
         && has_addr_rule(t, pod.pod_id, ADDR_EXCLUDED_IFACE_LOCAL, local16)
+    {
+        return Inbound::Direct;
+    }
+    if pod.flags & POD_FLAG_HAS_INBOUND_SOURCE_EXCLUDE != 0
+        && has_addr_rule(t, pod.pod_id, ADDR_EXCLUDE_INBOUND_SOURCE, remote16)
     {
         return Inbound::Direct;
     }

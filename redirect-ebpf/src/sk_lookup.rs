@@ -98,7 +98,7 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
             return SK_PASS;
         }
     }
-    if inbound(Maps, &pod, port as u16, local.addr16()) == Inbound::Direct {
+    if inbound(Maps, &pod, port as u16, local.addr16(), remote.addr16()) == Inbound::Direct {
         count(pod.pod_id, |c| c.inbound_direct += 1);
         return SK_PASS;
     }

@@ -47,13 +47,25 @@ impl Pod {
             self.name,
             self.netns.path().display(),
         );
+        self.annotations_yaml(&mut s, annotations);
+        s
+    }
+
+    /// [`Pod::yaml_entry`] for a pod of `mesh` (the entry's `mesh` field).
+    pub fn yaml_entry_in(&self, mesh: &str, annotations: &[(&str, &str)]) -> String {
+        let mut s = self.yaml_entry(&[]);
+        s.push_str(&format!("    mesh: {mesh}\n"));
+        self.annotations_yaml(&mut s, annotations);
+        s
+    }
+
+    fn annotations_yaml(&self, s: &mut String, annotations: &[(&str, &str)]) {
         if !annotations.is_empty() {
             s.push_str("    annotations:\n");
             for (k, v) in annotations {
                 s.push_str(&format!("      {k}: {v:?}\n"));
             }
         }
-        s
     }
 }
 

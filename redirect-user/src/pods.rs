@@ -13,6 +13,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::policy::annotations::{self, CapturePolicy};
+use crate::policy::mesh::Mesh;
 
 /// `namespace/name` of a pod.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
@@ -91,6 +92,8 @@ pub struct InvalidPod {
     pub netns: NetnsRef,
     pub ips: Vec<IpAddr>,
     pub error: PodError,
+    /// Its mesh (locked, it keeps its proxy's ports and uid).
+    pub mesh: Mesh,
 }
 
 /// The desired set from one read of a source.
@@ -140,6 +143,8 @@ struct RawPod {
     ips: Vec<String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// Whose sidecar the pod runs: `istio` (the default) or `linkerd`.
+    mesh: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -391,15 +396,36 @@ fn parse_entry(
     })?;
     let netns = netns_ref(raw.netns, raw.pid).map_err(|e| held(err(&e.field, e.reason)))?;
     let ips = addresses(&raw.ips).map_err(|e| held(err(&e.field, e.reason)))?;
-    let parsed = match annotations::parse(&raw.annotations) {
+    let invalid = |key, netns, ips, error, mesh| {
+        EntryError::Invalid(Box::new(InvalidPod {
+            key,
+            netns,
+            ips,
+            error,
+            mesh,
+        }))
+    };
+    let mesh = match raw.mesh.as_deref().map(Mesh::parse) {
+        None => Mesh::Istio,
+        Some(Some(mesh)) => mesh,
+        Some(None) => {
+            let reason = format!(
+                "{:?} is not a mesh this daemon knows ({})",
+                raw.mesh.unwrap_or_default(),
+                Mesh::NAMES.join(", ")
+            );
+            return Err(invalid(key, netns, ips, err("mesh", reason), Mesh::Istio));
+        }
+    };
+    let parsed = match mesh {
+        Mesh::Istio => annotations::parse(&raw.annotations),
+        Mesh::Linkerd => crate::policy::linkerd::parse(&raw.annotations),
+    };
+    let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
-            return Err(EntryError::Invalid(Box::new(InvalidPod {
-                key,
-                netns,
-                ips,
-                error: err(&format!("annotations[{:?}]", e.annotation), e.to_string()),
-            })))
+            let error = err(&format!("annotations[{:?}]", e.annotation), e.to_string());
+            return Err(invalid(key, netns, ips, error, mesh));
         }
     };
     let spec = PodSpec {
@@ -507,6 +533,61 @@ pods:
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         assert_eq!(got, want, "{:#?}", d.rejected);
+    }
+
+    /// `mesh: linkerd` reads Linkerd's annotations (and ignores Istio's); an unknown mesh, or
+    /// a typo in a Linkerd annotation, is an invalid pod (locked, never left uncaptured) that
+    /// keeps its mesh.
+    #[test]
+    fn pods_of_another_mesh() {
+        let d = parse_file(
+            br#"
+pods:
+  - name: l5d
+    netns: /var/run/netns/a
+    ips: ["10.0.0.1"]
+    mesh: linkerd
+    annotations:
+      config.linkerd.io/skip-outbound-ports: "5432"
+      traffic.sidecar.istio.io/excludeOutboundPorts: "80"
+  - name: typo
+    netns: /var/run/netns/b
+    ips: ["10.0.0.2"]
+    mesh: linkerd
+    annotations:
+      config.linkerd.io/skip-inbound-ports: "80,eighty"
+  - name: unknown
+    netns: /var/run/netns/c
+    ips: ["10.0.0.3"]
+    mesh: likerd
+"#,
+        )
+        .unwrap();
+        assert_eq!(d.pods.len(), 1);
+        let p = &d.pods[0].policy;
+        assert_eq!(p.mesh, Mesh::Linkerd);
+        assert_eq!(p.exclude_outbound_ports, [5432].into());
+        let invalid: Vec<(&str, Mesh, &str)> = d
+            .invalid
+            .iter()
+            .map(|i| (i.key.name.as_str(), i.mesh, i.error.field.as_str()))
+            .collect();
+        assert_eq!(
+            invalid,
+            vec![
+                (
+                    "typo",
+                    Mesh::Linkerd,
+                    "annotations[\"config.linkerd.io/skip-inbound-ports\"]"
+                ),
+                ("unknown", Mesh::Istio, "mesh"),
+            ]
+        );
+        assert!(
+            d.rejected[1].reason.contains("istio, linkerd"),
+            "{:?}",
+            d.rejected
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::{
     podns::interfaces::NamespaceView,
     pods::{PodKey, PodSpec},
     policy::annotations::CapturePolicy,
+    policy::mesh::Mesh,
     policy::room::{self, Usage},
     policy::rules::PodRules,
 };
@@ -37,6 +38,28 @@ pub struct NodeSettings {
     /// Whether `sk_lookup` can see a connection's ingress interface on this kernel (Linux
     /// 5.17), which capturing a VM's traffic needs (probed at start).
     pub sees_ingress_ifindex: bool,
+}
+
+impl NodeSettings {
+    /// The proxy's own ports in a pod of `policy`'s mesh (never captured inbound): the node's
+    /// for Istio's pods, the mesh's own for another's.
+    pub fn proxy_ports_of(&self, policy: &CapturePolicy) -> &[u16] {
+        match policy.mesh {
+            Mesh::Istio => &self.proxy_ports,
+            Mesh::Linkerd => crate::policy::mesh::linkerd::PROXY_PORTS,
+        }
+    }
+
+    /// `(outbound, inbound)` listener ports of the proxy in a pod of `policy`'s mesh.
+    pub fn ports_of(&self, policy: &CapturePolicy) -> (u16, u16) {
+        match policy.mesh {
+            Mesh::Istio => (self.outbound_port, self.inbound_port),
+            Mesh::Linkerd => (
+                crate::policy::mesh::linkerd::OUTBOUND_PORT,
+                crate::policy::mesh::linkerd::INBOUND_PORT,
+            ),
+        }
+    }
 }
 
 /// Why this kernel cannot serve `policy`, if it cannot: a pod whose VMs' traffic
@@ -227,7 +250,8 @@ impl Reconciler {
             }
             cookie_owner.insert(r.netns_cookie, &r.spec.key);
             let compiled = r.rejected.is_none().then(|| {
-                PodRules::compile(&r.spec.policy, &r.view, &r.spec.ips, &self.node.proxy_ports)
+                let proxy_ports = self.node.proxy_ports_of(&r.spec.policy);
+                PodRules::compile(&r.spec.policy, &r.view, &r.spec.ips, proxy_ports)
             });
             // Rules over the per-pod limit, or a setting this kernel cannot serve, are a
             // rejected configuration like a typo.
@@ -255,7 +279,7 @@ impl Reconciler {
             }
             let rules = match compiled {
                 Some(c) if rejected.is_none() => c,
-                _ => PodRules::locked(&r.spec.ips, &self.node.proxy_ports),
+                _ => PodRules::locked(&r.spec.ips, self.node.proxy_ports_of(&r.spec.policy)),
             };
             let config = self.config_for(&r.spec, &rules);
             plan.pods.insert(
@@ -371,7 +395,8 @@ impl Reconciler {
             report.failed.push((key.clone(), why));
             return None;
         }
-        let rules = PodRules::locked(&want.resolved.spec.ips, &self.node.proxy_ports);
+        let spec = &want.resolved.spec;
+        let rules = PodRules::locked(&spec.ips, self.node.proxy_ports_of(&spec.policy));
         let lock = Wanted {
             resolved: want.resolved,
             config: self.config_for(&want.resolved.spec, &rules),
@@ -395,8 +420,8 @@ impl Reconciler {
             pod_id: 0,
             proxy_uid: spec.policy.proxy_uid.unwrap_or(self.node.proxy_uid),
             proxy_gid: spec.policy.proxy_gid.unwrap_or(self.node.proxy_gid),
-            outbound_port: self.node.outbound_port,
-            inbound_port: self.node.inbound_port,
+            outbound_port: self.node.ports_of(&spec.policy).0,
+            inbound_port: self.node.ports_of(&spec.policy).1,
             flags: rules.flags,
             _pad: 0,
         }
@@ -427,7 +452,8 @@ impl Reconciler {
         maps: &mut impl PodMaps,
     ) -> anyhow::Result<()> {
         let r = want.resolved;
-        maps.attach_inbound(r.netns_cookie, &r.netns_path)?;
+        let ports = [prev.inbound_port, prev.outbound_port];
+        maps.attach_inbound(r.netns_cookie, &r.netns_path, ports)?;
         self.applied.insert(
             key.clone(),
             Applied {
@@ -460,7 +486,8 @@ impl Reconciler {
             maps.reset_counters(pod_id)?;
             maps.install_rules(pod_id, &want.rules)?;
             if new_netns {
-                maps.attach_inbound(r.netns_cookie, &r.netns_path)?;
+                let ports = [config.inbound_port, config.outbound_port];
+                maps.attach_inbound(r.netns_cookie, &r.netns_path, ports)?;
             }
             maps.set_pod(r.netns_cookie, &config)
         })();
@@ -633,7 +660,12 @@ mod tests {
                 sources: Default::default(),
             })
         }
-        fn attach_inbound(&mut self, c: u64, _: &std::path::Path) -> anyhow::Result<()> {
+        fn attach_inbound(
+            &mut self,
+            c: u64,
+            _: &std::path::Path,
+            _: [u16; 2],
+        ) -> anyhow::Result<()> {
             self.log.push(format!("in+ {c}"));
             self.inbound.insert(c);
             Ok(())

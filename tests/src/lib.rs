@@ -205,13 +205,17 @@ pub fn seen(lab: &Lab, envoy: usize, placement: Placement<'_>, target: &str) -> 
 /// Prints each `(what, how it looked)` row under Istio's rules and under redirectd, and fails
 /// naming every row that differs.
 pub fn assert_same_rows(reference: &[(String, String)], ours: &[(String, String)]) {
+    assert_same_rows_as("istio-iptables", reference, ours);
+}
+
+/// [`assert_same_rows`] with another mesh's rules (`name`) as the reference.
+pub fn assert_same_rows_as(name: &str, reference: &[(String, String)], ours: &[(String, String)]) {
+    assert_eq!(reference.len(), ours.len(), "not the same rows");
     let mut differences = Vec::new();
     for ((what, a), (_, b)) in reference.iter().zip(ours) {
-        println!("{what}\n  istio-iptables {a}\n  redirectd      {b}");
+        println!("{what}\n  {name:<14} {a}\n  redirectd      {b}");
         if a != b {
-            differences.push(format!(
-                "{what}:\n  istio-iptables {a}\n  redirectd      {b}"
-            ));
+            differences.push(format!("{what}:\n  {name:<14} {a}\n  redirectd      {b}"));
         }
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));

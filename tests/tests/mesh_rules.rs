@@ -1,15 +1,16 @@
-//! Other meshes' own capture rules, run in the lab as the reference that redirectd's profiles
-//! for them are compared with: Linkerd's `proxy-init` rules
+//! Other meshes' own capture rules, run in the lab as the reference, and redirectd's profiles
+//! for them side by side with it: Linkerd's `proxy-init` rules
 //! ([`redirect_lab::linkerd_iptables`]) in a pod whose sidecar is Envoy on Linkerd's ports and
 //! uid (Linkerd's own proxy is not available here), both families, each decision of the rules
-//! tried for real.
+//! tried for real; then the same rows with redirectd serving the pod as a Linkerd pod
+//! (`mesh: linkerd` and the same `config.linkerd.io/` annotations), every row equal.
 
 use redirect_lab::{
     envoy,
     linkerd_iptables::{self, Options},
     Lab,
 };
-use redirect_tests::{lab, seen};
+use redirect_tests::{assert_same_rows_as, lab, pods_yaml, seen};
 
 /// The listeners of the pod's Envoy that took a connection, as `seen` prints them.
 fn listeners(row: &str) -> &str {
@@ -137,4 +138,65 @@ fn linkerds_own_rules_in_the_lab() {
         ],
     );
     linkerd_iptables::remove(ns).unwrap();
+}
+
+/// The rows of [`linkerds_own_rules_in_the_lab`] under each of its three option sets, under
+/// Linkerd's rules and under redirectd, side by side: every row (connection, addresses each
+/// end saw, which of the sidecar's listeners took it) equal.
+#[test]
+fn linkerd_pods_are_captured_as_linkerds_rules_capture_them() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab
+        .start_envoy_shaped("client", envoy::Mode::Redirect, &envoy::LINKERD)
+        .unwrap();
+    lab.start_server("client", &[8080, 4567, 9005]).unwrap();
+    lab.start_server("ext", &[8080, 4567]).unwrap();
+    lab.start_daemon("pods: []\n", &[]).unwrap();
+    let ext = lab.pod("ext");
+    let subnets = format!("{}/32,{}/128", ext.v4, ext.v6);
+    let option_sets = [
+        Options::default(),
+        Options::for_pod(Some("9000-9010"), Some("5432"), None),
+        Options::for_pod(None, None, Some(&subnets)),
+    ];
+    let rows: [(&str, &str, &str, u16); 7] = [
+        ("outbound", "client", "ext", 8080),
+        ("outbound to 4567", "client", "ext", 4567),
+        ("the pod's own address, over lo", "client", "client", 8080),
+        ("inbound", "ext", "client", 8080),
+        ("inbound to 4567", "ext", "client", 4567),
+        ("inbound to 9005", "ext", "client", 9005),
+        ("inbound to the proxy's admin port", "ext", "client", 4191),
+    ];
+    let run = |lab: &Lab| -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            for &(what, from, to, port) in &rows {
+                let to_pod = lab.pod(to);
+                let addr = if v6 { to_pod.v6 } else { to_pod.v4 };
+                let family = if v6 { "IPv6" } else { "IPv4" };
+                let row = seen(lab, sidecar, lab.pod(from).placement(), &target(addr, port));
+                out.push((format!("{what} ({family})"), row));
+            }
+        }
+        out
+    };
+    for options in &option_sets {
+        let ns = &lab.pod("client").netns;
+        linkerd_iptables::install(ns, options).unwrap();
+        let reference = run(&lab);
+        linkerd_iptables::remove(ns).unwrap();
+        let ann = options.annotations();
+        let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let entry = lab.pod("client").yaml_entry_in("linkerd", &ann);
+        lab.daemon().write_pods(&pods_yaml(&[entry])).unwrap();
+        lab.daemon().wait_pods(&["client"]).unwrap();
+        let ours = run(&lab);
+        lab.daemon().write_pods("pods: []\n").unwrap();
+        lab.daemon().wait_pods(&[]).unwrap();
+        println!("options {:?}", options.annotations());
+        assert_same_rows_as("proxy-init", &reference, &ours);
+    }
 }

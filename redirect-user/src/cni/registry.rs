@@ -200,6 +200,7 @@ impl Registry {
                     netns,
                     ips: r.ips.clone(),
                     error: error.clone(),
+                    mesh: crate::policy::mesh::Mesh::Istio,
                 }),
                 Some(Membership::Mesh(policy)) if same => d.pods.push(PodSpec {
                     key: r.key.clone(),

@@ -11,7 +11,6 @@ use crate::{
     podns::interfaces::NamespaceView,
     podns::netns::Resolver,
     pods::{Desired, PodKey, PodSpec},
-    policy::annotations::CapturePolicy,
     reconcile::{Reconciler, Report, Resolved},
 };
 
@@ -152,7 +151,7 @@ impl Engine {
                 key: p.key.clone(),
                 netns: p.netns.clone(),
                 ips: p.ips.clone(),
-                policy: CapturePolicy::default(),
+                policy: p.mesh.base_policy(),
             };
             (spec, Some(p.error.to_string()))
         });

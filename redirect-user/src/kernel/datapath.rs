@@ -36,8 +36,15 @@ pub trait PodMaps {
     fn set_pod(&mut self, netns_cookie: u64, config: &PodConfig) -> Result<()>;
     fn remove_pod(&mut self, netns_cookie: u64) -> Result<()>;
     fn reset_counters(&mut self, pod_id: u32) -> Result<()>;
-    /// Attaches (or adopts) the pod's inbound `sk_lookup` program in its network namespace.
-    fn attach_inbound(&mut self, netns_cookie: u64, netns: &Path) -> Result<()>;
+    /// Attaches (or adopts) the pod's inbound `sk_lookup` program in its network namespace,
+    /// and registers the proxy's sockets already listening there on `listener_ports` (its
+    /// inbound and outbound ports).
+    fn attach_inbound(
+        &mut self,
+        netns_cookie: u64,
+        netns: &Path,
+        listener_ports: [u16; 2],
+    ) -> Result<()>;
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()>;
     /// The rules the maps hold for slot `pod_id` (with `flags` from its `MESH_PODS` entry).
     fn existing_rules(&self, pod_id: u32, flags: u32) -> Result<PodRules>;
@@ -165,19 +172,15 @@ impl Datapath {
     }
 
     /// Registers in `LISTENERS` the proxy sockets already listening on the pod's inbound or
-    /// outbound port in its namespace (a proxy that started before us never ran our `listen()`
-    /// hook).
+    /// outbound port (`ports`, the pod's own: its `MESH_PODS` entry is written after this) in
+    /// its namespace (a proxy that started before us never ran our `listen()` hook).
     fn adopt_listeners(
         &mut self,
         netns_cookie: u64,
         netns: &std::fs::File,
         netns_path: &Path,
+        ports: [u16; 2],
     ) -> Result<()> {
-        // The pod's own proxy ports (its MESH_PODS entry is written first); the node's if not.
-        let ports = match self.mesh_pods.get(&netns_cookie, 0) {
-            Ok(pod) => [pod.inbound_port, pod.outbound_port],
-            Err(_) => [self.inbound_port, self.outbound_port],
-        };
         for (port, family, sock) in listeners::find(netns, &ports)? {
             let key = ListenerKey {
                 netns_cookie,
@@ -345,7 +348,12 @@ impl PodMaps for Datapath {
         }
     }
 
-    fn attach_inbound(&mut self, netns_cookie: u64, netns: &Path) -> Result<()> {
+    fn attach_inbound(
+        &mut self,
+        netns_cookie: u64,
+        netns: &Path,
+        listener_ports: [u16; 2],
+    ) -> Result<()> {
         let file = std::fs::File::open(netns)
             .with_context(|| format!("opening network namespace {}", netns.display()))?;
         // The namespace may have been replaced since it was resolved.
@@ -367,7 +375,7 @@ impl PodMaps for Datapath {
             self.inbound_insns = Some(insns);
         }
         // A proxy already listening before we were attached never ran our listen() hook.
-        self.adopt_listeners(netns_cookie, &file, netns)
+        self.adopt_listeners(netns_cookie, &file, netns, listener_ports)
     }
 
     fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {

@@ -112,9 +112,14 @@ pub fn translate(
     let host_uid = ids.uid.to_host(uid).with_context(|| {
         format!("the proxy's uid {uid} is not in the pod's user namespace's uid map")
     })?;
-    let host_gid = ids.gid.to_host(gid).with_context(|| {
-        format!("the proxy's gid {gid} is not in the pod's user namespace's gid map")
-    })?;
+    // A mesh with no gid rule (Linkerd) names a gid no process has: nothing to translate.
+    let host_gid = if gid == crate::policy::mesh::linkerd::NO_GID {
+        gid
+    } else {
+        ids.gid.to_host(gid).with_context(|| {
+            format!("the proxy's gid {gid} is not in the pod's user namespace's gid map")
+        })?
+    };
     let groups = |g: &std::collections::BTreeSet<u32>| -> Result<_> {
         g.iter()
             .map(|g| {

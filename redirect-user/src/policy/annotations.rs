@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, collections::BTreeSet, fmt};
 use serde::{Deserialize, Serialize};
 
 pub use crate::net::Cidr;
-use crate::policy::mesh::ISTIO;
+use crate::policy::mesh::{Mesh, ISTIO};
 
 /// `traffic.sidecar.istio.io/excludeOutboundPorts`
 pub const EXCLUDE_OUTBOUND_PORTS: &str = ISTIO.annotations.exclude_outbound_ports;
@@ -190,6 +190,12 @@ pub struct CapturePolicy {
     /// (its sockets marked 1337 go direct), and the pod gets TPROXY's policy routing.
     #[serde(default)]
     pub tproxy: bool,
+    /// The mesh whose rules, ports and uid the pod has.
+    #[serde(default)]
+    pub mesh: Mesh,
+    /// Networks whose connections into the pod are never captured (Linkerd's `skip-subnets`).
+    #[serde(default)]
+    pub exclude_inbound_sources: Vec<Cidr>,
 }
 
 impl Default for CapturePolicy {
@@ -213,6 +219,8 @@ impl Default for CapturePolicy {
             tproxy: false,
             vm_interfaces: BTreeSet::new(),
             exclude_interfaces: BTreeSet::new(),
+            mesh: Mesh::Istio,
+            exclude_inbound_sources: Vec::new(),
         }
     }
 }

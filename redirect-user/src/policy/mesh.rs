@@ -118,6 +118,75 @@ pub const ISTIO: Profile = Profile {
     tproxy_mark: redirect_common::TPROXY_MARK,
 };
 
+/// Linkerd's sidecar, as `linkerd2-proxy-init` and its injector's chart define it: outbound
+/// to 4140, inbound to 4143, the proxy as uid 2102 (no gid rule), its control and admin ports
+/// 4190 and 4191 never captured inbound, `4567,4568` ignored both ways unless the pod's
+/// `skip-*-ports` replace them, nothing over lo captured, and `skip-subnets` as inbound
+/// sources that are never captured.
+pub mod linkerd {
+    pub const OUTBOUND_PORT: u16 = 4140;
+    pub const INBOUND_PORT: u16 = 4143;
+    pub const PROXY_UID: u32 = 2102;
+    /// Linkerd has no gid rule: no process has this gid (`(gid_t) -1`), so no caller counts as
+    /// the proxy by its group.
+    pub const NO_GID: u32 = u32::MAX;
+    pub const CONTROL_PORT: u16 = 4190;
+    pub const ADMIN_PORT: u16 = 4191;
+    /// The proxy's own ports, never captured inbound.
+    pub const PROXY_PORTS: &[u16] = &[OUTBOUND_PORT, INBOUND_PORT, CONTROL_PORT, ADMIN_PORT];
+    /// `proxyInit.ignoreInboundPorts` and `ignoreOutboundPorts` by default.
+    pub const DEFAULT_IGNORED_PORTS: &[u16] = &[4567, 4568];
+    /// The injector's annotations a pod carries its capture settings in.
+    pub const SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
+    pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
+    pub const SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
+    pub const PROXY_UID_ANNOTATION: &str = "config.linkerd.io/proxy-uid";
+    /// The injected proxy container's name.
+    pub const PROXY_CONTAINER: &str = "linkerd-proxy";
+}
+
+/// Which mesh a pod belongs to: whose rules capture it, whose proxy ports and uid it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mesh {
+    /// Istio's sidecar ([`ISTIO`]; the node's `--proxy-uid`, `--outbound-port`, ... apply).
+    #[default]
+    Istio,
+    /// Linkerd's sidecar ([`linkerd`]).
+    Linkerd,
+}
+
+impl Mesh {
+    /// The names a pods-file entry's `mesh` field takes.
+    pub const NAMES: &[&str] = &["istio", "linkerd"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "istio" => Some(Mesh::Istio),
+            "linkerd" => Some(Mesh::Linkerd),
+            _ => None,
+        }
+    }
+
+    /// The policy of a pod of this mesh with no settings of its own (a locked pod keeps its
+    /// proxy's ports and uid through it).
+    pub fn base_policy(self) -> crate::policy::annotations::CapturePolicy {
+        match self {
+            Mesh::Istio => Default::default(),
+            Mesh::Linkerd => crate::policy::linkerd::parse(&Default::default())
+                .map(|p| p.policy)
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mesh::Istio => ISTIO.name,
+            Mesh::Linkerd => "linkerd",
+        }
+    }
+}
+
 const fn v4(o: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::new(o[0], o[1], o[2], o[3])
 }

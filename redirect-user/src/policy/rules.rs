@@ -10,11 +10,12 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use redirect_common::{
-    PodSource, ADDR_EXCLUDED_IFACE_LOCAL, ADDR_EXCLUDE_OUTBOUND, ADDR_INCLUDE_OUTBOUND,
-    ADDR_POD_IP, ADDR_ROUTE_EXCLUDED, ADDR_ROUTE_OTHER, POD_FLAG_DNS_CAPTURE,
-    POD_FLAG_EXCLUDED_IFACES, POD_FLAG_FAIL_CLOSED, POD_FLAG_HAS_EXCLUDE_RANGES,
-    POD_FLAG_HAS_INCLUDE_PORTS, POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND,
-    POD_FLAG_INCLUDE_ALL_OUTBOUND, POD_FLAG_LOOPBACK_INCLUDE, POD_FLAG_NO_ACCEL,
+    PodSource, ADDR_EXCLUDED_IFACE_LOCAL, ADDR_EXCLUDE_INBOUND_SOURCE, ADDR_EXCLUDE_OUTBOUND,
+    ADDR_INCLUDE_OUTBOUND, ADDR_POD_IP, ADDR_ROUTE_EXCLUDED, ADDR_ROUTE_OTHER,
+    POD_FLAG_DNS_CAPTURE, POD_FLAG_EXCLUDED_IFACES, POD_FLAG_FAIL_CLOSED,
+    POD_FLAG_HAS_EXCLUDE_RANGES, POD_FLAG_HAS_INBOUND_SOURCE_EXCLUDE, POD_FLAG_HAS_INCLUDE_PORTS,
+    POD_FLAG_HAS_INCLUDE_RANGES, POD_FLAG_INCLUDE_ALL_INBOUND, POD_FLAG_INCLUDE_ALL_OUTBOUND,
+    POD_FLAG_LOOPBACK_DIRECT, POD_FLAG_LOOPBACK_INCLUDE, POD_FLAG_NO_ACCEL,
     POD_FLAG_OWNER_GROUPS_EXCLUDE, POD_FLAG_OWNER_GROUPS_INCLUDE, POD_FLAG_REJECTED,
     POD_FLAG_TPROXY, POD_FLAG_VM_IFACES, POD_SOURCE_HAS_V4, POD_SOURCE_HAS_V6,
     PORT_EXCLUDE_INBOUND, PORT_EXCLUDE_OUTBOUND, PORT_INCLUDE_INBOUND, PORT_INCLUDE_OUTBOUND,
@@ -25,6 +26,7 @@ use crate::podns::interfaces::NamespaceView;
 use crate::policy::annotations::{
     CapturePolicy, Cidr, OwnerGroups, PortSelection, RangeSelection, DEFAULT_STATUS_PORT,
 };
+use crate::policy::mesh::Mesh;
 
 /// A pod's rules in the form the maps hold them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -108,6 +110,18 @@ impl PodRules {
         }
         r.interfaces(policy, view);
         r.owner_groups(&policy.owner_groups);
+        if policy.mesh == Mesh::Linkerd {
+            r.flags |= POD_FLAG_LOOPBACK_DIRECT;
+        }
+        if !policy.exclude_inbound_sources.is_empty() {
+            r.flags |= POD_FLAG_HAS_INBOUND_SOURCE_EXCLUDE;
+            r.addrs.extend(
+                policy
+                    .exclude_inbound_sources
+                    .iter()
+                    .map(|c| (ADDR_EXCLUDE_INBOUND_SOURCE, *c)),
+            );
+        }
         // Let the programs skip lookups a pod has no rules for.
         let has = |kind| r.addrs.iter().any(|(k, _)| *k == kind);
         if has(ADDR_EXCLUDE_OUTBOUND) {

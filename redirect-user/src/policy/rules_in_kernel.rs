@@ -145,12 +145,20 @@ fn inbound(rules: &PodRules, port: u16) -> Inbound {
 }
 
 fn inbound_to(rules: &PodRules, local: &str, port: u16) -> Inbound {
-    let local: IpAddr = local.parse().unwrap();
+    inbound_from(rules, "10.0.0.9", local, port)
+}
+
+fn inbound_from(rules: &PodRules, remote: &str, local: &str, port: u16) -> Inbound {
+    let addr16 = |a: &str| {
+        let ip: IpAddr = a.parse().unwrap();
+        endpoint(&std::net::SocketAddr::new(ip, 1).to_string()).addr16()
+    };
     policy::inbound(
         Compiled(rules),
         &config(rules),
         port,
-        endpoint(&std::net::SocketAddr::new(local, 1).to_string()).addr16(),
+        addr16(local),
+        addr16(remote),
     )
 }
 
@@ -382,4 +390,68 @@ fn vm_interfaces_by_the_namespace_view() {
         8,
         redirect_common::PORT_VM_IFACE
     ));
+}
+
+/// A Linkerd pod (`linkerd2-proxy-init`'s rules): nothing over lo is captured, the proxy's
+/// calls to its own pod included (no Istio row 3); its ignored ports (4567, 4568 by default)
+/// go direct both ways; `skip-subnets` keeps those callers' connections off the proxy.
+#[test]
+fn linkerd_rows() {
+    let linkerd = |annotations: &[(&str, &str)]| {
+        let ann = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let policy = crate::policy::linkerd::parse(&ann).unwrap().policy;
+        let ips: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let proxy_ports = crate::policy::mesh::linkerd::PROXY_PORTS;
+        PodRules::compile(&policy, &NamespaceView::default(), &ips, proxy_ports)
+    };
+    let r = linkerd(&[]);
+    for (caller, dst, want) in [
+        (App, "10.96.0.1:80", Capture),
+        (App, "[2001:db8::1]:443", Capture),
+        (App, "10.96.0.1:4567", Direct),
+        (App, "10.0.0.5:8080", Direct),
+        (App, "127.0.0.1:8080", Direct),
+        (Proxy, "10.0.0.5:8080", Direct),
+        (Proxy, "[fd00::5]:8080", Direct),
+        (Proxy, "10.96.0.1:80", Direct),
+    ] {
+        assert_eq!(outbound(&r, caller, dst), want, "{caller:?} -> {dst}");
+    }
+    for (port, want) in [
+        (8080, Inbound::Capture),
+        (4567, Inbound::Direct),
+        (4190, Inbound::Direct),
+        (4191, Inbound::Direct),
+        (4143, Inbound::Direct),
+    ] {
+        assert_eq!(inbound(&r, port), want, "{port}");
+    }
+    let r = linkerd(&[
+        (
+            crate::policy::mesh::linkerd::SKIP_SUBNETS,
+            "10.9.0.0/16,fd00:9::/64",
+        ),
+        (
+            crate::policy::mesh::linkerd::SKIP_INBOUND_PORTS,
+            "9000-9002",
+        ),
+    ]);
+    assert_eq!(
+        inbound_from(&r, "10.9.1.1", "10.0.0.5", 8080),
+        Inbound::Direct
+    );
+    assert_eq!(
+        inbound_from(&r, "fd00:9::7", "fd00::5", 8080),
+        Inbound::Direct
+    );
+    assert_eq!(
+        inbound_from(&r, "10.8.1.1", "10.0.0.5", 8080),
+        Inbound::Capture
+    );
+    assert_eq!(inbound(&r, 9001), Inbound::Direct);
+    // The defaults are replaced, not added to.
+    assert_eq!(inbound(&r, 4567), Inbound::Capture);
 }

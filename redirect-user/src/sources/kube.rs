@@ -338,6 +338,7 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, EntryError> {
             netns: NetnsRef::PodIp(first),
             ips,
             error,
+            mesh: crate::policy::mesh::Mesh::Istio,
         }))),
         Membership::Outside(_) => Ok(None),
     }
