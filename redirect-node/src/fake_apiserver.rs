@@ -294,6 +294,24 @@ pub fn mesh_pod(name: &str, node: &str, ips: &[&str], annotations: &[(&str, &str
     .unwrap()
 }
 
+/// A Linkerd-injected, Running pod on `node` (its `linkerd-proxy` container as uid 2102, as
+/// Linkerd's injector writes it) with these addresses and annotations.
+pub fn linkerd_pod(name: &str, node: &str, ips: &[&str], annotations: &[(&str, &str)]) -> Pod {
+    let mut pod = mesh_pod(name, node, ips, annotations);
+    if let Some(ann) = pod.metadata.annotations.as_mut() {
+        ann.remove("sidecar.istio.io/status");
+        ann.insert("linkerd.io/proxy-version".into(), "edge-lab".into());
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers = serde_json::from_value(json!([
+            {"name": "app", "image": "app"},
+            {"name": "linkerd-proxy", "image": "proxy", "securityContext": {"runAsUser": 2102}},
+        ]))
+        .unwrap_or_default();
+    }
+    pod
+}
+
 /// An Istio-injected pod of `namespace` on `node`, just bound: Pending, no address yet (its
 /// sandbox is being created), with this uid and these annotations.
 pub fn pending_pod(

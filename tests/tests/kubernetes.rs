@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use redirect_lab::{eventually, spawn, Netns, Placement, Report};
 use redirect_tests::{
-    fake_apiserver::{mesh_pod, FakeApiServer},
-    lab,
+    fake_apiserver::{linkerd_pod, mesh_pod, FakeApiServer},
+    lab, seen,
 };
 
 const NODE: &str = "node-a";
@@ -358,4 +358,53 @@ fn istio_cni_mode_pods() {
             .is_some_and(|e| e.contains("Operation not permitted")),
         "uid 1337 is not this pod's proxy: captured: {other:?}"
     );
+}
+
+/// A Linkerd-injected pod from the API server (its `linkerd-proxy` container, Linkerd's
+/// annotations) is served as a Linkerd pod: its application's connections go to 4140, other
+/// pods' to 4143, its skipped port goes direct; Envoy on Linkerd's ports and uid stands in for
+/// its proxy.
+#[test]
+fn linkerd_pods_from_the_api_server() {
+    let mut lab = lab();
+    lab.add_pod("l5d").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab
+        .start_envoy_shaped(
+            "l5d",
+            redirect_lab::envoy::Mode::Redirect,
+            &redirect_lab::envoy::LINKERD,
+        )
+        .unwrap();
+    lab.start_server("l5d", &[8080]).unwrap();
+    lab.start_server("ext", &[8080, 5432]).unwrap();
+    let api = FakeApiServer::start();
+    let ip = lab.pod("l5d").v4.to_string();
+    let pod = linkerd_pod(
+        "l5d",
+        NODE,
+        &[&ip],
+        &[("config.linkerd.io/skip-outbound-ports", "5432")],
+    );
+    api.apply_silently(&pod);
+    start_daemon(&mut lab, &api, &[]);
+    until(&mut lab, "the Linkerd pod applied", |s| has(s, "l5d"));
+    let ext = lab.pod("ext").v4;
+    let l5d = lab.pod("l5d").v4;
+    let from_pod =
+        |lab: &redirect_lab::Lab, to: String| seen(lab, sidecar, lab.pod("l5d").placement(), &to);
+    let out = from_pod(&lab, format!("{ext}:8080"));
+    assert!(out.ends_with("envoy [\"outbound\"]"), "{out}");
+    let skipped = from_pod(&lab, format!("{ext}:5432"));
+    assert!(
+        skipped.starts_with("error None") && skipped.ends_with("envoy []"),
+        "{skipped}"
+    );
+    let inbound = seen(
+        &lab,
+        sidecar,
+        lab.pod("ext").placement(),
+        &format!("{l5d}:8080"),
+    );
+    assert!(inbound.ends_with("envoy [\"inbound\"]"), "{inbound}");
 }

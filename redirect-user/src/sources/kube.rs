@@ -13,6 +13,9 @@
 //! an address and is not finished: Pending (init containers running) or Running. Its
 //! `traffic.sidecar.istio.io/*` annotations go through the same parser as the pods file; its
 //! proxy's uid and gid come from the istio-proxy container's security context.
+//! A pod with Linkerd's `linkerd-proxy` container (and no Istio sidecar; both at once is a
+//! rejected configuration) is a Linkerd pod: its `config.linkerd.io/*` annotations are read
+//! ([`crate::policy::linkerd`]), its proxy's uid is the container's `runAsUser`.
 //! Annotation warnings and rejections are logged, shown in status and recorded as Kubernetes
 //! Events on the pod.
 
@@ -26,7 +29,7 @@ use super::{Member, Membership, Published, PublishedTx, SourceStats};
 use crate::{
     pods::{Desired, EntryError, InvalidPod, NetnsRef, PodError, PodKey, PodSpec},
     policy::annotations::{self, CapturePolicy},
-    policy::mesh::ISTIO,
+    policy::mesh::{linkerd, ISTIO},
 };
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -70,11 +73,16 @@ fn pod_key(pod: &Pod) -> PodKey {
 
 /// The injected istio-proxy container (a regular container, or a native sidecar).
 fn istio_proxy(pod: &Pod) -> Option<&Container> {
+    container(pod, ISTIO_PROXY)
+}
+
+/// The container named `name` (a regular container, or a native sidecar).
+fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
     let spec = pod.spec.as_ref()?;
     spec.containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
-        .find(|c| c.name == ISTIO_PROXY)
+        .find(|c| c.name == name)
 }
 
 /// A setting of the pod and where it was read (for an error that names it).
@@ -210,14 +218,28 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     let outside = |why: &str| (Membership::Outside(why.to_string()), Vec::new());
     let spec = pod.spec.as_ref();
     let proxy = istio_proxy(pod);
-    if !ann.contains_key(ISTIO_STATUS) && proxy.is_none() {
-        return outside("no Istio sidecar injected");
+    let linkerd_proxy = container(pod, linkerd::PROXY_CONTAINER);
+    let istio = ann.contains_key(ISTIO_STATUS) || proxy.is_some();
+    if !istio && linkerd_proxy.is_none() {
+        return outside("no Istio or Linkerd sidecar injected");
     }
     if ann.get(SKIP).is_some_and(|v| v == "true") {
         return outside("redirectd.dev/skip is \"true\"");
     }
     if spec.and_then(|s| s.host_network).unwrap_or(false) {
         return outside("on the host network");
+    }
+    if let Some(l5d) = linkerd_proxy {
+        if istio {
+            let e = PodError {
+                pod: key.to_string(),
+                field: "spec.containers".into(),
+                reason: "both an Istio and a Linkerd sidecar: which mesh captures it is unclear"
+                    .into(),
+            };
+            return (Membership::Invalid(e), Vec::new());
+        }
+        return linkerd_membership(&key, &ann, l5d);
     }
     if proxy
         .and_then(|c| c.args.as_ref())
@@ -289,6 +311,45 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     }
 }
 
+/// A pod with Linkerd's proxy injected: Linkerd's annotations ([`crate::policy::linkerd`]),
+/// the proxy's uid from its container's `runAsUser` (Linkerd's injector sets it from
+/// `proxy.uid` or `config.linkerd.io/proxy-uid`).
+fn linkerd_membership(
+    key: &PodKey,
+    ann: &BTreeMap<String, String>,
+    proxy: &Container,
+) -> (Membership, Vec<String>) {
+    let invalid = |field: String, reason: String| {
+        let e = PodError {
+            pod: key.to_string(),
+            field,
+            reason,
+        };
+        (Membership::Invalid(e), Vec::new())
+    };
+    let mut policy = match crate::policy::linkerd::parse(ann) {
+        Ok(parsed) => parsed.policy,
+        Err(e) => {
+            return invalid(
+                format!("metadata.annotations[{:?}]", e.annotation),
+                e.to_string(),
+            )
+        }
+    };
+    if let Some(uid) = proxy.security_context.as_ref().and_then(|s| s.run_as_user) {
+        match u32::try_from(uid) {
+            Ok(uid) if uid != 0 => policy.proxy_uid = Some(uid),
+            _ => {
+                return invalid(
+                    "linkerd-proxy securityContext".into(),
+                    format!("runAsUser {uid} is not a uid the proxy can be told apart by"),
+                )
+            }
+        }
+    }
+    (Membership::Mesh(Box::new(policy)), Vec::new())
+}
+
 /// The pod's addresses (every entry of `status.podIPs`, dual stack, and `status.podIP`).
 fn pod_ips(pod: &Pod, key: &PodKey) -> Result<Vec<IpAddr>, PodError> {
     let status = pod.status.as_ref();
@@ -338,7 +399,11 @@ pub fn pod_to_spec(pod: &Pod) -> Result<Option<PodSpec>, EntryError> {
             netns: NetnsRef::PodIp(first),
             ips,
             error,
-            mesh: crate::policy::mesh::Mesh::Istio,
+            mesh: if container(pod, linkerd::PROXY_CONTAINER).is_some() {
+                crate::policy::mesh::Mesh::Linkerd
+            } else {
+                crate::policy::mesh::Mesh::Istio
+            },
         }))),
         Membership::Outside(_) => Ok(None),
     }
@@ -567,6 +632,44 @@ mod tests {
         assert_eq!(s.key.to_string(), "shop/web");
         assert_eq!(s.ips.len(), 2);
         assert_eq!(s.netns, NetnsRef::PodIp("10.0.0.5".parse().unwrap()));
+    }
+
+    /// Linkerd's injected pods: the `linkerd-proxy` container, its `runAsUser`, Linkerd's
+    /// annotations; a typo in them, or an Istio sidecar beside it, is a rejected pod.
+    #[test]
+    fn linkerd_pods() {
+        let linkerd = |ann: serde_json::Value| {
+            let mut p = base();
+            p["metadata"]["annotations"] = ann;
+            p["spec"]["containers"] = serde_json::json!([{"name": "app"},
+                {"name": "linkerd-proxy", "securityContext": {"runAsUser": 2103}}]);
+            pod(p)
+        };
+        let (m, _) = membership(&linkerd(serde_json::json!({
+            "config.linkerd.io/skip-outbound-ports": "5432",
+        })));
+        let Membership::Mesh(policy) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(policy.mesh, crate::policy::mesh::Mesh::Linkerd);
+        assert_eq!(policy.proxy_uid, Some(2103));
+        assert_eq!(policy.exclude_outbound_ports, [5432].into());
+        let (m, _) = membership(&linkerd(serde_json::json!({
+            "config.linkerd.io/skip-inbound-ports": "80,http",
+        })));
+        assert!(matches!(m, Membership::Invalid(_)), "{m:?}");
+        let (m, _) = membership(&linkerd(
+            serde_json::json!({"sidecar.istio.io/status": "{}"}),
+        ));
+        let Membership::Invalid(e) = m else {
+            panic!("{m:?}")
+        };
+        assert!(
+            e.reason.contains("both an Istio and a Linkerd sidecar"),
+            "{e}"
+        );
+        let (m, _) = membership(&linkerd(serde_json::json!({"redirectd.dev/skip": "true"})));
+        assert!(matches!(m, Membership::Outside(_)), "{m:?}");
     }
 
     #[test]
