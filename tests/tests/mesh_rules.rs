@@ -200,3 +200,61 @@ fn linkerd_pods_are_captured_as_linkerds_rules_capture_them() {
         assert_same_rows_as("proxy-init", &reference, &ours);
     }
 }
+
+/// A node with an Istio pod and a Linkerd pod calling each other, each through its own
+/// sidecar (Envoy in Istio's shape as uid 1337 on 15001/15006, Envoy in Linkerd's as uid 2102
+/// on 4140/4143): every connection leaves through the caller's outbound listener and arrives
+/// through the callee's inbound one, both families, and each proxy's own connections are
+/// never captured by the other mesh's rules.
+#[test]
+fn an_istio_pod_and_a_linkerd_pod_on_one_node() {
+    let mut lab = lab();
+    lab.add_pod("ist").unwrap();
+    lab.add_pod("l5d").unwrap();
+    let ist = lab.start_sidecar("ist").unwrap();
+    let l5d = lab
+        .start_envoy_shaped("l5d", envoy::Mode::Redirect, &envoy::LINKERD)
+        .unwrap();
+    lab.start_server("ist", &[8080]).unwrap();
+    lab.start_server("l5d", &[8080]).unwrap();
+    let entries = [
+        lab.pod("ist").yaml_entry(&[]),
+        lab.pod("l5d").yaml_entry_in("linkerd", &[]),
+    ];
+    lab.start_daemon(&pods_yaml(&entries), &[]).unwrap();
+    lab.daemon().wait_pods(&["ist", "l5d"]).unwrap();
+    for v6 in [false, true] {
+        for (from, from_envoy, to, to_envoy) in [("ist", ist, "l5d", l5d), ("l5d", l5d, "ist", ist)]
+        {
+            let to_pod = lab.pod(to);
+            let addr = if v6 { to_pod.v6 } else { to_pod.v4 };
+            let before = lab.envoy_log(to_envoy).len();
+            let row = seen(
+                &lab,
+                from_envoy,
+                lab.pod(from).placement(),
+                &target(addr, 8080),
+            );
+            assert!(row.starts_with("error None"), "{from} -> {to}: {row}");
+            assert!(
+                row.ends_with("envoy [\"outbound\"]"),
+                "{from} -> {to}: {row}"
+            );
+            let arrived = redirect_lab::eventually(
+                std::time::Duration::from_secs(5),
+                "the callee's Envoy record",
+                || {
+                    let log = lab.envoy_log_since(to_envoy, before);
+                    (!log.is_empty()).then_some(log)
+                },
+            )
+            .unwrap();
+            let listeners: Vec<&str> = arrived.iter().map(|r| r.listener.as_str()).collect();
+            assert_eq!(
+                listeners,
+                ["inbound"],
+                "{from} -> {to} (v6 {v6}): {arrived:#?}"
+            );
+        }
+    }
+}
