@@ -167,6 +167,19 @@ pub const LINKERD: Shape = Shape {
     passthrough_source: false,
 };
 
+/// Consul's (consul-k8s: Envoy under consul-dataplane as uid 5995, outbound 15001, inbound
+/// 20000, admin 19000, the proxy health check 21000, metrics 20200); the proxy reaches the
+/// application from the pod's own address.
+pub const CONSUL: Shape = Shape {
+    outbound: crate::consul_iptables::OUTBOUND_PORT,
+    inbound: crate::consul_iptables::INBOUND_PORT,
+    health: 21000,
+    stats: 20200,
+    admin: 19000,
+    uid: crate::consul_iptables::PROXY_UID,
+    passthrough_source: false,
+};
+
 /// The mark of Envoy's original-source connections in TPROXY mode (Istio's
 /// `--inbound-tproxy-mark`).
 pub const TPROXY_MARK: u32 = 1337;

@@ -11,6 +11,7 @@ mod apps;
 mod cgroup;
 mod cmd;
 pub mod cni;
+pub mod consul_iptables;
 mod daemon;
 pub mod deploy;
 pub mod echo;

@@ -6,7 +6,7 @@
 //! (`mesh: linkerd` and the same `config.linkerd.io/` annotations), every row equal.
 
 use redirect_lab::{
-    envoy,
+    consul_iptables, envoy,
     linkerd_iptables::{self, Options},
     Lab,
 };
@@ -257,4 +257,97 @@ fn an_istio_pod_and_a_linkerd_pod_on_one_node() {
             );
         }
     }
+}
+
+/// Consul's rules as consul-k8s configures them (`consul/sdk/iptables`), with Envoy on
+/// Consul's ports and uid (5995): IPv4 only; every outbound TCP connection to 15001 but the
+/// proxy's, the init uid's, 127.0.0.1's and the excluded ports' and networks' (the pod's own
+/// address and 127.0.0.2, over lo, are captured); every inbound one to 20000 but the excluded
+/// ports'. The reference for a Consul profile (not served by redirectd yet).
+#[test]
+fn consuls_own_rules_in_the_lab() {
+    let mut lab = lab();
+    lab.add_pod("client").unwrap();
+    lab.add_pod("ext").unwrap();
+    let sidecar = lab
+        .start_envoy_shaped("client", envoy::Mode::Redirect, &envoy::CONSUL)
+        .unwrap();
+    lab.start_server("client", &[8080, 9005]).unwrap();
+    lab.start_server("ext", &[8080, 5432]).unwrap();
+    let ext = lab.pod("ext").v4;
+    let ns = &lab.pod("client").netns;
+    let config = consul_iptables::Config::for_pod(&[
+        (
+            "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports",
+            "9005",
+        ),
+        (
+            "consul.hashicorp.com/transparent-proxy-exclude-outbound-ports",
+            "5432",
+        ),
+    ]);
+    consul_iptables::install(ns, &config).unwrap();
+    let rows = |lab: &Lab| -> Vec<String> {
+        let mut wrong = Vec::new();
+        for (what, from, to, want) in [
+            (
+                "outbound, IPv4",
+                "client",
+                format!("{ext}:8080"),
+                "[\"outbound\"]",
+            ),
+            (
+                "outbound, IPv6 (not captured)",
+                "client",
+                target(lab.pod("ext").v6, 8080),
+                "[]",
+            ),
+            (
+                "outbound, an excluded port",
+                "client",
+                format!("{ext}:5432"),
+                "[]",
+            ),
+            (
+                "the pod's own address, over lo (captured)",
+                "client",
+                target(lab.pod("client").v4, 8080),
+                "[\"outbound\"]",
+            ),
+            (
+                "127.0.0.1 (not captured)",
+                "client",
+                "127.0.0.1:8080".into(),
+                "[]",
+            ),
+            (
+                "inbound, IPv4",
+                "ext",
+                target(lab.pod("client").v4, 8080),
+                "[\"inbound\"]",
+            ),
+            (
+                "inbound, IPv6 (not captured)",
+                "ext",
+                target(lab.pod("client").v6, 8080),
+                "[]",
+            ),
+            (
+                "inbound, an excluded port",
+                "ext",
+                target(lab.pod("client").v4, 9005),
+                "[]",
+            ),
+        ] {
+            let row = seen(lab, sidecar, lab.pod(from).placement(), &to);
+            println!("{what}: {row}");
+            if !row.starts_with("error None") || listeners(&row) != want {
+                wrong.push(format!("{what}: want envoy {want}, saw {row}"));
+            }
+        }
+        wrong
+    };
+    let wrong = rows(&lab);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    consul_iptables::remove(&lab.pod("client").netns).unwrap();
 }
