@@ -230,11 +230,15 @@ fn fuzz(seconds: u64) -> Result<()> {
         cargo(&["install", "cargo-fuzz", "--locked"])?;
     }
     let dir = root().join("fuzz");
+    let nightly = format!("+{}", toolchain::ebpf_channel(&root())?);
     for target in ["pods_file", "annotations", "proxy_config", "cni_request"] {
         let corpus = dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let status = Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", target])
+            // The kernel programs' pinned nightly: cargo-fuzz needs a nightly, and the daemon's
+            // crates need rustc 1.98 or newer (aya 0.16), which a machine's floating nightly
+            // may predate.
+            .args([nightly.as_str(), "fuzz", "run", target])
             .arg(&corpus)
             .arg(dir.join("seeds").join(target))
             .args(["--", &format!("-max_total_time={seconds}")])

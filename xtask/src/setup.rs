@@ -141,17 +141,6 @@ fn on_path(bin: &str) -> bool {
 
 pub fn setup(root: &std::path::Path) -> Result<()> {
     // The pinned toolchains: `toolchain::ensure`, which main runs before every task.
-    let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
-    // A floating nightly too, for cargo-fuzz.
-    if !toolchains
-        .lines()
-        .any(|l| l.starts_with("nightly-x86_64") || l.starts_with("nightly "))
-    {
-        run(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-        )?;
-    }
     let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         run(
