@@ -51,12 +51,9 @@ fn check(lab: &Lab, envoy_proc: usize, rows: &[Row<'_>]) {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// Linkerd's rules as its injector writes them: every outbound TCP connection to 4140 but the
-/// proxy's, loopback's and the ignored ports' (4567, 4568 by default); every inbound one to
-/// 4143 but the proxy's own ports' (4190, 4191) and the ignored ones'; then a pod's
-/// `skip-inbound-ports` (a range) and `skip-subnets` (the caller's network) replacing them.
-#[test]
-fn linkerds_own_rules_in_the_lab() {
+/// A mesh pod `client` with Envoy on Linkerd's ports and uid as its sidecar, and a pod
+/// `ext`; servers on 8080 and 4567 in both, and 9005 in `client`.
+fn linkerd_lab() -> (Lab, usize) {
     let mut lab = lab();
     lab.add_pod("client").unwrap();
     lab.add_pod("ext").unwrap();
@@ -65,6 +62,16 @@ fn linkerds_own_rules_in_the_lab() {
         .unwrap();
     lab.start_server("client", &[8080, 4567, 9005]).unwrap();
     lab.start_server("ext", &[8080, 4567]).unwrap();
+    (lab, sidecar)
+}
+
+/// Linkerd's rules as its injector writes them: every outbound TCP connection to 4140 but the
+/// proxy's, loopback's and the ignored ports' (4567, 4568 by default); every inbound one to
+/// 4143 but the proxy's own ports' (4190, 4191) and the ignored ones'; then a pod's
+/// `skip-inbound-ports` (a range) and `skip-subnets` (the caller's network) replacing them.
+#[test]
+fn linkerds_own_rules_in_the_lab() {
+    let (lab, sidecar) = linkerd_lab();
     let ns = &lab.pod("client").netns;
     linkerd_iptables::install(ns, &Options::default()).unwrap();
     check(
@@ -145,14 +152,7 @@ fn linkerds_own_rules_in_the_lab() {
 /// end saw, which of the sidecar's listeners took it) equal.
 #[test]
 fn linkerd_pods_are_captured_as_linkerds_rules_capture_them() {
-    let mut lab = lab();
-    lab.add_pod("client").unwrap();
-    lab.add_pod("ext").unwrap();
-    let sidecar = lab
-        .start_envoy_shaped("client", envoy::Mode::Redirect, &envoy::LINKERD)
-        .unwrap();
-    lab.start_server("client", &[8080, 4567, 9005]).unwrap();
-    lab.start_server("ext", &[8080, 4567]).unwrap();
+    let (mut lab, sidecar) = linkerd_lab();
     lab.start_daemon("pods: []\n", &[]).unwrap();
     let ext = lab.pod("ext");
     let subnets = format!("{}/32,{}/128", ext.v4, ext.v6);

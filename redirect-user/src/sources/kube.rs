@@ -231,13 +231,8 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     }
     if let Some(l5d) = linkerd_proxy {
         if istio {
-            let e = PodError {
-                pod: key.to_string(),
-                field: "spec.containers".into(),
-                reason: "both an Istio and a Linkerd sidecar: which mesh captures it is unclear"
-                    .into(),
-            };
-            return (Membership::Invalid(e), Vec::new());
+            let why = "both an Istio and a Linkerd sidecar: which mesh captures it is unclear";
+            return invalid(&key, "spec.containers".into(), why.into());
         }
         return linkerd_membership(&key, &ann, l5d);
     }
@@ -247,14 +242,7 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     {
         return outside("a gateway (istio-proxy runs as router), not a sidecar");
     }
-    let invalid = |field: String, reason: String| {
-        let e = PodError {
-            pod: key.to_string(),
-            field,
-            reason,
-        };
-        (Membership::Invalid(e), Vec::new())
-    };
+    let invalid = |field: String, reason: String| invalid(&key, field, reason);
     if let Some(Err(e)) = ann
         .get(PROXY_CONFIG)
         .map(|c| crate::policy::limits::check_pod_document(c))
@@ -311,6 +299,16 @@ pub fn membership(pod: &Pod) -> (Membership, Vec<String>) {
     }
 }
 
+/// A mesh pod whose `field` is invalid, for `reason` (never left uncaptured because of it).
+fn invalid(key: &PodKey, field: String, reason: String) -> (Membership, Vec<String>) {
+    let e = PodError {
+        pod: key.to_string(),
+        field,
+        reason,
+    };
+    (Membership::Invalid(e), Vec::new())
+}
+
 /// A pod with Linkerd's proxy injected: Linkerd's annotations ([`crate::policy::linkerd`]),
 /// the proxy's uid from its container's `runAsUser` (Linkerd's injector sets it from
 /// `proxy.uid` or `config.linkerd.io/proxy-uid`).
@@ -319,14 +317,7 @@ fn linkerd_membership(
     ann: &BTreeMap<String, String>,
     proxy: &Container,
 ) -> (Membership, Vec<String>) {
-    let invalid = |field: String, reason: String| {
-        let e = PodError {
-            pod: key.to_string(),
-            field,
-            reason,
-        };
-        (Membership::Invalid(e), Vec::new())
-    };
+    let invalid = |field: String, reason: String| invalid(key, field, reason);
     let mut policy = match crate::policy::linkerd::parse(ann) {
         Ok(parsed) => parsed.policy,
         Err(e) => {
