@@ -114,7 +114,7 @@ pub static ADDR_RULES: LpmTrie<AddrRuleData, u32> = LpmTrie::pinned(MAX_ADDR_RUL
 /// storage (`BPF_MAP_TYPE_SK_STORAGE`): no shared capacity a pod could fill, no LRU work, freed
 /// with the socket. Written by `connect4/6` when they capture ([`set_orig_dst`]); read by
 /// `sockops` (to re-key by 4-tuple) and `getpeername4/6` ([`orig_dst_of`]); deleted by
-/// `sockops` when a connection that never got established closes ([`forget_orig_dst`]).
+/// `sockops` when the socket closes ([`forget_orig_dst`]; it would go with the socket anyway).
 /// Pinned, so the sockets of a daemon's previous run keep theirs.
 #[btf_map(pin_by_name)]
 pub static ORIG_BY_SOCK: SkStorage<OrigDst> = SkStorage::new();
