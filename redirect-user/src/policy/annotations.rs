@@ -141,6 +141,25 @@ pub fn go_bool(value: &str) -> Result<bool, String> {
     }
 }
 
+/// `redirectd.dev/failMode` (every mesh's pods): `closed` refuses a connection to capture
+/// while the proxy is down, `open` sends it direct.
+pub fn fail_closed(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "open" => Ok(false),
+        "closed" => Ok(true),
+        _ => Err("expected \"open\" or \"closed\"".into()),
+    }
+}
+
+/// `redirectd.dev/accel` (every mesh's pods).
+pub fn accel(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected \"true\" or \"false\"".into()),
+    }
+}
+
 /// A range list that may be `*`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RangeSelection {
@@ -350,13 +369,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
                     err("expected a port (1-65535), or 0 for no status port".into())
                 })?)
             }
-            FAIL_MODE => {
-                policy.fail_closed = match value.trim() {
-                    "open" => false,
-                    "closed" => true,
-                    _ => return Err(err("expected \"open\" or \"closed\"".into())),
-                }
-            }
+            FAIL_MODE => policy.fail_closed = fail_closed(value).map_err(err)?,
             DNS_CAPTURE => policy.dns_capture = go_bool(value).map_err(err)?,
             EXCLUDE_INTERFACES => {
                 policy.exclude_interfaces = interface_names(value).map_err(err)?
@@ -364,13 +377,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
             KUBEVIRT_INTERFACES | REROUTE_VIRTUAL_INTERFACES => policy
                 .vm_interfaces
                 .extend(vm_interfaces(value).map_err(err)?),
-            ACCEL => {
-                policy.accel = match value.trim() {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(err("expected \"true\" or \"false\"".into())),
-                }
-            }
+            ACCEL => policy.accel = accel(value).map_err(err)?,
             _ => {}
         }
     }

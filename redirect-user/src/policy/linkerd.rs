@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    annotations::{go_bool, AnnotationError, CapturePolicy, Parsed, ACCEL, FAIL_MODE},
+    annotations::{accel, fail_closed, AnnotationError, CapturePolicy, Parsed, ACCEL, FAIL_MODE},
     mesh::{linkerd, Mesh},
 };
 use crate::net::Cidr;
@@ -58,14 +58,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
                         .ok_or_else(|| err("expected a uid other than 0".into()))?,
                 )
             }
-            FAIL_MODE => {
-                policy.fail_closed = match value.trim() {
-                    "open" => false,
-                    "closed" => true,
-                    _ => return Err(err("expected \"open\" or \"closed\"".into())),
-                }
-            }
-            ACCEL => policy.accel = go_bool(value).map_err(err)?,
+            FAIL_MODE => policy.fail_closed = fail_closed(value).map_err(err)?,
+            ACCEL => policy.accel = accel(value).map_err(err)?,
             _ => {}
         }
     }
